@@ -1,0 +1,30 @@
+# Two entry points for newcomers: `make demo` and `make test`. Both set everything up first
+# (idempotent: a second run only checks) and then run.
+PYTHON3 ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test test-all test-slurm bench clean
+
+setup: $(STAMP)
+
+# Re-run the install when the dependency list or the Horovod build script changes.
+$(STAMP): setup.cfg setup.py scripts/build_horovod.sh
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel
+	$(PY) -m pip install -q -e ".[test]"
+	PYTHON=$(PY) bash scripts/build_horovod.sh
+	@touch $(STAMP)
+
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest
+
+test-all: setup
+	$(PY) -m pytest -m ""
+
+clean:
+	rm -rf demo_out .pytest_cache

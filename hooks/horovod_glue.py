@@ -1,0 +1,223 @@
+"""The one Horovod module for Keras 3: init, gradient averaging, broadcast, exact metrics.
+
+`horovod.tensorflow.keras` does not work with Keras 3 (its DistributedOptimizer can skip
+the allreduce silently), so we use `horovod.tensorflow` inside our own `train_step`.
+Everything works in a single process started without a launcher (size 1).
+Code below this module takes a `Context` instead of calling Horovod for rank/size.
+"""
+import dataclasses
+import os
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _hvd():
+    # Imported lazily: loading Horovod's native library is work we only do when asked.
+    import horovod.tensorflow as hvd
+    return hvd
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Where this process stands in the job."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def init(fusion_threshold_mb: Optional[float] = None,
+         cycle_time_ms: Optional[float] = None) -> Context:
+    """Initialise Horovod once; fusion settings must reach the environment before init."""
+    if fusion_threshold_mb is not None:
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
+    if cycle_time_ms is not None:
+        os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
+    hvd = _hvd()
+    if not hvd.is_initialized():
+        hvd.init()
+    return Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+
+# ---------------------------------------------------------------- collectives
+def allreduce_gradients(grads: Sequence[Optional[tf.Tensor]], context: Context,
+                        fp16_compression: bool = False) -> List[Optional[tf.Tensor]]:
+    """Average gradients over ranks in one grouped (fused) allreduce; None stays None."""
+    if context.size == 1:
+        return list(grads)
+    hvd = _hvd()
+    compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
+    present = [i for i, g in enumerate(grads) if g is not None]
+    reduced = hvd.grouped_allreduce([grads[i] for i in present], op=hvd.Average,
+                                    compression=compression)
+    out = list(grads)
+    for i, g in zip(present, reduced):
+        out[i] = g
+    return out
+
+
+def allreduce_sum(values: Sequence[np.ndarray], context: Context) -> List[np.ndarray]:
+    """Sum numpy arrays over ranks (eager)."""
+    if context.size == 1:
+        return [np.asarray(v) for v in values]
+    hvd = _hvd()
+    tensors = [tf.convert_to_tensor(v) for v in values]
+    return [t.numpy() for t in hvd.grouped_allreduce(tensors, op=hvd.Sum)]
+
+
+def allgather(array: np.ndarray, context: Context) -> np.ndarray:
+    """Concatenate arrays from all ranks along axis 0, in rank order (sizes may differ)."""
+    if context.size == 1:
+        return np.asarray(array)
+    return _hvd().allgather(tf.convert_to_tensor(array)).numpy()
+
+
+def broadcast_object(obj, context: Context, root_rank: int = 0):
+    """Send a picklable Python object from root_rank to every rank."""
+    if context.size == 1:
+        return obj
+    return _hvd().broadcast_object(obj, root_rank=root_rank)
+
+
+def broadcast_variables(variables: Iterable, context: Context, root_rank: int = 0) -> None:
+    """Overwrite every rank's variables with root_rank's values."""
+    if context.size == 1:
+        return
+    # Keras 3 variables wrap a tf.Variable in `.value`; Horovod assigns those.
+    tf_vars = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+    _hvd().broadcast_variables(tf_vars, root_rank=root_rank)
+
+
+def build_and_broadcast(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                        context: Context, root_rank: int = 0) -> None:
+    """Create the optimizer slots, then make model + optimizer state identical everywhere.
+
+    Called after any checkpoint restore on the root, so a resumed step reaches all ranks.
+    """
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    broadcast_variables(list(model.variables) + list(optimizer.variables), context,
+                        root_rank)
+
+
+# ---------------------------------------------------------------- exact metrics
+def _metric_variables(metrics: Sequence[keras.metrics.Metric]) -> list:
+    return [v for m in metrics for v in m.variables]
+
+
+def global_metric_results(metrics: Sequence[keras.metrics.Metric],
+                          context: Context) -> Dict[str, tf.Tensor]:
+    """Results of `metrics` as if one process had seen every rank's data.
+
+    The metrics' state variables (totals, counts, confusion counts) are summed over ranks,
+    the result is read, and the local state is put back. Exact for metrics whose state is
+    additive (Mean, accuracy, top-k, AUC thresholds): a sum of counts, not a mean of means.
+    Works eagerly and inside tf.function (auto control dependencies keep the order).
+    """
+    if context.size == 1:
+        return {m.name: m.result() for m in metrics}
+    hvd = _hvd()
+    variables = _metric_variables(metrics)
+    local = [tf.identity(tf.convert_to_tensor(v)) for v in variables]
+    summed = hvd.grouped_allreduce(local, op=hvd.Sum)
+    for v, s in zip(variables, summed):
+        v.assign(s)
+    results = {m.name: tf.identity(m.result()) for m in metrics}
+    with tf.control_dependencies(list(results.values())):
+        for v, x in zip(variables, local):
+            v.assign(x)
+    return results
+
+
+def _to_python(value):
+    array = np.asarray(keras.ops.convert_to_numpy(value))
+    return array.item() if array.ndim == 0 else array.tolist()
+
+
+class DistributedTrainer(keras.Model):
+    """Wraps a Keras model so that `fit` averages gradients across Horovod ranks.
+
+    The wrapped `network` is what gets saved and exported. Metrics passed in are updated
+    on each rank and reported exactly over all ranks (see `global_metric_results`).
+    """
+
+    def __init__(self, network: keras.Model, context: Context,
+                 metrics: Sequence[keras.metrics.Metric] = (),
+                 fp16_allreduce: bool = False, exact_metrics: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.context = context
+        self.fp16_allreduce = fp16_allreduce
+        self.exact_metrics = exact_metrics
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.train_metrics = list(metrics)
+
+    @property
+    def metrics(self):
+        # Listed here so fit() resets them at each epoch.
+        return [self.loss_tracker] + self.train_metrics
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def get_metrics_result(self):
+        # fit() reads the epoch's logs from here, not from the last step: make them global.
+        results = (global_metric_results(self.metrics, self.context) if self.exact_metrics
+                   else {m.name: m.result() for m in self.metrics})
+        return {k: _to_python(v) for k, v in results.items()}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self.network(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                     training=True)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled_loss, variables)
+        grads = allreduce_gradients(grads, self.context, self.fp16_allreduce)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.loss_tracker.update_state(loss, sample_weight=tf.shape(y_pred)[0])
+        for metric in self.train_metrics:
+            metric.update_state(y, y_pred, sample_weight=sample_weight)
+        if self.exact_metrics:
+            return global_metric_results(self.metrics, self.context)
+        return {m.name: m.result() for m in self.metrics}
+
+
+# ---------------------------------------------------------------- rank-0 output
+def write_atomically(path: str, write: Callable[[str], None], context: Context) -> bool:
+    """On the chief only: `write(tmp_path)`, then rename to `path` (readers never see half).
+
+    Returns whether this rank wrote. `write` gets a path in the same folder so the final
+    rename is atomic on POSIX file systems.
+    """
+    if not context.is_chief:
+        return False
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-",
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return True
+
+
+def chief_only(callbacks: Iterable[keras.callbacks.Callback],
+               context: Context) -> List[keras.callbacks.Callback]:
+    """The callbacks that write files (checkpoints, TensorBoard, CSV) run on rank 0 only."""
+    return list(callbacks) if context.is_chief else []

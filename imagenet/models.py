@@ -1,0 +1,119 @@
+"""Model builders: ResNet v1.5 (depths 18-200), DenseNet-121 and VGG16, as Keras 3 models.
+
+ResNet follows the TPU reference (tensorflow/tpu models/official/resnet/resnet_model.py):
+stride on the 3x3 conv of the bottleneck (v1.5), explicit padding for strided convs,
+batch norm with decay 0.9 and epsilon 1e-5, the last BN of each block initialised to
+zero, L2 weight decay on every non-BN weight (reference: wd * sum(w**2) / 2).
+Every builder splits into `build_backbone` (pooled features) + a head, so chexnet can put
+its own head on the same backbone.
+"""
+from typing import Optional
+
+import keras
+from keras import layers
+
+RESNET_LAYERS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+ARCHITECTURES = ("resnet", "densenet121", "vgg16")
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _l2(weight_decay):
+    # Keras L2(l) adds l * sum(w**2); the reference adds wd * sum(w**2) / 2.
+    return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+
+
+def _conv(x, filters, kernel, strides, weight_decay, name):
+    if strides > 1:
+        # Padding independent of the input size, as the reference does.
+        pad = kernel - 1
+        x = layers.ZeroPadding2D(((pad // 2, pad - pad // 2),) * 2, name=name + "_pad")(x)
+    return layers.Conv2D(filters, kernel, strides=strides,
+                         padding="same" if strides == 1 else "valid", use_bias=False,
+                         kernel_initializer=keras.initializers.VarianceScaling(
+                             1.0, "fan_in", "truncated_normal"),
+                         kernel_regularizer=_l2(weight_decay), name=name)(x)
+
+
+def _bn(x, name, relu=True, zero_init=False):
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                  gamma_initializer="zeros" if zero_init else "ones",
+                                  name=name)(x)
+    return layers.ReLU(name=name + "_relu")(x) if relu else x
+
+
+def _block(x, filters, strides, kind, project, weight_decay, name):
+    out_filters = filters * 4 if kind == "bottleneck" else filters
+    shortcut = x
+    if project:
+        shortcut = _conv(x, out_filters, 1, strides, weight_decay, name + "_proj")
+        shortcut = _bn(shortcut, name + "_proj_bn", relu=False)
+    if kind == "bottleneck":
+        x = _bn(_conv(x, filters, 1, 1, weight_decay, name + "_conv1"), name + "_bn1")
+        x = _bn(_conv(x, filters, 3, strides, weight_decay, name + "_conv2"), name + "_bn2")
+        x = _conv(x, out_filters, 1, 1, weight_decay, name + "_conv3")
+        x = _bn(x, name + "_bn3", relu=False, zero_init=True)
+    else:
+        x = _bn(_conv(x, filters, 3, strides, weight_decay, name + "_conv1"), name + "_bn1")
+        x = _conv(x, filters, 3, 1, weight_decay, name + "_conv2")
+        x = _bn(x, name + "_bn2", relu=False, zero_init=True)
+    return layers.ReLU(name=name + "_out")(layers.Add(name=name + "_add")([x, shortcut]))
+
+
+def resnet_backbone(inputs, depth: int, weight_decay: float):
+    if depth not in RESNET_LAYERS:
+        raise ValueError(f"resnet depth {depth} is not one of {sorted(RESNET_LAYERS)}")
+    kind, blocks = RESNET_LAYERS[depth]
+    x = _bn(_conv(inputs, 64, 7, 2, weight_decay, "conv1"), "bn1")
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+    for group, (filters, count) in enumerate(zip((64, 128, 256, 512), blocks)):
+        for i in range(count):
+            strides = 2 if (i == 0 and group > 0) else 1
+            x = _block(x, filters, strides, kind, project=(i == 0), weight_decay=weight_decay,
+                       name=f"g{group + 1}b{i + 1}")
+    return layers.GlobalAveragePooling2D(name="avg_pool")(x)
+
+
+def build_backbone(architecture: str, image_size: int, depth: int = 50,
+                   weight_decay: float = 0.0, weights_file: Optional[str] = None,
+                   channels: int = 3) -> keras.Model:
+    """Input image -> pooled feature vector. `weights_file` loads Keras application weights
+    (e.g. a downloaded `*_notop.h5`) into DenseNet/VGG backbones."""
+    inputs = keras.Input((image_size, image_size, channels), name="image")
+    if architecture == "resnet":
+        features = resnet_backbone(inputs, depth, weight_decay)
+        if weights_file:
+            raise ValueError("--weights_file applies to densenet121/vgg16; a ResNet starts "
+                             "from a resnet_main checkpoint")
+        return keras.Model(inputs, features, name=f"resnet{depth}_backbone")
+    apps = {"densenet121": keras.applications.DenseNet121, "vgg16": keras.applications.VGG16}
+    if architecture not in apps:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    base = apps[architecture](include_top=False, weights=weights_file, input_tensor=inputs,
+                              pooling="avg")
+    if weight_decay:
+        for layer in base.layers:
+            if isinstance(layer, (layers.Conv2D, layers.Dense)):
+                # Keras 3 collects regularisation losses from the variables themselves.
+                layer.kernel.regularizer = _l2(weight_decay)
+    return keras.Model(inputs, base.output, name=f"{architecture}_backbone")
+
+
+def build_classifier(architecture: str, num_classes: int, image_size: int, depth: int = 50,
+                     weight_decay: float = 0.0, weights_file: Optional[str] = None
+                     ) -> keras.Model:
+    """Backbone + dense logits (float32 under mixed precision)."""
+    backbone = build_backbone(architecture, image_size, depth, weight_decay, weights_file)
+    logits = layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(
+        stddev=0.01), kernel_regularizer=_l2(weight_decay), bias_regularizer=_l2(weight_decay),
+        dtype="float32", name="logits")(backbone.output)
+    name = f"resnet{depth}" if architecture == "resnet" else architecture
+    return keras.Model(backbone.input, logits, name=name)

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Build and install Horovod 0.28.1 against the TensorFlow installed in $PYTHON's environment.
+#
+# Horovod's last release does not compile against TF 2.21 as shipped: xla_mpi_ops.cc needs
+# XLA headers the TF wheel lacks. We drop that one source (XLA ops only matter for GPU XLA),
+# build TensorFlow + Gloo (+ MPI when an MPI compiler is found) and keep the wheel in
+# $HOROVOD_WHEEL_CACHE so the next set-up installs it in seconds.
+#
+# Variables:
+#   PYTHON               interpreter of the target environment (default .venv/bin/python)
+#   HOROVOD_WHEEL_CACHE  wheel cache folder (default .cache/horovod-wheels)
+#   MPI_HOME             root of a site MPI to build against (or `module load` it so that
+#                        mpicxx is on PATH); without either, Debian's OpenMPI is installed
+#                        when running as root, else the build is Gloo-only
+#   HOROVOD_WITHOUT_MPI=1  force a Gloo-only build
+set -euo pipefail
+
+HOROVOD_VERSION=0.28.1
+PYTHON=${PYTHON:-.venv/bin/python}
+CACHE=${HOROVOD_WHEEL_CACHE:-.cache/horovod-wheels}
+
+log() { echo "[build_horovod] $*"; }
+
+if "$PYTHON" - <<'PY' 2>/dev/null
+import horovod, horovod.tensorflow as hvd
+assert horovod.__version__ == "0.28.1"
+hvd.init()
+PY
+then
+  log "horovod $HOROVOD_VERSION with TensorFlow already installed"
+  exit 0
+fi
+
+TF_VERSION=$("$PYTHON" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null) || {
+  echo "[build_horovod] error: TensorFlow is not importable by $PYTHON; install the project first" >&2
+  exit 1
+}
+
+# MPI: the user's (MPI_HOME or mpicxx on PATH), else Debian's OpenMPI when we are root.
+if [ -n "${MPI_HOME:-}" ]; then
+  export PATH="$MPI_HOME/bin:$PATH"
+fi
+WITH_MPI=0
+if [ "${HOROVOD_WITHOUT_MPI:-0}" != 1 ]; then
+  if ! command -v mpicxx >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "no MPI found: installing Debian's openmpi-bin libopenmpi-dev"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+  fi
+  if command -v mpicxx >/dev/null 2>&1; then
+    WITH_MPI=1
+  else
+    log "no MPI compiler (mpicxx) found and not root: building Gloo-only (horovodrun --gloo)"
+  fi
+fi
+
+# One cached wheel per (TF version, MPI or not): a wheel built against another TF ABI breaks.
+FLAVOUR="tf${TF_VERSION}-$([ $WITH_MPI = 1 ] && echo mpi || echo gloo)"
+WHEEL_DIR="$CACHE/$FLAVOUR"
+mkdir -p "$WHEEL_DIR"
+WHEEL=$(ls "$WHEEL_DIR"/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n 1 || true)
+
+if [ -z "$WHEEL" ]; then
+  log "building horovod $HOROVOD_VERSION for TF $TF_VERSION ($FLAVOUR); about 6-10 min on 2 cores"
+  WORK=$(mktemp -d)
+  trap 'rm -rf "$WORK"' EXIT
+  "$PYTHON" -m pip install -q "cmake>=3.18,<4" packaging
+  "$PYTHON" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$WORK"
+  tar xzf "$WORK/horovod-$HOROVOD_VERSION.tar.gz" -C "$WORK"
+  SRC="$WORK/horovod-$HOROVOD_VERSION"
+  # The patch: drop the XLA op source that does not compile against TF 2.21's headers.
+  sed -i '/xla_mpi_ops.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
+  if grep -q xla_mpi_ops.cc "$SRC/horovod/tensorflow/CMakeLists.txt"; then
+    echo "[build_horovod] error: patch did not apply" >&2; exit 1
+  fi
+  env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+      HOROVOD_WITH_GLOO=1 \
+      $([ $WITH_MPI = 1 ] && echo HOROVOD_WITH_MPI=1 || echo HOROVOD_WITHOUT_MPI=1) \
+      MAKEFLAGS="-j$(nproc)" \
+      "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEEL_DIR" "$SRC" \
+      > "$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; echo "[build_horovod] error: build failed" >&2; exit 1; }
+  WHEEL=$(ls "$WHEEL_DIR"/horovod-$HOROVOD_VERSION-*.whl | head -n 1)
+  log "built $WHEEL"
+fi
+
+"$PYTHON" -m pip install -q --no-deps --force-reinstall "$WHEEL"
+"$PYTHON" -m pip install -q "cloudpickle" "psutil" "pyyaml" "packaging"
+log "installed; build check:"
+"$(dirname "$PYTHON")/horovodrun" --check-build

@@ -1,0 +1,53 @@
+"""Gradient averaging across real launchers: 2 ranks x B/2 == 1 process x B."""
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import horovodrun_cmd, mpirun_cmd, python_cmd, run_cmd
+
+GLOBAL_BATCH = 8
+
+
+def _weights(path):
+    data = np.load(path)
+    arrays = [data[k] for k in data.files if k.startswith("arr_")]
+    return arrays, float(data["loss"]), int(data["size"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run_cmd(python_cmd("-m", "tests.workers.grad_avg", out, GLOBAL_BATCH))
+    return _weights(out / "weights-rank0.npz")
+
+
+def _check_two_ranks(out, reference):
+    ref_weights, ref_loss, ref_size = reference
+    (w0, loss0, size0), (w1, loss1, size1) = (_weights(out / f"weights-rank{r}.npz")
+                                              for r in (0, 1))
+    assert (ref_size, size0, size1) == (1, 2, 2)
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)  # ranks hold bit-identical weights
+    for a, ref in zip(w0, ref_weights):
+        np.testing.assert_allclose(a, ref, rtol=0, atol=1e-5)
+    # The reported loss is the exact global mean, the same as one process sees.
+    assert loss0 == loss1
+    assert loss0 == pytest.approx(ref_loss, abs=1e-6)
+    # ...and the run moved the weights (3 steps of SGD at lr 0.5).
+    assert max(float(np.abs(a).max()) for a in w0) > 0
+
+
+@pytest.mark.distributed
+def test_horovodrun_gloo_matches_single_process(tmp_path, reference):
+    run_cmd(horovodrun_cmd(2, "-m", "tests.workers.grad_avg", tmp_path, GLOBAL_BATCH))
+    _check_two_ranks(tmp_path, reference)
+
+
+@pytest.mark.distributed
+def test_mpirun_matches_single_process(tmp_path, reference):
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun not found: `make setup` installs OpenMPI (as root) before "
+                    "building Horovod with MPI")
+    run_cmd(mpirun_cmd(2, "-m", "tests.workers.grad_avg", tmp_path, GLOBAL_BATCH))
+    _check_two_ranks(tmp_path, reference)

@@ -1,0 +1,47 @@
+"""Train a small BN-free model for 3 SGD steps on a fixed global batch, split over ranks.
+
+Run with 1 process (no launcher) or under horovodrun/mpirun; every rank writes its final
+weights to OUT_DIR/weights-rank<r>.npz so the test can compare them.
+Usage: python -m tests.workers.grad_avg OUT_DIR GLOBAL_BATCH
+"""
+import os
+import sys
+
+import numpy as np
+
+from hooks import horovod_glue
+
+
+def main(out_dir, global_batch, steps=3):
+    ctx = horovod_glue.init()
+    import keras  # after init: nothing here depends on it, but keep TF start-up after Horovod
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(global_batch * steps, 6)).astype("float32")
+    y = rng.integers(0, 3, size=(global_batch * steps,))
+    per_rank = global_batch // ctx.size
+    # Step s uses global rows [s*B, (s+1)*B); this rank takes its contiguous slice of them.
+    rows = np.concatenate([np.arange(s * global_batch + ctx.rank * per_rank,
+                                     s * global_batch + (ctx.rank + 1) * per_rank)
+                           for s in range(steps)])
+    keras.utils.set_random_seed(1 + ctx.rank)  # different init per rank: broadcast must fix it
+    net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"),
+                            keras.layers.Dense(3)])
+    trainer = horovod_glue.DistributedTrainer(
+        net, ctx, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    optimizer = keras.optimizers.SGD(learning_rate=0.5, momentum=0.9)
+    trainer.compile(optimizer=optimizer,
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    jit_compile=False)
+    if ctx.size == 1:
+        keras.utils.set_random_seed(1)
+        net.set_weights([w for w in net.get_weights()])
+    horovod_glue.build_and_broadcast(trainer, optimizer, ctx)
+    history = trainer.fit(x[rows], y[rows], batch_size=per_rank, epochs=1, shuffle=False,
+                          verbose=0)
+    np.savez(os.path.join(out_dir, f"weights-rank{ctx.rank}.npz"), *net.get_weights(),
+             loss=np.float64(history.history["loss"][-1]), size=ctx.size)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
