@@ -1,0 +1,179 @@
+"""Keras callbacks for the shared training loop, one concern each.
+
+A "loop" is one Keras epoch of `steps_per_loop` steps (the TPU resnet_main's
+iterations_per_loop); the global step is always `optimizer.iterations`. Values go into
+`logs` so History, CSVLogger and TensorBoard see them. Callbacks that run collectives
+(evaluation) run on every rank; those that write files run on rank 0 only.
+"""
+import json
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import keras
+import numpy as np
+
+from hooks import checkpoints, horovod_glue
+
+
+def _step(model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+def current_learning_rate(optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds `lr` (and `weight_decay` when the optimizer has one) to each loop's logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["lr"] = current_learning_rate(self.model.optimizer)
+        wd = getattr(self.model.optimizer, "weight_decay", None)
+        if wd is not None:
+            logs["weight_decay"] = float(keras.ops.convert_to_numpy(wd))
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends training exactly at `total_steps` global steps, whatever the loop length."""
+
+    def __init__(self, total_steps: int):
+        super().__init__()
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        self.total_steps = total_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if _step(self.model) >= self.total_steps:
+            self.model.stop_training = True
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """Rank 0 prints step, loss, lr and images/s (per rank and total) every N steps.
+
+    With `json_lines`, each line is also a JSON object (prefix "PROGRESS ") for tools.
+    """
+
+    def __init__(self, global_batch: int, context: horovod_glue.Context, every_n_steps: int,
+                 total_steps: int, stream=None, json_lines: bool = False):
+        super().__init__()
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
+        self.global_batch, self.context = global_batch, context
+        self.every, self.total = every_n_steps, total_steps
+        self.stream = stream or sys.stdout
+        self.json_lines = json_lines
+        self._t0 = self._s0 = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Restart the clock after each loop, so evaluation time is not counted.
+        self._t0, self._s0 = time.perf_counter(), _step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step % self.every and step != self.total:
+            return
+        now = time.perf_counter()
+        rate = self.global_batch * (step - self._s0) / max(now - self._t0, 1e-9)
+        self._t0, self._s0 = now, step
+        if not self.context.is_chief:
+            return
+        record = {"step": step, "total_steps": self.total, "loss": float((logs or {}).get(
+            "loss", float("nan"))), "lr": current_learning_rate(self.model.optimizer),
+            "images_per_sec": rate, "images_per_sec_per_rank": rate / self.context.size}
+        extra = " ".join(f"{k} {float(v):.4f}" for k, v in (logs or {}).items()
+                         if k != "loss" and np.ndim(v) == 0)
+        print(f"step {step:>7}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.5f}"
+              f" {extra} | {record['images_per_sec_per_rank']:.1f} img/s/rank"
+              f" {rate:.1f} img/s total", file=self.stream, flush=True)
+        if self.json_lines:
+            print("PROGRESS " + json.dumps(record), file=self.stream, flush=True)
+
+
+class ThroughputMeter(keras.callbacks.Callback):
+    """Training images/s: time inside the train steps only (evaluation and checkpoints
+    between loops do not count), leaving out the first `skip_steps` (graph tracing,
+    pipeline warm-up)."""
+
+    def __init__(self, global_batch: int, skip_steps: int = 1):
+        super().__init__()
+        self.global_batch, self.skip_steps = global_batch, skip_steps
+        self.steps = 0
+        self.seconds = 0.0
+        self._seen = 0
+        self._t = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._seen += 1
+        if self._seen > self.skip_steps:
+            self.seconds += time.perf_counter() - self._t
+            self.steps += 1
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.global_batch * self.steps / self.seconds if self.seconds else float("nan")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.seconds:
+            logs["images_per_sec"] = self.images_per_sec
+
+
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Runs `evaluate()` (a collective: every rank) every `every_n_steps` and at the end;
+    its results go into logs as `val_<name>`."""
+
+    def __init__(self, evaluate: Callable[[], Dict[str, float]], every_n_steps: int,
+                 total_steps: int):
+        super().__init__()
+        self.evaluate, self.every, self.total = evaluate, every_n_steps, total_steps
+        self._last = None
+        self.last_results: Dict[str, float] = {}
+
+    def on_train_begin(self, logs=None):
+        self._last = _step(self.model) // self.every
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = _step(self.model)
+        if step // self.every == self._last and step < self.total:
+            return
+        self._last = step // self.every
+        self.last_results = {f"val_{k}": v for k, v in self.evaluate().items()}
+        if logs is not None:
+            logs.update(self.last_results)
+
+
+class CheckpointSaver(keras.callbacks.Callback):
+    """Rank 0 writes a checkpoint at the end of every loop (and so at the end of training).
+
+    `state()` returns what to record beside the weights; the loop's logs add `metrics`
+    (the validation values, `val_` prefix dropped) and `learning_rate`.
+    """
+
+    def __init__(self, model_dir: str, network: keras.Model, context: horovod_glue.Context,
+                 state: Callable[[], dict], steps_per_epoch: float, keep: int = 5,
+                 best_metric: Optional[str] = None, best_mode: str = "max"):
+        super().__init__()
+        self.model_dir, self.network, self.context = model_dir, network, context
+        self.state, self.steps_per_epoch, self.keep = state, steps_per_epoch, keep
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self._metrics: Dict[str, float] = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        fresh = {k[4:]: float(v) for k, v in logs.items() if k.startswith("val_")}
+        self._metrics = fresh or self._metrics  # a loop without eval keeps the last values
+        if not self.context.is_chief:
+            return
+        step = _step(self.model)
+        state = dict(self.state(), epoch=step / self.steps_per_epoch,
+                     learning_rate=current_learning_rate(self.model.optimizer),
+                     metrics=self._metrics, best_metric=self.best_metric,
+                     best_mode=self.best_mode,
+                     train_loss=float(logs.get("loss", float("nan"))))
+        checkpoints.save(self.model_dir, step, self.network, self.model.optimizer, state,
+                         keep=self.keep)

@@ -1,0 +1,283 @@
+"""ImageNet training and evaluation as a library: `run(config, context)`.
+
+resnet_main.py turns flags into a RunConfig; this module never reads flags. The loop,
+checkpoints and evaluation come from `hooks`, shared with chexnet.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from hooks import checkpoints, evaluation, horovod_glue, loop, schedules
+from hooks.lars import LARS
+from imagenet import input_pipeline, models
+
+
+class ConfigError(ValueError):
+    """A user mistake in the run configuration; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data_dir: Optional[str] = None
+    model_dir: Optional[str] = None
+    mode: str = "train_and_eval"
+    architecture: str = "resnet"
+    resnet_depth: int = 50
+    image_size: int = 224
+    num_label_classes: int = 1000
+    train_batch_size: int = 1024
+    eval_batch_size: int = 1024
+    train_steps: Optional[int] = None
+    train_epochs: Optional[float] = None
+    num_train_images: int = 1281167
+    num_eval_images: int = 50000
+    steps_per_eval: int = 1251
+    iterations_per_loop: int = 1251
+    base_learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 5.0
+    lr_schedule: str = "tpu"
+    enable_lars: bool = False
+    poly_rate: float = 0.0
+    precision: str = "float32"
+    use_synthetic_data: bool = False
+    tfds_data_dir: Optional[str] = None
+    export_dir: Optional[str] = None
+    keep_checkpoints: int = 5
+    log_every_n_steps: int = 100
+    reference_images_per_sec: Optional[float] = None
+    fp16_allreduce: bool = False
+    weights_file: Optional[str] = None
+    seed: Optional[int] = None
+    json_progress: bool = False
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.num_train_images / self.train_batch_size
+
+    @property
+    def total_steps(self) -> int:
+        if self.train_steps:
+            return self.train_steps
+        return schedules.to_steps(epochs=self.train_epochs or 90.0,
+                                  steps_per_epoch=self.steps_per_epoch)
+
+
+def validate(config: RunConfig) -> None:
+    """Cheap checks of everything a user can get wrong, before any model is built."""
+    if config.architecture == "resnet" and config.resnet_depth not in models.RESNET_LAYERS:
+        raise ConfigError(f"--resnet_depth={config.resnet_depth} is not one of "
+                          f"{sorted(models.RESNET_LAYERS)}")
+    if config.architecture not in models.ARCHITECTURES:
+        raise ConfigError(f"--architecture={config.architecture} is not one of "
+                          f"{', '.join(models.ARCHITECTURES)}")
+    if config.use_synthetic_data or config.tfds_data_dir:
+        pass
+    elif not config.data_dir:
+        raise ConfigError("--data_dir is required (TFRecords train-*/validation-*), or pass "
+                          "--use_synthetic_data or --tfds_data_dir")
+    else:
+        splits = {"train": ("train",), "eval": ("validation",),
+                  "train_and_eval": ("train", "validation")}[config.mode]
+        for split in splits:
+            try:
+                input_pipeline.list_files(config.data_dir, split)
+            except ValueError as err:
+                raise ConfigError(f"--data_dir={config.data_dir}: {err}") from None
+    if config.mode == "eval" and not checkpoints.latest(config.model_dir):
+        raise ConfigError(f"--mode=eval needs a checkpoint in --model_dir={config.model_dir}")
+    if config.lr_schedule not in ("tpu",) + schedules.PRESETS:
+        raise ConfigError(f"--lr_schedule={config.lr_schedule} is not one of "
+                          f"{('tpu',) + schedules.PRESETS}")
+    if config.weights_file and not os.path.isfile(config.weights_file):
+        raise ConfigError(f"--weights_file={config.weights_file} does not exist")
+
+
+# ---------------------------------------------------------------- pieces
+def build_learning_rate(config: RunConfig):
+    """The TPU default (scaled peak, warm-up, x0.1 at 30/60/80 epochs), LARS poly, or a
+    named preset rescaled to this batch and run length."""
+    spe = config.steps_per_epoch
+    total = config.total_steps
+    peak = schedules.scale_learning_rate(config.base_learning_rate, config.train_batch_size)
+    warmup = schedules.to_steps(epochs=config.warmup_epochs, steps_per_epoch=spe)
+    if config.enable_lars:
+        decay = schedules.PolynomialDecay(peak, max(total, 1), power=config.poly_rate or 2.0)
+        return schedules.LinearWarmup(decay, min(warmup, total))
+    if config.lr_schedule == "tpu":
+        bounds = [schedules.to_steps(epochs=e, steps_per_epoch=spe) for e in (30, 60, 80)]
+        decay = schedules.StepDecay(peak, bounds, [1.0, 0.1, 0.01, 0.001])
+        return schedules.LinearWarmup(decay, warmup)
+    return schedules.preset(config.lr_schedule, global_batch=config.train_batch_size,
+                            steps_per_epoch=max(1, round(spe)),
+                            epochs=total / spe).learning_rate
+
+
+def build_optimizer(config: RunConfig, learning_rate):
+    if config.enable_lars:
+        return LARS(learning_rate=learning_rate, momentum=config.momentum,
+                    weight_decay=config.weight_decay)
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+
+
+def build_loss(label_smoothing: float, num_classes: int):
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    smoothed = keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                    label_smoothing=label_smoothing)
+
+    def loss(y_true, y_pred):
+        y = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), num_classes)
+        return smoothed(y, y_pred)
+    return loss
+
+
+def eval_metrics(num_classes: int):
+    return [keras.metrics.SparseCategoricalAccuracy(name="top_1"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top_5"),
+            keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="loss")]
+
+
+def _dtype(config):
+    return tf.bfloat16 if config.precision == "bfloat16" else tf.float32
+
+
+def train_dataset(config: RunConfig, context: horovod_glue.Context):
+    per_rank = config.train_batch_size // context.size
+    if config.use_synthetic_data:
+        return input_pipeline.synthetic_dataset(
+            per_rank_batch=per_rank, image_size=config.image_size,
+            num_classes=config.num_label_classes, dtype=_dtype(config),
+            seed=context.rank + (config.seed or 0))
+    kwargs = dict(is_training=True, per_rank_batch=per_rank, image_size=config.image_size,
+                  rank=context.rank, size=context.size, dtype=_dtype(config),
+                  seed=None if config.seed is None else config.seed)
+    if config.tfds_data_dir:
+        return input_pipeline.tfds_dataset(config.tfds_data_dir, **kwargs)
+    return input_pipeline.tfrecord_dataset(config.data_dir, **kwargs)
+
+
+def eval_dataset(config: RunConfig, context: horovod_glue.Context):
+    per_rank = max(1, config.eval_batch_size // context.size)
+    if config.use_synthetic_data:
+        # This rank's share of num_eval_images, so the global count is exact.
+        share = (config.num_eval_images // context.size
+                 + (context.rank < config.num_eval_images % context.size))
+        return input_pipeline.synthetic_dataset(
+            per_rank_batch=per_rank, image_size=config.image_size,
+            num_classes=config.num_label_classes, dtype=_dtype(config),
+            seed=1000 + context.rank).unbatch().take(share).batch(per_rank)
+    kwargs = dict(is_training=False, per_rank_batch=per_rank, image_size=config.image_size,
+                  rank=context.rank, size=context.size, dtype=_dtype(config))
+    if config.tfds_data_dir:
+        return input_pipeline.tfds_dataset(config.tfds_data_dir, **kwargs)
+    return input_pipeline.tfrecord_dataset(config.data_dir, **kwargs)
+
+
+def model_description(config: RunConfig) -> dict:
+    """What a checkpoint records about its model, so others can rebuild or reject it."""
+    return {"architecture": config.architecture, "resnet_depth": config.resnet_depth,
+            "num_label_classes": config.num_label_classes, "image_size": config.image_size}
+
+
+# ---------------------------------------------------------------- run
+def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
+    """Train and/or evaluate as `config.mode` says; returns (and rank 0 prints) a summary."""
+    validate(config)
+    if config.train_batch_size % context.size or config.eval_batch_size % context.size:
+        raise ConfigError(f"--train_batch_size={config.train_batch_size} and "
+                          f"--eval_batch_size={config.eval_batch_size} are global and must "
+                          f"divide by the {context.size} ranks")
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+    chief_log = log if context.is_chief else (lambda *a, **k: None)
+
+    network = models.build_classifier(config.architecture, config.num_label_classes,
+                                      config.image_size, config.resnet_depth,
+                                      config.weight_decay if not config.enable_lars else 0.0,
+                                      config.weights_file)
+    learning_rate = build_learning_rate(config)
+    optimizer = build_optimizer(config, learning_rate)
+    trainer = horovod_glue.DistributedTrainer(
+        network, context, metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")],
+        fp16_allreduce=config.fp16_allreduce)
+    trainer.compile(optimizer=optimizer,
+                    loss=build_loss(config.label_smoothing, config.num_label_classes),
+                    jit_compile=False)  # Horovod ops cannot be XLA-compiled
+    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context)
+    start = int(optimizer.iterations.numpy())
+    chief_log(f"resnet_main: {network.name} ({network.count_params():,} parameters), "
+              f"{context.size} rank(s), global batch {config.train_batch_size} "
+              f"({config.train_batch_size // context.size} per rank), precision "
+              f"{config.precision}, "
+              + (f"resuming from {resumed.path} at step {start}" if resumed
+                 else "starting from step 0"))
+
+    metrics = eval_metrics(config.num_label_classes)
+    eval_counts = {}
+
+    def evaluate():
+        results, count = evaluation.evaluate(network, eval_dataset(config, context), metrics,
+                                             context)
+        eval_counts["images"] = count
+        chief_log(f"eval at step {int(optimizer.iterations.numpy())}: top_1 "
+                  f"{results['top_1']:.4f} top_5 {results['top_5']:.4f} loss "
+                  f"{results['loss']:.4f} ({count} images)")
+        return results
+
+    t0 = time.perf_counter()
+    summary = {"ranks": context.size, "global_batch": config.train_batch_size,
+               "model": network.name, "precision": config.precision, "start_step": start}
+    if config.mode == "eval":
+        summary.update(evaluate())
+    else:
+        result = loop.train(
+            trainer, train_dataset(config, context), context=context,
+            total_steps=config.total_steps,
+            steps_per_loop=min(config.iterations_per_loop, config.total_steps),
+            global_batch=config.train_batch_size, steps_per_epoch=config.steps_per_epoch,
+            evaluate=evaluate if config.mode == "train_and_eval" else None,
+            eval_every_steps=config.steps_per_eval, model_dir=config.model_dir,
+            checkpoint_state=lambda: dict(model_description(config),
+                                          global_batch=config.train_batch_size),
+            keep_checkpoints=config.keep_checkpoints, best_metric="top_1",
+            log_every_n_steps=config.log_every_n_steps, json_progress=config.json_progress)
+        if config.mode == "train_and_eval" and not result.last_eval:
+            result.last_eval = {f"val_{k}": v for k, v in evaluate().items()}
+        summary.update({k[4:]: v for k, v in result.last_eval.items()})
+        summary.update(final_step=result.final_step, train_seconds=result.wall_seconds,
+                       images_per_sec=result.images_per_sec,
+                       images_per_sec_per_rank=result.images_per_sec / context.size)
+        if config.reference_images_per_sec and math.isfinite(result.images_per_sec):
+            summary["scaling_efficiency"] = result.images_per_sec / (
+                context.size * config.reference_images_per_sec)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    if eval_counts:
+        summary["eval_images"] = eval_counts["images"]
+    if config.export_dir:
+        path = os.path.join(config.export_dir, f"{network.name}.keras")
+        horovod_glue.write_atomically(path, network.save, context)
+        summary["exported"] = path
+    _report(summary, config, context, chief_log)
+    return summary
+
+
+def _report(summary: dict, config: RunConfig, context, chief_log) -> None:
+    lines = [f"  {k:<26} {v:.4f}" if isinstance(v, float) else f"  {k:<26} {v}"
+             for k, v in summary.items()]
+    chief_log("resnet_main summary:\n" + "\n".join(lines))
+    chief_log("SUMMARY " + json.dumps(summary, sort_keys=True))
+    if config.model_dir:
+        def write(path):
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=1, sort_keys=True)
+        horovod_glue.write_atomically(os.path.join(config.model_dir, "summary.json"), write,
+                                      context)
