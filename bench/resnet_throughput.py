@@ -1,0 +1,85 @@
+"""Training throughput of resnet_main's train step against plain Keras, side by side.
+
+One process, 1 rank, synthetic 224 px images, batch 32: plain
+`keras.applications.ResNet50` + `model.fit`, then our ResNet-50 v1.5 through the same
+DistributedTrainer that resnet_main uses, in float32 and bfloat16. The measurements are
+interleaved in rounds so that noise from other work on the machine hits all of them alike;
+the ratios are what to read.
+
+  .venv/bin/python -m bench.resnet_throughput [--steps 4] [--rounds 2] [--batch 32]
+"""
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from hooks import horovod_glue  # noqa: E402
+from imagenet import input_pipeline, models  # noqa: E402
+
+
+def _data(batch, image_size, dtype):
+    return input_pipeline.synthetic_dataset(per_rank_batch=batch, image_size=image_size,
+                                            num_classes=1000, dtype=dtype)
+
+
+def plain_keras(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    model = keras.applications.ResNet50(weights=None, classes=1000)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+    return model
+
+
+def ours(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4)
+    trainer = horovod_glue.DistributedTrainer(net, horovod_glue.Context())
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    jit_compile=False)
+    return trainer
+
+
+def measure(model, data, steps):
+    """Seconds per step over `steps` steps, after one warm-up fit call (tracing)."""
+    model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+    t0 = time.perf_counter()
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    return (time.perf_counter() - t0) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    cases = {"keras_fp32": (plain_keras, "float32", tf.float32),
+             "ours_fp32": (ours, "float32", tf.float32),
+             "ours_bf16": (ours, "mixed_bfloat16", tf.bfloat16)}
+    built = {}
+    for name, (build, policy, dtype) in cases.items():
+        built[name] = (build(policy), _data(args.batch, 224, dtype), policy)
+    times = {name: [] for name in cases}
+    for r in range(args.rounds):
+        for name, (model, data, policy) in built.items():
+            keras.mixed_precision.set_global_policy(policy)
+            sec = measure(model, data, args.steps)
+            times[name].append(sec)
+            print(f"round {r + 1} {name:<11} {args.batch / sec:6.2f} img/s", flush=True)
+    rate = {k: args.batch / float(np.median(v)) for k, v in times.items()}
+    print(f"\nmedian images/s over {args.rounds} rounds x {args.steps} steps, batch "
+          f"{args.batch}, 224 px, 1 process, {os.cpu_count()} CPUs:")
+    for name, value in rate.items():
+        print(f"  {name:<11} {value:6.2f} img/s  {value / rate['keras_fp32']:.2f}x plain Keras fp32")
+    print("BENCH " + json.dumps(rate))
+
+
+if __name__ == "__main__":
+    main()

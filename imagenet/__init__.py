@@ -1,0 +1,1 @@
+"""ImageNet: JPEG-folder -> TPU-style TFRecord builder, input pipelines (TFRecord, TFDS, synthetic)."""

@@ -1,0 +1,283 @@
+"""ImageNet input pipelines: TPU-style TFRecords, prepared TFDS `imagenet2012`, synthetic data.
+
+All return per-rank batches of (image [B, S, S, 3] in `dtype`, label [B] int32 in 0..999),
+preprocessed as tensorflow/tpu's resnet_preprocessing.py: training takes a random
+distorted-bounding-box crop (center-crop fallback) and a random flip, evaluation a
+224/256 center crop; both resize to `image_size` (bicubic) and normalise by the ImageNet
+mean/stddev. Ranks read disjoint data; in evaluation every record is read exactly once
+across all ranks (so ranks may get different counts: the eval loop must pad and mask).
+"""
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+SPLITS = ("train", "validation")
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Eval center crop keeps 224/256 of the shorter side: the TPU's CROP_PADDING = 32 at 224 px,
+# scaled with image_size so other resolutions crop the same fraction.
+CROP_FRACTION = 224.0 / 256.0
+RESIZE_METHOD = "bicubic"  # as the TPU reference (tf.image.resize_bicubic)
+_READ_BUFFER_BYTES = 8 << 20
+
+
+# ---------------------------------------------------------------- files
+def list_files(data_dir: str, split: str) -> List[str]:
+    """Sorted `<split>-*` TFRecord files in data_dir; ValueError when there are none."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*")))
+    if not files:
+        raise ValueError(f"no {split}-* TFRecord files in {data_dir}")
+    return files
+
+
+def count_records(files: Sequence[str]) -> int:
+    """Number of records in `files` (reads them all)."""
+    if not files:
+        return 0
+    ds = tf.data.TFRecordDataset(list(files))
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def shard_files(files: Sequence[str], rank: int, size: int) -> Tuple[List[str], bool]:
+    """Which files `rank` reads, and whether it must also shard by record.
+
+    With at least `size` files, file i goes to rank i % size (cheap: each rank reads only
+    its files). With fewer files than ranks, every rank reads all files in a fixed order
+    and keeps records rank, rank + size, ... (dataset.shard). Either way the ranks'
+    records are disjoint and together cover every record once.
+    """
+    _check_rank(rank, size)
+    if len(files) >= size:
+        return list(files[rank::size]), False
+    return list(files), True
+
+
+def records_per_rank(files: Sequence[str], size: int) -> List[int]:
+    """Records each of `size` ranks gets from `files` under `shard_files` (for pad + mask)."""
+    files = list(files)
+    if len(files) >= size:
+        return [count_records(files[r::size]) for r in range(size)]
+    n = count_records(files)
+    return [len(range(r, n, size)) for r in range(size)]
+
+
+def _check_rank(rank: int, size: int) -> None:
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"need 0 <= rank < size, got rank={rank} size={size}")
+
+
+# ---------------------------------------------------------------- preprocessing
+def _center_crop_window(shape, image_size: int):
+    """[y, x, h, w] of the central square keeping CROP_FRACTION of the shorter side."""
+    del image_size  # the fraction is fixed; kept for the TPU-like signature
+    height, width = shape[0], shape[1]
+    crop = tf.cast(CROP_FRACTION * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    crop = tf.maximum(crop, 1)
+    return tf.stack([(height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop])
+
+
+def _distorted_crop_window(shape, image_size: int, seed):
+    """[y, x, h, w] of an Inception-style random crop; the center crop when sampling fails.
+
+    sample_distorted_bounding_box returns the whole image after max_attempts failures;
+    like the TPU code, a window equal to the whole image takes the center crop instead.
+    """
+    bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=bbox, seed=seed, min_object_covered=0.1,
+        aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    failed = tf.logical_and(tf.equal(size[0], shape[0]), tf.equal(size[1], shape[1]))
+    return tf.where(failed, _center_crop_window(shape, image_size), window)
+
+
+def _finish(image, *, is_training: bool, image_size: int, seed):
+    """Resize the crop, flip (training), normalise: float32 [image_size, image_size, 3]."""
+    image = tf.image.resize([image], [image_size, image_size], method=RESIZE_METHOD)[0]
+    if is_training:
+        image = tf.image.stateless_random_flip_left_right(image, seed)
+    image = (image - tf.constant(MEAN_RGB, tf.float32)) / tf.constant(STDDEV_RGB, tf.float32)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _split_seed(seed):
+    if seed is None:
+        return None, None
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    return seeds[0], seeds[1]
+
+
+def preprocess_jpeg(image_bytes, *, is_training: bool, image_size: int, seed=None):
+    """JPEG bytes -> normalised float32 [image_size, image_size, 3].
+
+    Only the crop window is decoded (decode_and_crop_jpeg). `seed`: shape-[2] int tensor
+    for the stateless random crop and flip; required when is_training.
+    """
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    crop_seed, flip_seed = _split_seed(seed)
+    if is_training:
+        window = _distorted_crop_window(shape, image_size, crop_seed)
+    else:
+        window = _center_crop_window(shape, image_size)
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    return _finish(image, is_training=is_training, image_size=image_size, seed=flip_seed)
+
+
+def preprocess_decoded(image, *, is_training: bool, image_size: int, seed=None):
+    """Decoded uint8 [H, W, 3] -> normalised float32 [image_size, image_size, 3].
+
+    The same crops as preprocess_jpeg, applied to the decoded tensor (TFDS path).
+    """
+    shape = tf.shape(image)
+    crop_seed, flip_seed = _split_seed(seed)
+    if is_training:
+        window = _distorted_crop_window(shape, image_size, crop_seed)
+    else:
+        window = _center_crop_window(shape, image_size)
+    image = tf.slice(image, [window[0], window[1], 0], [window[2], window[3], 3])
+    return _finish(image, is_training=is_training, image_size=image_size, seed=flip_seed)
+
+
+# ---------------------------------------------------------------- datasets
+def _check_args(per_rank_batch: int, image_size: int, rank: int, size: int) -> None:
+    if per_rank_batch < 1:
+        raise ValueError(f"per_rank_batch must be >= 1, got {per_rank_batch}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    _check_rank(rank, size)
+
+
+def _with_seeds(ds, seed: Optional[int], rank: int):
+    """Pairs each element with a shape-[2] seed for the stateless augmentations.
+
+    A seeded stream makes the augmentation reproducible when `seed` is set; seed + rank
+    so ranks do not apply identical crops. seed=None gives a non-deterministic stream.
+    """
+    stream = tf.data.Dataset.random(seed=None if seed is None else seed + rank).batch(2)
+    return tf.data.Dataset.zip((ds, stream))
+
+
+def _finalize(ds, *, per_rank_batch: int, drop_remainder: bool, deterministic: bool):
+    ds = ds.batch(per_rank_batch, drop_remainder=drop_remainder)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
+                     image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
+                     shuffle_buffer: int = 1024, seed: Optional[int] = None,
+                     cache: bool = False, num_parallel_calls=AUTOTUNE,
+                     drop_remainder: Optional[bool] = None) -> tf.data.Dataset:
+    """Per-rank batches from TPU-style `train-*` / `validation-*` TFRecords in data_dir.
+
+    Training: shuffled files, parallel interleaved reads, record shuffle, repeat forever,
+    random crop + flip, drop_remainder (default). Evaluation: one pass, center crop, the
+    last partial batch kept (default), every record read by exactly one rank.
+    `seed` makes shuffling and augmentation reproducible (and the order deterministic);
+    `cache` keeps the raw records of this rank in memory after the first pass.
+    """
+    _check_args(per_rank_batch, image_size, rank, size)
+    dtype = tf.as_dtype(dtype)
+    files = list_files(data_dir, "train" if is_training else "validation")
+    my_files, shard_records = shard_files(files, rank, size)
+    deterministic = seed is not None or not is_training
+
+    if shard_records:
+        # Fixed file order and sequential reads: record k must be the same on every rank.
+        records = tf.data.TFRecordDataset(my_files, buffer_size=_READ_BUFFER_BYTES)
+        records = records.shard(size, rank)
+    elif is_training:
+        names = tf.data.Dataset.from_tensor_slices(my_files)
+        names = names.shuffle(len(my_files), seed=seed, reshuffle_each_iteration=True)
+        records = names.interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
+            cycle_length=min(len(my_files), 16), block_length=1,
+            num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    else:
+        records = tf.data.TFRecordDataset(my_files, buffer_size=_READ_BUFFER_BYTES,
+                                          num_parallel_reads=min(len(my_files), 8))
+    if cache:
+        records = records.cache()
+
+    features = {"image/encoded": tf.io.FixedLenFeature((), tf.string),
+                "image/class/label": tf.io.FixedLenFeature((), tf.int64)}
+
+    def parse(record, seed_pair=None):
+        ex = tf.io.parse_single_example(record, features)
+        image = preprocess_jpeg(ex["image/encoded"], is_training=is_training,
+                                image_size=image_size, seed=seed_pair)
+        label = tf.cast(ex["image/class/label"], tf.int32) - 1  # records hold 1..1000
+        return tf.cast(image, dtype), label
+
+    if is_training:
+        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        records = _with_seeds(records.repeat(), seed, rank)
+    ds = records.map(parse, num_parallel_calls=num_parallel_calls)
+    return _finalize(ds, per_rank_batch=per_rank_batch,
+                     drop_remainder=is_training if drop_remainder is None else drop_remainder,
+                     deterministic=deterministic)
+
+
+def tfds_dataset(tfds_data_dir: Optional[str], *, is_training: bool, per_rank_batch: int,
+                 image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
+                 shuffle_buffer: int = 1024, seed: Optional[int] = None,
+                 num_parallel_calls=AUTOTUNE, drop_remainder: Optional[bool] = None,
+                 name: str = "imagenet2012") -> tf.data.Dataset:
+    """Per-rank batches from an already prepared TFDS `imagenet2012` (never downloads).
+
+    Each rank reads tfds.even_splits(split, n=size)[rank]: disjoint, and together the
+    whole split, so evaluation sees every example exactly once. Crops are taken on the
+    decoded image; labels are already 0..999.
+    """
+    import tensorflow_datasets as tfds  # heavy; only this path needs it
+
+    _check_args(per_rank_batch, image_size, rank, size)
+    dtype = tf.as_dtype(dtype)
+    split = tfds.even_splits("train" if is_training else "validation", n=size)[rank]
+    try:
+        ds = tfds.load(name, split=split, data_dir=tfds_data_dir, download=False,
+                       shuffle_files=is_training,
+                       read_config=tfds.ReadConfig(shuffle_seed=seed))
+    except (AssertionError, FileNotFoundError) as e:
+        raise ValueError(f"no prepared TFDS {name} in {tfds_data_dir}: {e}") from e
+    deterministic = seed is not None or not is_training
+
+    def parse(ex, seed_pair=None):
+        image = preprocess_decoded(ex["image"], is_training=is_training,
+                                   image_size=image_size, seed=seed_pair)
+        return tf.cast(image, dtype), tf.cast(ex["label"], tf.int32)
+
+    if is_training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = _with_seeds(ds.repeat(), seed, rank)
+    ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
+    return _finalize(ds, per_rank_batch=per_rank_batch,
+                     drop_remainder=is_training if drop_remainder is None else drop_remainder,
+                     deterministic=deterministic)
+
+
+def synthetic_dataset(*, per_rank_batch: int, image_size: int, num_classes: int,
+                      dtype=tf.float32, seed: int = 0) -> tf.data.Dataset:
+    """One random batch (normal images, uniform labels) repeated forever, like TPU fake data.
+
+    Generated once inside the pipeline and cached, so it measures the model, not the input.
+    """
+    _check_args(per_rank_batch, image_size, 0, 1)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    dtype = tf.as_dtype(dtype)
+
+    def make(_):
+        images = tf.random.stateless_truncated_normal(
+            [per_rank_batch, image_size, image_size, 3], seed=[seed, 0])
+        labels = tf.random.stateless_uniform([per_rank_batch], seed=[seed, 1], minval=0,
+                                             maxval=num_classes, dtype=tf.int32)
+        return tf.cast(images, dtype), labels
+
+    return tf.data.Dataset.range(1).map(make).cache().repeat()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make demo`: the main job on a built-in default, small enough for a laptop.
+#  1. TPU-style TFRecords from the shared ImageNet sample JPEGs (or generated images),
+#  2. `horovodrun -np 2 resnet_main.py --mode=train_and_eval` on a small ResNet,
+#  3. a ChestX-ray14 fine-tune of the checkpoint it just wrote (when chexnet is present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${DEMO_OUT:-demo_out}
+NP=${NP:-2}
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+SAMPLE=../shared/data/imagenet
+
+mkdir -p "$OUT"
+if [ ! -d "$OUT/tfrecords" ]; then
+  if [ -d "$SAMPLE/images" ]; then
+    SRC="$SAMPLE/images"; SYNSETS="$SAMPLE/synsets.txt"
+  else
+    echo "[demo] no shared ImageNet sample: generating 40 images"
+    python -m imagenet.sample_images --output_dir="$OUT/generated"
+    SRC="$OUT/generated/images"; SYNSETS="$OUT/generated/synsets.txt"
+  fi
+  for split in train validation; do
+    python -m imagenet.build_tfrecords --input_dir="$SRC" --output_dir="$OUT/tfrecords" \
+      --split=$split --synsets_file="$SYNSETS" --num_shards=2
+  done
+fi
+
+rm -rf "$OUT/resnet"
+horovodrun -np "$NP" --gloo python resnet_main.py --mode=train_and_eval \
+  --data_dir="$OUT/tfrecords" --model_dir="$OUT/resnet" --resnet_depth=18 \
+  --image_size=64 --train_batch_size=16 --eval_batch_size=16 --train_steps=20 \
+  --iterations_per_loop=10 --steps_per_eval=10 --num_train_images=40 \
+  --base_learning_rate=0.4 --warmup_epochs=1 --log_every_n_steps=5
+
+if [ -f chexnet/__main__.py ] && [ -d ../shared/data/chestxray14/images ]; then
+  X=../shared/data/chestxray14
+  rm -rf "$OUT/chexnet"
+  horovodrun -np "$NP" --gloo python -m chexnet train --csv="$X/Data_Entry_2017.csv.gz" \
+    --image_dir="$X/images" --backbone=resnet18 --image_size=64 --train_batch_size=8 \
+    --eval_batch_size=8 --train_epochs=2 --pretrained_model_dir="$OUT/resnet" \
+    --init_checkpoint=best --model_dir="$OUT/chexnet" --report_dir="$OUT/chexnet/report"
+fi
+echo "[demo] done: outputs in $OUT/"
