@@ -8,7 +8,8 @@
 #
 # Variables:
 #   PYTHON               interpreter of the target environment (default .venv/bin/python)
-#   HOROVOD_WHEEL_CACHE  wheel cache folder (default .cache/horovod-wheels)
+#   HOROVOD_WHEEL_CACHE  wheel cache folder (default ~/.cache/hpc-resnet/horovod-wheels,
+#                        shared by every clone on the machine)
 #   MPI_HOME             root of a site MPI to build against (or `module load` it so that
 #                        mpicxx is on PATH); without either, Debian's OpenMPI is installed
 #                        when running as root, else the build is Gloo-only
@@ -17,7 +18,7 @@ set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
 PYTHON=${PYTHON:-.venv/bin/python}
-CACHE=${HOROVOD_WHEEL_CACHE:-.cache/horovod-wheels}
+CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpc-resnet/horovod-wheels}
 
 log() { echo "[build_horovod] $*"; }
 
