@@ -90,6 +90,10 @@ def _non_negative(name, flag_values):
 
 def _divisible_by_world(name, flag_values):
     def check(value):
+        # Only a value the user gave: a default batch that a mode does not use (e.g. the
+        # training batch of an evaluation) must not stop the run; run() checks what it uses.
+        if not flag_values[name].present:
+            return True
         size = launcher_world_size()
         if value is not None and value > 0 and value % size:
             raise flags.ValidationError(
@@ -100,7 +104,8 @@ def _divisible_by_world(name, flag_values):
 
 
 def define_base(flag_values=FLAGS, data_dir=True, model_dir=True, mode=True,
-                batch_size=True, train_steps=True, train_epochs=True):
+                batch_size=True, train_steps=True, train_epochs=True,
+                default_batch_size=1024):
     """Data/model dirs, mode, GLOBAL batch sizes and run length."""
     if data_dir:
         flags.DEFINE_string("data_dir", None, "Directory with the input data.",
@@ -114,10 +119,10 @@ def define_base(flag_values=FLAGS, data_dir=True, model_dir=True, mode=True,
         flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.",
                           flag_values=flag_values)
     if batch_size:
-        flags.DEFINE_integer("train_batch_size", 1024,
+        flags.DEFINE_integer("train_batch_size", default_batch_size,
                              "GLOBAL training batch size, summed over all ranks; each "
                              "rank gets train_batch_size / ranks.", flag_values=flag_values)
-        flags.DEFINE_integer("eval_batch_size", 1024,
+        flags.DEFINE_integer("eval_batch_size", default_batch_size,
                              "GLOBAL evaluation batch size, summed over all ranks.",
                              flag_values=flag_values)
         for name in ("train_batch_size", "eval_batch_size"):

@@ -192,10 +192,12 @@ def model_description(config: RunConfig) -> dict:
 def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     """Train and/or evaluate as `config.mode` says; returns (and rank 0 prints) a summary."""
     validate(config)
-    if config.train_batch_size % context.size or config.eval_batch_size % context.size:
-        raise ConfigError(f"--train_batch_size={config.train_batch_size} and "
-                          f"--eval_batch_size={config.eval_batch_size} are global and must "
-                          f"divide by the {context.size} ranks")
+    used = {"train": ("train_batch_size",), "eval": ("eval_batch_size",),
+            "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
+    for name in used:
+        if getattr(config, name) % context.size:
+            raise ConfigError(f"--{name}={getattr(config, name)} (global) is not divisible "
+                              f"by the {context.size} ranks of this launch")
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     chief_log = log if context.is_chief else (lambda *a, **k: None)

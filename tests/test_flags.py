@@ -82,3 +82,10 @@ def test_mkl_environment_follows_the_2018_command_line():
                    "KMP_AFFINITY": "granularity=fine,compact,1,0", "KMP_SETTINGS": "1",
                    "OMP_NUM_THREADS": "24"}
     assert runtime.cpu_environment(False, 24, 1, "x", True) == {}
+
+
+def test_default_batch_is_not_checked_against_ranks(monkeypatch):
+    # An evaluation on 3 ranks must not fail on the (unused) default training batch.
+    monkeypatch.setenv("HOROVOD_SIZE", "3")
+    fv = _parse(["--eval_batch_size=9"])
+    assert (fv.train_batch_size, fv.eval_batch_size) == (1024, 9)
