@@ -26,5 +26,8 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m ""
 
+test-slurm: setup
+	$(PY) -m pytest -m slurm
+
 clean:
 	rm -rf demo_out .pytest_cache

@@ -1,0 +1,127 @@
+# shellcheck shell=bash
+# Shared launch logic of the slurm/*.sbatch scripts. Sourced, never run: the batch script
+# sets its defaults first, then calls `hr_setup` and `hr_launch PROGRAM ARGS...`.
+#
+# What it does, in one place for all scripts:
+#   * decides where it runs: inside a SLURM allocation (SLURM_JOB_ID set) or on a plain
+#     machine (bash slurm/X.sbatch), and which launcher: srun (default in SLURM), mpirun
+#     (default outside), or none (one process, for debugging);
+#   * loads MODULES, activates VENV / picks PYTHON, puts the project on PYTHONPATH;
+#   * derives the per-rank thread counts from the CPUs each task owns (SLURM_CPUS_PER_TASK,
+#     else the node's CPUs / tasks per node): OMP_NUM_THREADS, TF's intra/inter-op pools,
+#     and exports Horovod's fusion settings;
+#   * launches one rank per socket (srun --cpu-bind=sockets / mpirun --map-by socket
+#     --bind-to socket) and prints a header a human (and tests) can read in the job log.
+#
+# Every variable below can be set in the environment (sbatch exports the submitting shell's
+# environment by default) or edited at the top of the batch script.
+
+hr_log() { echo "[hpc-resnet] $*"; }
+hr_die() { echo "[hpc-resnet] error: $*" >&2; exit 2; }
+
+hr_setup() {
+  # ---- where am I -------------------------------------------------------------------
+  if [ -n "${SLURM_JOB_ID:-}" ]; then IN_SLURM=1; else IN_SLURM=0; fi
+  if [ "$IN_SLURM" = 1 ]; then LAUNCHER=${LAUNCHER:-srun}; else LAUNCHER=${LAUNCHER:-mpirun}; fi
+  case "$LAUNCHER" in srun|mpirun|none) ;; *) hr_die "LAUNCHER must be srun, mpirun or none, not '$LAUNCHER'";; esac
+  if [ "$LAUNCHER" = srun ] && [ "$IN_SLURM" = 0 ]; then
+    hr_die "LAUNCHER=srun needs a SLURM allocation; outside SLURM use LAUNCHER=mpirun NP=2 bash $0"
+  fi
+
+  # ---- software -----------------------------------------------------------------------
+  if [ -n "${MODULES:-}" ]; then
+    command -v module >/dev/null 2>&1 || hr_die "MODULES='$MODULES' set but no 'module' command"
+    # shellcheck disable=SC2086
+    module load $MODULES
+  fi
+  VENV=${VENV:-$PROJECT_DIR/.venv}
+  if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=$(command -v python3 || true); fi
+  fi
+  [ -n "$PYTHON" ] && [ -x "$PYTHON" ] || hr_die "no Python: set PYTHON or VENV (tried '$VENV/bin/python')"
+  PATH=$(dirname "$PYTHON"):$PATH
+  export PATH PYTHONPATH="$PROJECT_DIR${PYTHONPATH:+:$PYTHONPATH}"
+
+  # ---- ranks and CPUs -------------------------------------------------------------------
+  if [ "$IN_SLURM" = 1 ] && [ "$LAUNCHER" != none ]; then
+    NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    TASKS_PER_NODE=${TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-2}}
+    NP=${NP:-${SLURM_NTASKS:-$((NNODES * TASKS_PER_NODE))}}
+    NODE_CPUS=${SLURM_CPUS_ON_NODE:-$(nproc)}
+    CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-$((NODE_CPUS / TASKS_PER_NODE))}}
+  elif [ "$LAUNCHER" = none ]; then
+    NNODES=1; NP=1; TASKS_PER_NODE=1
+    CPUS_PER_TASK=${CPUS_PER_TASK:-$(nproc)}
+  else  # mpirun outside SLURM: NP ranks on this machine, or on HOSTS (h1:2,h2:2)
+    NP=${NP:-2}
+    if [ -n "${HOSTS:-}" ]; then
+      NNODES=$(tr ',' '\n' <<<"$HOSTS" | grep -c .)
+      TASKS_PER_NODE=${TASKS_PER_NODE:-$(( (NP + NNODES - 1) / NNODES ))}
+    else
+      NNODES=1; TASKS_PER_NODE=$NP
+    fi
+    CPUS_PER_TASK=${CPUS_PER_TASK:-$(( $(nproc) / TASKS_PER_NODE ))}
+  fi
+  [ "$CPUS_PER_TASK" -ge 1 ] 2>/dev/null || CPUS_PER_TASK=1
+  # 2018: intra-op threads = cores of the socket (minus some for Horovod's background
+  # thread and the input pipeline on big sockets), inter-op = 2.
+  RESERVED_CORES=${RESERVED_CORES:-$(( CPUS_PER_TASK >= 8 ? 1 : 0 ))}
+  INTRA_THREADS=${INTRA_THREADS:-$(( CPUS_PER_TASK - RESERVED_CORES ))}
+  [ "$INTRA_THREADS" -ge 1 ] || INTRA_THREADS=1
+  INTER_THREADS=${INTER_THREADS:-2}
+  export OMP_NUM_THREADS=$INTRA_THREADS
+  export TF_NUM_INTRAOP_THREADS=$INTRA_THREADS TF_NUM_INTEROP_THREADS=$INTER_THREADS
+  export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-134217728}
+  [ -n "${HOROVOD_CYCLE_TIME:-}" ] && export HOROVOD_CYCLE_TIME
+  export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
+  # Performance flags shared by resnet_main.py and `python -m chexnet` (flags.define_performance).
+  MKL=${MKL:-1}
+  KMP_BLOCKTIME_MS=${KMP_BLOCKTIME_MS:-1}
+  KMP_AFFINITY_VALUE=${KMP_AFFINITY_VALUE:-granularity=fine,compact,1,0}
+  PERF_FLAGS=(--num_intra_threads="$INTRA_THREADS" --num_inter_threads="$INTER_THREADS")
+  if [ "$MKL" = 1 ]; then
+    PERF_FLAGS+=(--mkl=true --kmp_blocktime="$KMP_BLOCKTIME_MS"
+                          --kmp_affinity="$KMP_AFFINITY_VALUE" --kmp_settings="${KMP_SETTINGS:-false}")
+  fi
+}
+
+hr_header() {
+  hr_log "job ${SLURM_JOB_ID:-<no SLURM>} name ${SLURM_JOB_NAME:-$(basename "$0")} restart_count ${SLURM_RESTART_COUNT:-0} host $(hostname -s) date $(date -u +%FT%TZ)"
+  hr_log "launcher $LAUNCHER nodes $NNODES ranks $NP tasks_per_node $TASKS_PER_NODE cpus_per_task $CPUS_PER_TASK intra $INTRA_THREADS inter $INTER_THREADS HOROVOD_FUSION_THRESHOLD $HOROVOD_FUSION_THRESHOLD"
+  hr_log "python $PYTHON project $PROJECT_DIR"
+}
+
+# hr_launch ARGS...: run ARGS (a python program and its flags) once per rank.
+hr_launch() {
+  local cmd=()
+  case "$LAUNCHER" in
+    srun)
+      # srun (22.05+) does not inherit --cpus-per-task from sbatch: pass it explicitly.
+      cmd=(srun --mpi="${SRUN_MPI:-pmix}" --ntasks="$NP" --ntasks-per-node="$TASKS_PER_NODE"
+           --cpus-per-task="$CPUS_PER_TASK" --cpu-bind="${CPU_BIND:-sockets}"
+           --kill-on-bad-exit=1 --export=ALL)
+      # shellcheck disable=SC2206
+      cmd+=(${SRUN_FLAGS:-})
+      ;;
+    mpirun)
+      cmd=(mpirun -np "$NP" --map-by "${MPI_MAP_BY:-socket}" --bind-to "${MPI_BIND_TO:-socket}")
+      [ "$(id -u)" = 0 ] && cmd+=(--allow-run-as-root)
+      [ -n "${HOSTS:-}" ] && cmd+=(-H "$HOSTS")
+      local v
+      for v in PATH PYTHONPATH LD_LIBRARY_PATH OMP_NUM_THREADS TF_NUM_INTRAOP_THREADS \
+               TF_NUM_INTEROP_THREADS TF_CPP_MIN_LOG_LEVEL HOROVOD_FUSION_THRESHOLD \
+               HOROVOD_CYCLE_TIME; do
+        [ -n "${!v:-}" ] && cmd+=(-x "$v")
+      done
+      # shellcheck disable=SC2206
+      cmd+=(${MPIRUN_FLAGS:-})
+      ;;
+    none) ;;
+  esac
+  cmd+=("$PYTHON" "$@")
+  hr_log "command: ${cmd[*]}"
+  local rc=0
+  "${cmd[@]}" || rc=$?
+  hr_log "finished rc=$rc job ${SLURM_JOB_ID:-<no SLURM>} date $(date -u +%FT%TZ)"
+  return "$rc"
+}
