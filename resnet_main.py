@@ -64,6 +64,13 @@ def define_flags():
     f.DEFINE_string("weights_file", None, "Keras weights file for densenet121/vgg16.")
     f.DEFINE_integer("seed", None, "Random seed (initialisation, shuffling, augmentation).")
     f.DEFINE_boolean("json_progress", False, "Also print progress as JSON lines.")
+    f.DEFINE_string("snapshot_dir", None, "Where a preset's snapshots (end of each "
+                    "collapse) go; default MODEL_DIR/snapshots.")
+    f.DEFINE_boolean("collapsed_ensemble", False, "At the end, evaluate the average of the "
+                     "snapshots' predictions (presets with snapshots, e.g. surfsara_4096).")
+    f.DEFINE_float("target_top_1", None, "Record wall time and epoch when validation top-1 "
+                   "first reaches this value (time to accuracy).")
+    f.DEFINE_boolean("stop_at_target", False, "Stop training once --target_top_1 is reached.")
 
     f.register_validator("use_tpu", lambda v: not v, message="--use_tpu=True is not "
                          "supported: this resnet_main runs on CPUs with Horovod")
@@ -104,7 +111,9 @@ def run_config_from_flags():
         keep_checkpoints=FLAGS.keep_checkpoints, log_every_n_steps=FLAGS.log_every_n_steps,
         reference_images_per_sec=FLAGS.reference_images_per_sec,
         fp16_allreduce=FLAGS.fp16_allreduce, weights_file=FLAGS.weights_file,
-        seed=FLAGS.seed, json_progress=FLAGS.json_progress)
+        seed=FLAGS.seed, json_progress=FLAGS.json_progress, snapshot_dir=FLAGS.snapshot_dir,
+        collapsed_ensemble=FLAGS.collapsed_ensemble, target_top_1=FLAGS.target_top_1,
+        stop_at_target=FLAGS.stop_at_target)
 
 
 def main(argv):

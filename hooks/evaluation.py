@@ -3,6 +3,7 @@
 Each rank evaluates its own disjoint shard to the end (no `steps = n // size`), then the
 metric states are summed over ranks. Ranks may hold different numbers of examples.
 """
+import weakref
 from typing import Dict, Sequence, Tuple
 
 import keras
@@ -10,6 +11,16 @@ import numpy as np
 import tensorflow as tf
 
 from hooks import horovod_glue
+
+# Compiled step functions per network, so periodic evaluation traces once, not every time.
+_STEPS = weakref.WeakKeyDictionary()
+
+
+def _cached_step(network, key, make):
+    steps = _STEPS.setdefault(network, {})
+    if key not in steps:
+        steps[key] = tf.function(make(), reduce_retracing=True)
+    return steps[key]
 
 
 def evaluate(network: keras.Model, dataset: tf.data.Dataset,
@@ -20,11 +31,13 @@ def evaluate(network: keras.Model, dataset: tf.data.Dataset,
     for metric in metrics:
         metric.reset_state()
 
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        y_pred = network(x, training=False)
-        for metric in metrics:
-            metric.update_state(y, y_pred)
+    def make():
+        def update(x, y):
+            y_pred = network(x, training=False)
+            for metric in metrics:
+                metric.update_state(y, y_pred)
+        return update
+    step = _cached_step(network, ("evaluate",) + tuple(id(m) for m in metrics), make)
 
     seen = 0
     for x, y in dataset:
@@ -38,10 +51,12 @@ def evaluate(network: keras.Model, dataset: tf.data.Dataset,
 def predict(network: keras.Model, dataset: tf.data.Dataset,
             context: horovod_glue.Context, activation=None) -> Tuple[np.ndarray, np.ndarray]:
     """Predictions and labels of every rank's shard, gathered on every rank (rank order)."""
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        out = network(x, training=False)
-        return activation(out) if activation is not None else out
+    def make():
+        def forward(x):
+            out = network(x, training=False)
+            return activation(out) if activation is not None else out
+        return forward
+    step = _cached_step(network, ("predict", activation), make)
 
     preds, labels = [], []
     for x, y in dataset:

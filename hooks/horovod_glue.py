@@ -7,6 +7,7 @@ Code below this module takes a `Context` instead of calling Horovod for rank/siz
 """
 import dataclasses
 import os
+import pathlib
 import tempfile
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -204,8 +205,10 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
         return False
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    # Keep the whole suffix (".weights.h5", ".keras"): Keras picks the format by it.
+    suffix = "".join(pathlib.Path(path).suffixes)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-",
-                               suffix=os.path.splitext(path)[1])
+                               suffix=suffix)
     os.close(fd)
     try:
         write(tmp)

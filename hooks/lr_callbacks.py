@@ -220,19 +220,8 @@ class SnapshotSaver(keras.callbacks.Callback):
         if step not in self.snapshot_steps:
             return
         path = snapshot_path(self.directory, step)
-        if horovod_glue.write_atomically(path, self._save, self.context):
+        if horovod_glue.write_atomically(path, self._network().save_weights, self.context):
             self.saved.append(path)
-
-    def _save(self, tmp):
-        # write_atomically's temporary name ends in ".h5", but Keras insists on
-        # ".weights.h5": save beside it under an accepted name, then take its place.
-        staging = tmp + ".weights.h5"
-        try:
-            self._network().save_weights(staging)
-            os.replace(staging, tmp)
-        finally:
-            if os.path.exists(staging):
-                os.remove(staging)
 
 
 # ---------------------------------------------------------------- collapsed ensembles

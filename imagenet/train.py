@@ -13,7 +13,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from hooks import checkpoints, evaluation, horovod_glue, loop, schedules
+from hooks import checkpoints, evaluation, horovod_glue, loop, lr_callbacks, schedules
 from hooks.lars import LARS
 from imagenet import input_pipeline, models
 
@@ -58,6 +58,10 @@ class RunConfig:
     weights_file: Optional[str] = None
     seed: Optional[int] = None
     json_progress: bool = False
+    snapshot_dir: Optional[str] = None
+    collapsed_ensemble: bool = False
+    target_top_1: Optional[float] = None
+    stop_at_target: bool = False
 
     @property
     def steps_per_epoch(self) -> float:
@@ -103,29 +107,61 @@ def validate(config: RunConfig) -> None:
 
 # ---------------------------------------------------------------- pieces
 def build_learning_rate(config: RunConfig):
-    """The TPU default (scaled peak, warm-up, x0.1 at 30/60/80 epochs), LARS poly, or a
-    named preset rescaled to this batch and run length."""
+    """(learning-rate schedule, preset or None): the TPU default (scaled peak, warm-up,
+    x0.1 at 30/60/80 epochs), LARS poly, or a named preset rescaled to this batch and run
+    length (a preset also brings weight decay per phase and snapshot steps)."""
     spe = config.steps_per_epoch
     total = config.total_steps
     peak = schedules.scale_learning_rate(config.base_learning_rate, config.train_batch_size)
     warmup = schedules.to_steps(epochs=config.warmup_epochs, steps_per_epoch=spe)
     if config.enable_lars:
         decay = schedules.PolynomialDecay(peak, max(total, 1), power=config.poly_rate or 2.0)
-        return schedules.LinearWarmup(decay, min(warmup, total))
+        return schedules.LinearWarmup(decay, min(warmup, total)), None
     if config.lr_schedule == "tpu":
         bounds = [schedules.to_steps(epochs=e, steps_per_epoch=spe) for e in (30, 60, 80)]
         decay = schedules.StepDecay(peak, bounds, [1.0, 0.1, 0.01, 0.001])
-        return schedules.LinearWarmup(decay, warmup)
-    return schedules.preset(config.lr_schedule, global_batch=config.train_batch_size,
-                            steps_per_epoch=max(1, round(spe)),
-                            epochs=total / spe).learning_rate
+        return schedules.LinearWarmup(decay, warmup), None
+    preset = schedules.preset(config.lr_schedule, global_batch=config.train_batch_size,
+                              steps_per_epoch=max(1, round(spe)), epochs=total / spe)
+    return preset.learning_rate, preset
 
 
-def build_optimizer(config: RunConfig, learning_rate):
-    if config.enable_lars:
+def uses_lars(config: RunConfig, preset) -> bool:
+    return config.enable_lars or (preset is not None and preset.optimizer == "lars")
+
+
+def build_optimizer(config: RunConfig, learning_rate, lars: bool = False):
+    if lars:
         return LARS(learning_rate=learning_rate, momentum=config.momentum,
                     weight_decay=config.weight_decay)
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+
+
+def practice_callbacks(config: RunConfig, preset, network, optimizer, context, eval_data):
+    """The large-batch practices a preset asks for: weight decay per phase, snapshots at
+    the collapses, collapsed-ensemble evaluation; and time-to-accuracy when asked."""
+    callbacks, by_name = [], {}
+    if preset is not None:
+        # LARS applies weight decay itself; SGD gets it as an L2 whose factor can change.
+        target = (optimizer if isinstance(optimizer, LARS) else
+                  lr_callbacks.attach_scheduled_l2(network, preset.weight_decay_at(0)))
+        callbacks.append(lr_callbacks.WeightDecayScheduler(preset.weight_decay_at, target))
+        steps = [s for s in preset.snapshot_steps if s <= config.total_steps]
+        folder = config.snapshot_dir or (config.model_dir and
+                                         os.path.join(config.model_dir, "snapshots"))
+        if steps and folder:
+            saver = lr_callbacks.SnapshotSaver(steps, folder, context, network)
+            callbacks.append(saver)
+            if config.collapsed_ensemble:
+                by_name["ensemble"] = lr_callbacks.CollapsedEnsembleEvaluator(
+                    saver.paths(), network, eval_data(), context)
+                callbacks.append(by_name["ensemble"])
+    if config.target_top_1 is not None:
+        by_name["time_to_accuracy"] = lr_callbacks.TimeToAccuracy(
+            "val_top_1", config.target_top_1, stop=config.stop_at_target,
+            steps_per_epoch=config.steps_per_epoch)
+        callbacks.append(by_name["time_to_accuracy"])
+    return callbacks, by_name
 
 
 def build_loss(label_smoothing: float, num_classes: int):
@@ -202,12 +238,15 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
         keras.utils.set_random_seed(config.seed)
     chief_log = log if context.is_chief else (lambda *a, **k: None)
 
+    learning_rate, preset = build_learning_rate(config)
+    lars = uses_lars(config, preset)
     network = models.build_classifier(config.architecture, config.num_label_classes,
                                       config.image_size, config.resnet_depth,
-                                      config.weight_decay if not config.enable_lars else 0.0,
+                                      0.0 if lars else config.weight_decay,
                                       config.weights_file)
-    learning_rate = build_learning_rate(config)
-    optimizer = build_optimizer(config, learning_rate)
+    optimizer = build_optimizer(config, learning_rate, lars)
+    extra_callbacks, practices = practice_callbacks(
+        config, preset, network, optimizer, context, lambda: eval_dataset(config, context))
     trainer = horovod_glue.DistributedTrainer(
         network, context, metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")],
         fp16_allreduce=config.fp16_allreduce)
@@ -251,13 +290,19 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
             checkpoint_state=lambda: dict(model_description(config),
                                           global_batch=config.train_batch_size),
             keep_checkpoints=config.keep_checkpoints, best_metric="top_1",
-            log_every_n_steps=config.log_every_n_steps, json_progress=config.json_progress)
+            log_every_n_steps=config.log_every_n_steps, json_progress=config.json_progress,
+            extra_callbacks=extra_callbacks)
         if config.mode == "train_and_eval" and not result.last_eval:
             result.last_eval = {f"val_{k}": v for k, v in evaluate().items()}
         summary.update({k[4:]: v for k, v in result.last_eval.items()})
         summary.update(final_step=result.final_step, train_seconds=result.wall_seconds,
                        images_per_sec=result.images_per_sec,
                        images_per_sec_per_rank=result.images_per_sec / context.size)
+        if "ensemble" in practices:
+            summary.update(practices["ensemble"].results)
+        if "time_to_accuracy" in practices:
+            reached = practices["time_to_accuracy"].reached
+            summary["time_to_target"] = reached  # None: the target was not reached
         if config.reference_images_per_sec and math.isfinite(result.images_per_sec):
             summary["scaling_efficiency"] = result.images_per_sec / (
                 context.size * config.reference_images_per_sec)

@@ -142,3 +142,20 @@ def test_bad_flags_give_one_line_errors(argv, needle, tmp_path):
               if "error" in l.lower() and not l.startswith(("I0000", "WARNING"))]
     assert "Traceback" not in proc.stderr
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+
+
+def test_surfsara_preset_snapshots_and_collapsed_ensemble(tmp_path):
+    # 7.2 epochs of 10 steps: the 72-epoch solver scaled by 0.1, cycles end at 40/55/67/72.
+    out = run_cmd(python_cmd(
+        "resnet_main.py", "--use_synthetic_data", "--mode=train_and_eval",
+        f"--model_dir={tmp_path}", "--lr_schedule=surfsara_4096", "--collapsed_ensemble",
+        "--target_top_1=0.0", "--train_epochs=7.2", "--num_train_images=80",
+        "--train_batch_size=8", "--eval_batch_size=8", "--num_eval_images=16",
+        "--num_label_classes=10", "--resnet_depth=18", "--image_size=32",
+        "--iterations_per_loop=10", "--steps_per_eval=20", "--log_every_n_steps=10")).stdout
+    summary = _summary(out)
+    snapshots = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert snapshots == [f"snapshot-{s:09d}.weights.h5" for s in (40, 55, 67, 72)]
+    assert summary["ensemble_size"] == 4 and 0 <= summary["ensemble_top_1"] <= 1
+    assert {f"snapshot_{s}_top_1" for s in (40, 55, 67, 72)} <= set(summary)
+    assert summary["time_to_target"]["step"] == 20  # first evaluation reaches 0.0
