@@ -73,12 +73,16 @@ def main():
             sec = measure(model, data, args.steps)
             times[name].append(sec)
             print(f"round {r + 1} {name:<11} {args.batch / sec:6.2f} img/s", flush=True)
+    # Median and best round: on a shared VM whose host caps CPU time, capped rounds all
+    # read the same figure, and the best round shows what the code does uncapped.
     rate = {k: args.batch / float(np.median(v)) for k, v in times.items()}
-    print(f"\nmedian images/s over {args.rounds} rounds x {args.steps} steps, batch "
-          f"{args.batch}, 224 px, 1 process, {os.cpu_count()} CPUs:")
-    for name, value in rate.items():
-        print(f"  {name:<11} {value:6.2f} img/s  {value / rate['keras_fp32']:.2f}x plain Keras fp32")
-    print("BENCH " + json.dumps(rate))
+    best = {k: args.batch / float(np.min(v)) for k, v in times.items()}
+    print(f"\nimages/s over {args.rounds} rounds x {args.steps} steps, batch {args.batch}, "
+          f"224 px, 1 process, {os.cpu_count()} CPUs:   median (x plain fp32) | best round")
+    for name in rate:
+        print(f"  {name:<11} {rate[name]:6.2f} ({rate[name] / rate['keras_fp32']:.2f}x) | "
+              f"{best[name]:6.2f} ({best[name] / best['keras_fp32']:.2f}x)")
+    print("BENCH " + json.dumps({"median": rate, "best": best}))
 
 
 if __name__ == "__main__":
