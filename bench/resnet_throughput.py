@@ -2,9 +2,10 @@
 
 One process, 1 rank, synthetic 224 px images, batch 32: plain
 `keras.applications.ResNet50` + `model.fit`, then our ResNet-50 v1.5 through the same
-DistributedTrainer that resnet_main uses, in float32 and bfloat16. The measurements are
-interleaved in rounds so that noise from other work on the machine hits all of them alike;
-the ratios are what to read.
+DistributedTrainer that resnet_main uses, in float32 and bfloat16 (and bfloat16 with
+Keras's BatchNormalization instead of our fused one, to show what that buys). The
+measurements are interleaved in rounds so that noise from other work on the machine hits
+all of them alike; the ratios are what to read.
 
   .venv/bin/python -m bench.resnet_throughput [--steps 4] [--rounds 2] [--batch 32]
 """
@@ -36,9 +37,15 @@ def plain_keras(policy):
     return model
 
 
-def ours(policy):
+def ours(policy, fused_bn=True):
     keras.mixed_precision.set_global_policy(policy)
-    net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4)
+    fused = models.FusedBatchNormalization
+    if not fused_bn:  # the same network with Keras's own BatchNormalization, for comparison
+        models.FusedBatchNormalization = keras.layers.BatchNormalization
+    try:
+        net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4)
+    finally:
+        models.FusedBatchNormalization = fused
     trainer = horovod_glue.DistributedTrainer(net, horovod_glue.Context())
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -62,7 +69,9 @@ def main():
     args = parser.parse_args()
     cases = {"keras_fp32": (plain_keras, "float32", tf.float32),
              "ours_fp32": (ours, "float32", tf.float32),
-             "ours_bf16": (ours, "mixed_bfloat16", tf.bfloat16)}
+             "ours_bf16": (ours, "mixed_bfloat16", tf.bfloat16),
+             "ours_bf16_kerasbn": (lambda p: ours(p, fused_bn=False), "mixed_bfloat16",
+                                   tf.bfloat16)}
     built = {}
     for name, (build, policy, dtype) in cases.items():
         built[name] = (build(policy), _data(args.batch, 224, dtype), policy)
@@ -72,7 +81,7 @@ def main():
             keras.mixed_precision.set_global_policy(policy)
             sec = measure(model, data, args.steps)
             times[name].append(sec)
-            print(f"round {r + 1} {name:<11} {args.batch / sec:6.2f} img/s", flush=True)
+            print(f"round {r + 1} {name:<17} {args.batch / sec:6.2f} img/s", flush=True)
     # Median and best round: on a shared VM whose host caps CPU time, capped rounds all
     # read the same figure, and the best round shows what the code does uncapped.
     rate = {k: args.batch / float(np.median(v)) for k, v in times.items()}
@@ -80,7 +89,7 @@ def main():
     print(f"\nimages/s over {args.rounds} rounds x {args.steps} steps, batch {args.batch}, "
           f"224 px, 1 process, {os.cpu_count()} CPUs:   median (x plain fp32) | best round")
     for name in rate:
-        print(f"  {name:<11} {rate[name]:6.2f} ({rate[name] / rate['keras_fp32']:.2f}x) | "
+        print(f"  {name:<17} {rate[name]:6.2f} ({rate[name] / rate['keras_fp32']:.2f}x) | "
               f"{best[name]:6.2f} ({best[name] / best['keras_fp32']:.2f}x)")
     print("BENCH " + json.dumps({"median": rate, "best": best}))
 
