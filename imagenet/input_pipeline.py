@@ -162,7 +162,17 @@ def _with_seeds(ds, seed: Optional[int], rank: int):
     return tf.data.Dataset.zip((ds, stream))
 
 
-def _finalize(ds, *, per_rank_batch: int, drop_remainder: bool, deterministic: bool):
+def _finalize(ds, parse, *, is_training: bool, shuffle_buffer: int, seed: Optional[int],
+              rank: int, num_parallel_calls, per_rank_batch: int,
+              drop_remainder: Optional[bool], deterministic: bool):
+    """The tail shared by every source: shuffle + repeat + seeds (training), parallel
+    parse/preprocess, batch (training drops the remainder by default), prefetch."""
+    if is_training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = _with_seeds(ds.repeat(), seed, rank)
+    ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
+    if drop_remainder is None:
+        drop_remainder = is_training
     ds = ds.batch(per_rank_batch, drop_remainder=drop_remainder)
     options = tf.data.Options()
     options.deterministic = deterministic
@@ -215,12 +225,9 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
         label = tf.cast(ex["image/class/label"], tf.int32) - 1  # records hold 1..1000
         return tf.cast(image, dtype), label
 
-    if is_training:
-        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        records = _with_seeds(records.repeat(), seed, rank)
-    ds = records.map(parse, num_parallel_calls=num_parallel_calls)
-    return _finalize(ds, per_rank_batch=per_rank_batch,
-                     drop_remainder=is_training if drop_remainder is None else drop_remainder,
+    return _finalize(records, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
+                     seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,
+                     per_rank_batch=per_rank_batch, drop_remainder=drop_remainder,
                      deterministic=deterministic)
 
 
@@ -253,12 +260,9 @@ def tfds_dataset(tfds_data_dir: Optional[str], *, is_training: bool, per_rank_ba
                                    image_size=image_size, seed=seed_pair)
         return tf.cast(image, dtype), tf.cast(ex["label"], tf.int32)
 
-    if is_training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = _with_seeds(ds.repeat(), seed, rank)
-    ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
-    return _finalize(ds, per_rank_batch=per_rank_batch,
-                     drop_remainder=is_training if drop_remainder is None else drop_remainder,
+    return _finalize(ds, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
+                     seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,
+                     per_rank_batch=per_rank_batch, drop_remainder=drop_remainder,
                      deterministic=deterministic)
 
 
