@@ -23,14 +23,11 @@ from chexnet import data, metrics, reports
 from chexnet.data import DataError
 from chexnet.labels import CLASS_NAMES, NUM_CLASSES
 from chexnet.model import ModelError
+from hooks.errors import ConfigError
 
 MODES = ("train", "evaluate")
 OPTIMIZERS = ("adam", "sgd")
 EVAL_SPLITS = ("val", "test", "all")
-
-
-class ConfigError(ValueError):
-    """A user mistake in the run configuration; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,9 +381,12 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     chief_log = log if context.is_chief else (lambda *a, **k: None)
     if config.mode == "evaluate" and config.predictions_csv:
         return score_predictions_file(config, context, chief_log)
-    if (config.mode == "train" and config.train_batch_size % context.size) or config.eval_batch_size % context.size:
-        raise ConfigError(f"--train_batch_size={config.train_batch_size} and --eval_batch_size="
-                          f"{config.eval_batch_size} are global and must divide by the {context.size} ranks")
+    from hooks import horovod_glue
+
+    batches = {"eval_batch_size": config.eval_batch_size}
+    if config.mode == "train":
+        batches["train_batch_size"] = config.train_batch_size
+    horovod_glue.check_global_batches(context, **batches)
     dataset = load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + dataset.summary)
     if config.mode == "train":

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from hooks.errors import ConfigError
+
 
 def _hvd():
     # Imported lazily: loading Horovod's native library is work we only do when asked.
@@ -33,6 +35,14 @@ class Context:
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
+
+
+def check_global_batches(context: "Context", **batches: int) -> None:
+    """Global batch sizes must split evenly over the ranks of this launch."""
+    for name, value in batches.items():
+        if value % context.size:
+            raise ConfigError(f"--{name}={value} (global) is not divisible by the "
+                              f"{context.size} ranks of this launch")
 
 
 def init(fusion_threshold_mb: Optional[float] = None,

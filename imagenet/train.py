@@ -15,11 +15,8 @@ import tensorflow as tf
 
 from hooks import checkpoints, evaluation, horovod_glue, loop, lr_callbacks, schedules
 from hooks.lars import LARS
+from hooks.errors import ConfigError
 from imagenet import input_pipeline, models
-
-
-class ConfigError(ValueError):
-    """A user mistake in the run configuration; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,10 +227,7 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     validate(config)
     used = {"train": ("train_batch_size",), "eval": ("eval_batch_size",),
             "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
-    for name in used:
-        if getattr(config, name) % context.size:
-            raise ConfigError(f"--{name}={getattr(config, name)} (global) is not divisible "
-                              f"by the {context.size} ranks of this launch")
+    horovod_glue.check_global_batches(context, **{n: getattr(config, n) for n in used})
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     chief_log = log if context.is_chief else (lambda *a, **k: None)
