@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test test-all test-slurm bench clean
+.PHONY: setup demo lint test test-fast test-slurm clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,16 @@ $(STAMP): setup.cfg setup.py scripts/build_horovod.sh
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Everything: lint, unit tests, in-process runs, launchers (horovodrun, mpirun), SLURM.
+test: lint
 	$(PY) -m pytest
 
-test-all: setup
-	$(PY) -m pytest -m ""
+# The in-process tier for a developer's feedback loop (under a minute): no subprocesses.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -q
 
 test-slurm: setup
 	$(PY) -m pytest -m slurm

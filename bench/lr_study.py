@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 TEST_FRACTION = 0.2  # a fixed held-out fifth: 360 of 1,797
@@ -27,7 +26,6 @@ SPLIT_SEED = 0
 
 # ---------------------------------------------------------------- data
 def load_split():
-    import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     digits = load_digits()
@@ -93,7 +91,7 @@ class Rung:
     snapshot_steps: tuple = ()
 
 
-def build_ladder(args, n_train) -> List[Rung]:
+def build_ladder(args, n_train) -> list[Rung]:
     from hooks import schedules as S
     rungs = []
     E = args.epochs
@@ -177,11 +175,11 @@ def build_ladder(args, n_train) -> List[Rung]:
 
 
 # ---------------------------------------------------------------- one run
-def run_rung(rung: Rung, seed, data, context, args, workdir) -> Dict[str, float]:
+def run_rung(rung: Rung, seed, data, context, args, workdir) -> dict[str, float]:
     import keras
 
     from hooks import evaluation, horovod_glue, loop
-    from hooks import lr_callbacks as L
+    from hooks import practices as L
     (x_tr, y_tr), (x_te, y_te) = data
     network = small_resnet(seed)
     factor = L.attach_scheduled_l2(network, rung.weight_decay(0))
@@ -317,11 +315,12 @@ def main(argv=None):
     if not context.is_chief:
         return
     n_train, n_test = len(data[0][0]), len(data[1][0])
-    command = ("horovodrun -np {} --gloo python -m bench.lr_study ".format(context.size)
+    command = (f"horovodrun -np {context.size} --gloo python -m bench.lr_study "
                + " ".join(sys.argv[1:] if argv is None else argv))
     body = (f"Command: `{command}`\n\n"
             f"sklearn digits: {n_train} train / {n_test} test (fixed stratified fifth, "
-            f"split seed {SPLIT_SEED}); small ResNet (4 basic blocks, BN momentum 0.8, 16/32 channels); "
+            f"split seed {SPLIT_SEED}); small ResNet (4 basic blocks, BN momentum 0.8, "
+            f"16/32 channels); "
             f"momentum SGD 0.9; {args.epochs:g} epochs for every run; base lr "
             f"{args.base_lr:g} per 256 images; weight decay {args.weight_decay:g} "
             f"(wd-scaling rungs: /2, then x4 for the last {args.collapse_epochs:g} epochs); "

@@ -62,6 +62,9 @@ def encode_findings(text: str) -> np.ndarray:
         label = label.strip()
         index = CLASS_INDEX.get(label)
         if index is None:
-            raise ValueError(f"unknown finding label {label!r} (expected one of {', '.join(CLASS_NAMES)} or {NO_FINDING!r})")
+            raise ValueError(
+                f"unknown finding label {label!r} (expected one of "
+                f"{', '.join(CLASS_NAMES)} or {NO_FINDING!r})"
+            )
         vector[index] = 1.0
     return vector

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import keras
 
 from chexnet.labels import NUM_CLASSES
 from hooks import checkpoints
+from hooks.errors import UserError
 from imagenet import models
 
 BACKBONES_HELP = "densenet121, resnet50, vgg16 (or resnet18/34/101/152/200)"
 HEAD_NAME = "chexnet_probs"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A backbone name, checkpoint or weights file that cannot be used (one-line message)."""
 
 
@@ -51,14 +51,16 @@ class InitSource:
     """Where the backbone weights came from (recorded in checkpoints and reports)."""
 
     kind: str  # "checkpoint" | "weights_file" | "none"
-    path: Optional[str] = None
-    learning_rate: Optional[float] = None  # recorded in the pre-training checkpoint
-    metrics: Optional[dict] = None
+    path: str | None = None
+    learning_rate: float | None = None  # recorded in the pre-training checkpoint
+    metrics: dict | None = None
 
     def describe(self) -> str:
         if self.kind == "checkpoint":
             top1 = (self.metrics or {}).get("top_1")
-            return f"resnet_main checkpoint {self.path}" + (f" (val top_1 {top1:.4f})" if top1 is not None else "")
+            return f"resnet_main checkpoint {self.path}" + (
+                f" (val top_1 {top1:.4f})" if top1 is not None else ""
+            )
         if self.kind == "weights_file":
             return f"Keras weights file {self.path}"
         return "random initialisation"
@@ -71,20 +73,24 @@ def find_pretrained_checkpoint(model_dir: str, choice: str = "best") -> checkpoi
     if choice in ("best", "latest"):
         if not model_dir or not os.path.isdir(model_dir):
             raise ModelError(f"--pretrained_model_dir={model_dir} is not a directory")
-        found = (checkpoints.best(model_dir, "top_1", "max") if choice == "best" else None) or \
-            checkpoints.latest(model_dir)
+        found = (
+            checkpoints.best(model_dir, "top_1", "max") if choice == "best" else None
+        ) or checkpoints.latest(model_dir)
         if found is None:
-            raise ModelError(f"--pretrained_model_dir={model_dir} holds no complete ckpt-* checkpoint")
+            raise ModelError(
+                f"--pretrained_model_dir={model_dir} holds no complete ckpt-* checkpoint"
+            )
         return found
     path = choice if os.path.isabs(choice) or not model_dir else os.path.join(model_dir, choice)
     if not os.path.isdir(path) and os.path.isdir(choice):
         path = choice
-    state = checkpoints._read_state(path) if os.path.isdir(path) else None
-    if state is None:
-        raise ModelError(f"--init_checkpoint={choice}: {path} is not a complete checkpoint folder "
-                         f"(needs {checkpoints.WEIGHTS} and {checkpoints.STATE})")
-    step = int(state.get("step", 0))
-    return checkpoints.Checkpoint(step, path, state)
+    found = checkpoints.read(path)
+    if found is None:
+        raise ModelError(
+            f"--init_checkpoint={choice}: {path} is not a complete checkpoint folder "
+            f"(needs {checkpoints.WEIGHTS} and {checkpoints.STATE})"
+        )
+    return found
 
 
 def check_pretrained_compatible(ckpt: checkpoints.Checkpoint, backbone: str) -> None:
@@ -92,18 +98,24 @@ def check_pretrained_compatible(ckpt: checkpoints.Checkpoint, backbone: str) -> 
     arch, depth = parse_backbone(backbone)
     state = ckpt.state
     if "architecture" not in state or "num_label_classes" not in state:
-        raise ModelError(f"{ckpt.path} is not a resnet_main checkpoint (state.json has no architecture/num_label_classes)")
+        raise ModelError(
+            f"{ckpt.path} is not a resnet_main checkpoint "
+            "(state.json has no architecture/num_label_classes)"
+        )
     theirs = state["architecture"]
     their_depth = int(state.get("resnet_depth", 0)) if theirs == "resnet" else 0
     if theirs != arch or (arch == "resnet" and their_depth != depth):
         desc = f"resnet{their_depth}" if theirs == "resnet" else theirs
-        raise ModelError(f"checkpoint {ckpt.path} is a {desc}, not a {backbone}: pass --backbone={desc} "
-                         f"or another --pretrained_model_dir")
+        raise ModelError(
+            f"checkpoint {ckpt.path} is a {desc}, not a {backbone}: pass --backbone={desc} "
+            f"or another --pretrained_model_dir"
+        )
 
 
 def _attach_head(inputs, features, name: str) -> keras.Model:
-    probs = keras.layers.Dense(NUM_CLASSES, activation="sigmoid", dtype="float32",
-                               name=HEAD_NAME)(features)
+    probs = keras.layers.Dense(NUM_CLASSES, activation="sigmoid", dtype="float32", name=HEAD_NAME)(
+        features
+    )
     return keras.Model(inputs, probs, name=name)
 
 
@@ -111,8 +123,8 @@ def build_chexnet_model(
     backbone: str = "densenet121",
     image_size: int = 224,
     *,
-    pretrained: Optional[checkpoints.Checkpoint] = None,
-    weights_file: Optional[str] = None,
+    pretrained: checkpoints.Checkpoint | None = None,
+    weights_file: str | None = None,
     weight_decay: float = 0.0,
 ) -> tuple[keras.Model, InitSource]:
     """Backbone + global average pooling + Dense(14, sigmoid, float32).
@@ -128,14 +140,17 @@ def build_chexnet_model(
         raise ModelError("give either a pre-training checkpoint or --weights_file, not both")
     if weights_file:
         if arch == "resnet":
-            raise ModelError("--weights_file applies to densenet121/vgg16; a ResNet starts from a "
-                             "resnet_main checkpoint (--pretrained_model_dir)")
+            raise ModelError(
+                "--weights_file applies to densenet121/vgg16; a ResNet starts from a "
+                "resnet_main checkpoint (--pretrained_model_dir)"
+            )
         if not os.path.isfile(weights_file):
             raise ModelError(f"--weights_file={weights_file} does not exist")
     if pretrained is not None:
         check_pretrained_compatible(pretrained, backbone)
-        classifier = models.build_classifier(arch, int(pretrained.state["num_label_classes"]),
-                                             image_size, depth or 50, weight_decay)
+        classifier = models.build_classifier(
+            arch, int(pretrained.state["num_label_classes"]), image_size, depth or 50, weight_decay
+        )
         try:
             checkpoints.restore(pretrained, classifier)
         except checkpoints.CheckpointError as err:
@@ -143,16 +158,22 @@ def build_chexnet_model(
         features = classifier.get_layer("logits").input
         model = _attach_head(classifier.input, features, name)
         lr = pretrained.state.get("learning_rate")
-        return model, InitSource("checkpoint", pretrained.path,
-                                 float(lr) if lr is not None else None,
-                                 dict(pretrained.state.get("metrics") or {}))
+        return model, InitSource(
+            "checkpoint",
+            pretrained.path,
+            float(lr) if lr is not None else None,
+            dict(pretrained.state.get("metrics") or {}),
+        )
     try:
-        base = models.build_backbone(arch, image_size, depth or 50, weight_decay,
-                                     weights_file or None)
+        base = models.build_backbone(
+            arch, image_size, depth or 50, weight_decay, weights_file or None
+        )
     except (ValueError, OSError) as err:
-        raise ModelError(f"cannot build {backbone}"
-                         + (f" from --weights_file={weights_file}" if weights_file else "")
-                         + f": {str(err).splitlines()[0]}") from None
+        raise ModelError(
+            f"cannot build {backbone}"
+            + (f" from --weights_file={weights_file}" if weights_file else "")
+            + f": {str(err).splitlines()[0]}"
+        ) from None
     model = _attach_head(base.input, base.output, name)
     if weights_file:
         return model, InitSource("weights_file", weights_file)

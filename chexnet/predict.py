@@ -1,32 +1,23 @@
 """``python -m chexnet predict --checkpoint=CKPT IMAGE...``: per-pathology probabilities
 for PNG / JPEG / DICOM images, and with ``--heatmap_dir`` a Grad-CAM overlay per image.
 
-Images get the evaluation preprocessing of training (shorter side to size*256/224,
-center crop, the backbone's normalisation). Single process.
+Images get exactly the evaluation view of training (`chexnet.input_pipeline.eval_image`
+and the backbone's normalisation). Single process.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 
-from chexnet.data import DataError
+from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES
+from hooks.errors import ConfigError, DataError
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictConfig:
-    images: tuple = ()
-    checkpoint: Optional[str] = None
-    heatmap_dir: Optional[str] = None
-    output_csv: Optional[str] = None
 
 
 def _is_dicom(path: str) -> bool:
@@ -72,19 +63,13 @@ def read_image(path: str) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image: {err}") from None
 
 
-def prepare(image: np.ndarray, image_size: int, preprocessing: str):
-    """Returns (network input float32 [size, size, 3], displayed crop uint8 [size, size, 3])."""
-    import tensorflow as tf
+def prepare(image: np.ndarray, options) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (network input float32 [size, size, 3], displayed crop uint8 [size, size, 3])
+    through the evaluation pipeline's own functions."""
+    from chexnet.input_pipeline import eval_image, preprocess_images
 
-    from chexnet.data import preprocess_images
-
-    resize_to = int(round(image_size * 256 / 224))
-    hw = np.asarray(image.shape[:2], np.float64)
-    new_hw = np.maximum(np.round(hw * resize_to / hw.min()).astype(int), resize_to)
-    resized = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-    crop = tf.image.resize_with_crop_or_pad(resized, image_size, image_size)
-    return preprocess_images(crop, preprocessing).numpy(), crop.numpy()
+    crop = eval_image(image, options)
+    return preprocess_images(crop, options.preprocessing).numpy(), crop.numpy()
 
 
 def grad_cam(network, inputs: np.ndarray, class_index: int) -> np.ndarray:
@@ -131,48 +116,52 @@ def format_table(names: Sequence[str], probs: np.ndarray) -> str:
     width = max(18, *(len(s) for s in short)) + 2
     lines = ["class".ljust(20) + "".join(s.rjust(width) for s in short)]
     for k, cls in enumerate(CLASS_NAMES):
-        lines.append(cls.ljust(20) + "".join(f"{probs[i, k]:.4f}".rjust(width) for i in range(len(names))))
+        lines.append(
+            cls.ljust(20) + "".join(f"{probs[i, k]:.4f}".rjust(width) for i in range(len(names)))
+        )
     return "\n".join(lines)
 
 
-def run(config: PredictConfig, log=print) -> np.ndarray:
+def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
     """Probabilities [len(images), 14]; prints the table, writes CSV / heatmaps if asked."""
+    from chexnet import evaluate, input_pipeline
     from chexnet import model as model_lib
-    from chexnet.train import ConfigError, find_chexnet_checkpoint
     from hooks import checkpoints, horovod_glue
 
-    if not config.images:
+    if not images:
         raise ConfigError("predict needs at least one IMAGE argument")
-    if not config.checkpoint:
-        raise ConfigError("predict needs --checkpoint (a chexnet ckpt-* folder or model_dir)")
-    ckpt = find_chexnet_checkpoint(config.checkpoint)
-    images = [read_image(p) for p in config.images]  # all readable before any work
+    ckpt = evaluate.find_checkpoint(config.checkpoint or config.model_dir)
+    pixels = [read_image(p) for p in images]  # all readable before any work
     backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
     network, _ = model_lib.build_chexnet_model(backbone, size)
     try:
         checkpoints.restore(ckpt, network)
     except checkpoints.CheckpointError as err:
         raise model_lib.ModelError(str(err)) from None
-    prep = model_lib.preprocessing_for(backbone)
-    prepared = [prepare(im, size, prep) for im in images]
+    options = input_pipeline.InputOptions(size, model_lib.preprocessing_for(backbone))
+    prepared = [prepare(im, options) for im in pixels]
     batch = np.stack([p[0] for p in prepared])
     probs = np.asarray(network.predict(batch, verbose=0), np.float64)
     log(f"chexnet predict: {network.name} from {ckpt.path}")
-    log(format_table(config.images, probs))
+    log(format_table(images, probs))
     context = horovod_glue.Context()
     if config.output_csv:
+
         def write(tmp):
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["Image Index"] + [f"prob_{c}" for c in CLASS_NAMES])
-                for name, row in zip(config.images, probs):
+                for name, row in zip(images, probs):
                     w.writerow([os.path.basename(name)] + [f"{p:.6f}" for p in row])
+
         horovod_glue.write_atomically(config.output_csv, write, context)
     if config.heatmap_dir:
-        for path, (inputs, crop), row in zip(config.images, prepared, probs):
+        for path, (inputs, crop), row in zip(images, prepared, probs):
             k = int(np.argmax(row))
             cam = grad_cam(network, inputs, k)
-            out = os.path.join(config.heatmap_dir, os.path.splitext(os.path.basename(path))[0] + "_gradcam.png")
+            out = os.path.join(
+                config.heatmap_dir, os.path.splitext(os.path.basename(path))[0] + "_gradcam.png"
+            )
             title = f"{os.path.basename(path)}: {CLASS_NAMES[k]} {row[k]:.3f}"
             horovod_glue.write_atomically(out, lambda p: save_overlay(p, crop, cam, title), context)
             log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}")

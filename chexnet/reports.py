@@ -12,38 +12,60 @@ from collections.abc import Sequence
 import numpy as np
 
 from chexnet import metrics
-from chexnet.data import DataError
 from chexnet.labels import CHEXNET_PUBLISHED_AUROC, CLASS_NAMES
+from hooks.errors import DataError
 
 AUROC_MD, AUROC_CSV, ROC_PNG, SUMMARY_JSON, PREDICTIONS_CSV = (
-    "auroc.md", "auroc.csv", "roc_curves.png", "summary.json", "predictions.csv")
+    "auroc.md",
+    "auroc.csv",
+    "roc_curves.png",
+    "summary.json",
+    "predictions.csv",
+)
 PROB_PREFIX = "prob_"
 
 
 def _fmt(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.4f}"
+    )
 
 
 def table_rows(result: metrics.AurocResult) -> list[dict]:
     rows = []
     for name, value, positives in zip(result.class_names, result.auroc, result.positives):
         published = CHEXNET_PUBLISHED_AUROC.get(name)
-        rows.append({"class": name, "auroc": float(value), "positives": int(positives),
-                     "chexnet_2017": published,
-                     "difference": float(value - published) if published is not None else math.nan})
+        rows.append(
+            {
+                "class": name,
+                "auroc": float(value),
+                "positives": int(positives),
+                "chexnet_2017": published,
+                "difference": float(value - published) if published is not None else math.nan,
+            }
+        )
     return rows
 
 
 def markdown_table(result: metrics.AurocResult, title: str = "") -> str:
     published_mean = float(np.mean([CHEXNET_PUBLISHED_AUROC[c] for c in result.class_names]))
-    lines = [f"### Per-class AUROC: {title}" if title else "### Per-class AUROC", "",
-             "| class | AUROC | positives | CheXNet (2017) | difference |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"### Per-class AUROC: {title}" if title else "### Per-class AUROC",
+        "",
+        "| class | AUROC | positives | CheXNet (2017) | difference |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for row in table_rows(result):
-        lines.append(f"| {row['class']} | {_fmt(row['auroc'])} | {row['positives']} | "
-                     f"{_fmt(row['chexnet_2017'])} | {_fmt(row['difference'])} |")
-    lines.append(f"| **mean** ({result.num_defined} defined) | **{_fmt(result.mean_auroc)}** | | "
-                 f"{published_mean:.4f} | |")
+        lines.append(
+            f"| {row['class']} | {_fmt(row['auroc'])} | {row['positives']} | "
+            f"{_fmt(row['chexnet_2017'])} | {_fmt(row['difference'])} |"
+        )
+    lines.append(
+        f"| **mean** ({result.num_defined} defined) | **{_fmt(result.mean_auroc)}** | | "
+        f"{published_mean:.4f} | |"
+    )
     lines += ["", f"{result.num_images} images."]
     if result.notes:
         lines += [""] + [f"- note: {n}" for n in result.notes]
@@ -54,11 +76,20 @@ def _write_text(text: str):
     def write(path):
         with open(path, "w") as f:
             f.write(text)
+
     return write
 
 
-def write_report(out_dir: str, result: metrics.AurocResult, labels: np.ndarray, probs: np.ndarray,
-                 context, *, title: str = "", summary: dict | None = None) -> list[str]:
+def write_report(
+    out_dir: str,
+    result: metrics.AurocResult,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    context,
+    *,
+    title: str = "",
+    summary: dict | None = None,
+) -> list[str]:
     """auroc.md, auroc.csv, roc_curves.png (+ summary.json) in out_dir, by rank 0 only."""
     from hooks.horovod_glue import write_atomically
 
@@ -71,29 +102,45 @@ def write_report(out_dir: str, result: metrics.AurocResult, labels: np.ndarray, 
             w = csv.writer(f)
             w.writerow(["class", "auroc", "positives", "chexnet_2017", "difference"])
             for row in table_rows(result):
-                w.writerow([row["class"], _fmt(row["auroc"]), row["positives"],
-                            _fmt(row["chexnet_2017"]), _fmt(row["difference"])])
+                w.writerow(
+                    [
+                        row["class"],
+                        _fmt(row["auroc"]),
+                        row["positives"],
+                        _fmt(row["chexnet_2017"]),
+                        _fmt(row["difference"]),
+                    ]
+                )
             w.writerow(["mean", _fmt(result.mean_auroc), "", "", ""])
 
-    for name, writer in ((AUROC_MD, _write_text(markdown_table(result, title))), (AUROC_CSV, write_csv),
-                         (ROC_PNG, lambda p: plot_roc_curves(p, labels, probs, result, title))):
+    for name, writer in (
+        (AUROC_MD, _write_text(markdown_table(result, title))),
+        (AUROC_CSV, write_csv),
+        (ROC_PNG, lambda p: plot_roc_curves(p, labels, probs, result, title)),
+    ):
         path = os.path.join(out_dir, name)
         write_atomically(path, writer, context)
         written.append(path)
     if summary is not None:
-        body = dict(summary, per_class_auroc={k: (None if math.isnan(v) else v)
-                                              for k, v in result.as_dict().items()},
-                    notes=list(result.notes))
+        body = dict(
+            summary,
+            per_class_auroc={
+                k: (None if math.isnan(v) else v) for k, v in result.as_dict().items()
+            },
+            notes=list(result.notes),
+        )
         body = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in body.items()}
         path = os.path.join(out_dir, SUMMARY_JSON)
-        write_atomically(path, _write_text(json.dumps(body, indent=1, sort_keys=True, default=float)),
-                         context)
+        write_atomically(
+            path, _write_text(json.dumps(body, indent=1, sort_keys=True, default=float)), context
+        )
         written.append(path)
     return written
 
 
-def plot_roc_curves(path: str, labels: np.ndarray, probs: np.ndarray, result: metrics.AurocResult,
-                    title: str = "") -> None:
+def plot_roc_curves(
+    path: str, labels: np.ndarray, probs: np.ndarray, result: metrics.AurocResult, title: str = ""
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,8 +156,10 @@ def plot_roc_curves(path: str, labels: np.ndarray, probs: np.ndarray, result: me
         if not math.isnan(result.auroc[k]):
             fpr, tpr = metrics.roc_curve(labels[:, k], probs[:, k])
             ax.plot(fpr, tpr, lw=1.5)
-        ax.set_title(f"{name}\nAUROC {_fmt(result.auroc[k])} (paper {CHEXNET_PUBLISHED_AUROC[name]:.3f})",
-                     fontsize=9)
+        ax.set_title(
+            f"{name}\nAUROC {_fmt(result.auroc[k])} (paper {CHEXNET_PUBLISHED_AUROC[name]:.3f})",
+            fontsize=9,
+        )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     for ax in axes[-1]:
@@ -146,7 +195,9 @@ def read_predictions_csv(path: str) -> tuple[list[str], np.ndarray]:
             raise DataError(f"{path}: no 'Image Index' column")
         missing = [c for c in CLASS_NAMES if PROB_PREFIX + c not in header]
         if missing:
-            raise DataError(f"{path}: missing columns {', '.join(PROB_PREFIX + c for c in missing)}")
+            raise DataError(
+                f"{path}: missing columns {', '.join(PROB_PREFIX + c for c in missing)}"
+            )
         i_name = header.index("Image Index")
         cols = [header.index(PROB_PREFIX + c) for c in CLASS_NAMES]
         names, rows, seen = [], [], set()

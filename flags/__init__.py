@@ -1,20 +1,20 @@
 """absl flag definitions by concern, their validators, and getters that build config objects.
 
-Entry points call the `define_*` functions they need, then the getters after parsing.
-Library code takes the returned config objects and never reads FLAGS.
+Entry points call the `define_*` functions they need, then `fill(ConfigClass)` after
+parsing. Library code takes the returned config objects and never reads FLAGS.
 """
 from flags.core import (  # noqa: F401
-    BaseConfig,
     DistributedConfig,
     PerformanceConfig,
-    ScheduleConfig,
     define_base,
     define_distributed,
+    define_fields,
     define_performance,
+    define_precision,
     define_schedule,
-    get_base_config,
+    fill,
     get_distributed_config,
     get_performance_config,
-    get_schedule_config,
     launcher_world_size,
+    positive,
 )

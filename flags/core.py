@@ -2,11 +2,13 @@
 
 Each `define_*` registers only its own group on `flag_values` (default: absl's global FLAGS),
 so an entry point takes only what it needs and tests can parse into a fresh FlagValues.
+Flags are defined from config dataclasses (`define_fields`): a flag's type and default are
+its field's, and `fill` builds the config back by field name.
 Batch sizes are GLOBAL (summed over all ranks), as in the TPU resnet_main.
 """
 import dataclasses
 import os
-from typing import Optional
+import typing
 
 from absl import flags
 
@@ -17,42 +19,22 @@ MODES = ("train", "eval", "train_and_eval")
 
 
 # ---------------------------------------------------------------- config objects
-@dataclasses.dataclass(frozen=True)
-class BaseConfig:
-    data_dir: Optional[str]
-    model_dir: Optional[str]
-    mode: str
-    train_batch_size: int
-    eval_batch_size: int
-    train_steps: Optional[int]
-    train_epochs: Optional[float]
-
-
+# Only the groups that are not part of an entry point's own config; their dataclass
+# defaults are the flags' defaults (one source).
 @dataclasses.dataclass(frozen=True)
 class PerformanceConfig:
-    num_intra_threads: int
-    num_inter_threads: int
-    mkl: bool
-    kmp_blocktime: int
-    kmp_affinity: str
-    kmp_settings: bool
-    precision: str
+    num_intra_threads: int = 0
+    num_inter_threads: int = 0
+    mkl: bool = False
+    kmp_blocktime: int = 0
+    kmp_affinity: str = "granularity=fine,verbose,compact,1,0"
+    kmp_settings: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
-    fusion_threshold_mb: Optional[float]
-    cycle_time_ms: Optional[float]
-    fp16_allreduce: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduleConfig:
-    base_learning_rate: float
-    momentum: float
-    weight_decay: float
-    warmup_epochs: float
-    label_smoothing: float
+    fusion_threshold_mb: float | None = None
+    cycle_time_ms: float | None = None
 
 
 # ---------------------------------------------------------------- world size
@@ -103,98 +85,116 @@ def _divisible_by_world(name, flag_values):
     flags.register_validator(name, check, flag_values=flag_values)
 
 
-def define_base(flag_values=FLAGS, data_dir=True, model_dir=True, mode=True,
-                batch_size=True, train_steps=True, train_epochs=True,
-                default_batch_size=1024):
-    """Data/model dirs, mode, GLOBAL batch sizes and run length."""
-    if data_dir:
-        flags.DEFINE_string("data_dir", None, "Directory with the input data.",
-                            flag_values=flag_values)
-    if model_dir:
-        flags.DEFINE_string("model_dir", None,
-                            "Directory for checkpoints, summaries and reports; a run "
-                            "resumes from the newest checkpoint found here.",
-                            flag_values=flag_values)
-    if mode:
-        flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.",
-                          flag_values=flag_values)
-    if batch_size:
-        flags.DEFINE_integer("train_batch_size", default_batch_size,
-                             "GLOBAL training batch size, summed over all ranks; each "
-                             "rank gets train_batch_size / ranks.", flag_values=flag_values)
-        flags.DEFINE_integer("eval_batch_size", default_batch_size,
-                             "GLOBAL evaluation batch size, summed over all ranks.",
-                             flag_values=flag_values)
-        for name in ("train_batch_size", "eval_batch_size"):
-            _positive(name, flag_values)
-            _divisible_by_world(name, flag_values)
-    if train_steps:
-        flags.DEFINE_integer("train_steps", None,
-                             "Number of global training steps (one step = one global batch).",
-                             flag_values=flag_values)
-        _positive("train_steps", flag_values, allow_none=True)
-    if train_epochs:
-        flags.DEFINE_float("train_epochs", None,
-                           "Training length in epochs; used when --train_steps is unset.",
-                           flag_values=flag_values)
-        _positive("train_epochs", flag_values, allow_none=True)
+def _field_type(hint):
+    """int/float/str/bool/tuple from a field annotation, unwrapping Optional[...]."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else (typing.get_origin(hint) or hint)
+
+
+_DEFINE = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string, tuple: flags.DEFINE_list}
+
+
+def define_fields(config_cls, helps, flag_values=FLAGS, enums=None):
+    """One flag per `helps` entry (name -> help text): its type and default are those of
+    the field of the same name in dataclass `config_cls`, so a default is written once.
+    `enums` maps a name to its allowed values (a DEFINE_enum)."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for name, help_ in helps.items():
+        default = fields[name].default
+        if enums and name in enums:
+            flags.DEFINE_enum(name, default, enums[name], help_, flag_values=flag_values)
+            continue
+        kind = _field_type(hints[name])
+        if kind is tuple:
+            default = [str(v) for v in default]
+        _DEFINE[kind](name, default, help_, flag_values=flag_values)
+
+
+BASE_HELP = {
+    "data_dir": "Directory with the input data.",
+    "model_dir": "Directory for checkpoints, summaries and reports; a run resumes from the "
+                 "newest checkpoint found here.",
+    "mode": "What to run.",
+    "train_batch_size": "GLOBAL training batch size, summed over all ranks; each rank gets "
+                        "train_batch_size / ranks.",
+    "eval_batch_size": "GLOBAL evaluation batch size, summed over all ranks.",
+    "train_steps": "Global training steps (one step = one global batch). Give this or "
+                   "--train_epochs, not both.",
+    "train_epochs": "Training length in epochs. Give this or --train_steps, not both.",
+}
+PERFORMANCE_HELP = {
+    "num_intra_threads": "Threads per op (TF intra-op pool) in each rank; 0 = TF picks.",
+    "num_inter_threads": "Ops run in parallel (TF inter-op pool) in each rank; 0 = TF picks.",
+    "mkl": "Set KMP_BLOCKTIME, KMP_AFFINITY, KMP_SETTINGS and OMP_NUM_THREADS "
+           "(= num_intra_threads) before TensorFlow starts, as the 2018 Intel-optimised "
+           "runs did.",
+    "kmp_blocktime": "KMP_BLOCKTIME in ms when --mkl (time an OpenMP thread spins).",
+    "kmp_affinity": "KMP_AFFINITY when --mkl.",
+    "kmp_settings": "KMP_SETTINGS=1 when --mkl (prints them).",
+}
+PRECISION_HELP = {
+    "precision": "Compute precision; bfloat16 uses Keras mixed_bfloat16 (fp32 weights).",
+    "fp16_allreduce": "Compress gradients to float16 for the allreduce.",
+}
+DISTRIBUTED_HELP = {
+    "fusion_threshold_mb": "Horovod tensor-fusion buffer in MiB (sets "
+                           "HOROVOD_FUSION_THRESHOLD); 0 disables fusion; unset = the "
+                           "environment's value, else Horovod's 128 MiB, which is what the "
+                           "2018 runs used.",
+    "cycle_time_ms": "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = Horovod's.",
+}
+SCHEDULE_HELP = {
+    "base_learning_rate": "Learning rate per 256 images; the peak is "
+                          "base_learning_rate * train_batch_size / 256.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "L2 weight decay on non-BN weights.",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up.",
+    "label_smoothing": "Label smoothing for the cross-entropy.",
+}
+
+
+def define_base(config_cls, flag_values=FLAGS, data_dir=True, mode=True):
+    """Data/model dirs, mode, GLOBAL batch sizes and run length (at most one of
+    --train_steps / --train_epochs), typed and defaulted by `config_cls`'s fields."""
+    helps = {k: v for k, v in BASE_HELP.items()
+             if (data_dir or k != "data_dir") and (mode or k != "mode")}
+    define_fields(config_cls, helps, flag_values, enums={"mode": MODES})
+    for name in ("train_batch_size", "eval_batch_size"):
+        _positive(name, flag_values)
+        _divisible_by_world(name, flag_values)
+    _positive("train_steps", flag_values, allow_none=True)
+    _positive("train_epochs", flag_values, allow_none=True)
+    flags.register_multi_flags_validator(
+        ["train_steps", "train_epochs"],
+        lambda v: v["train_steps"] is None or v["train_epochs"] is None,
+        message="give --train_steps or --train_epochs, not both", flag_values=flag_values)
 
 
 def define_performance(flag_values=FLAGS):
-    """CPU threading, Intel OpenMP/MKL settings and numeric precision."""
-    flags.DEFINE_integer("num_intra_threads", 0,
-                         "Threads per op (TF intra-op pool) in each rank; 0 = TF picks.",
-                         flag_values=flag_values)
-    flags.DEFINE_integer("num_inter_threads", 0,
-                         "Ops run in parallel (TF inter-op pool) in each rank; 0 = TF picks.",
-                         flag_values=flag_values)
-    flags.DEFINE_boolean("mkl", False,
-                         "Set KMP_BLOCKTIME, KMP_AFFINITY, KMP_SETTINGS and OMP_NUM_THREADS "
-                         "(= num_intra_threads) before TensorFlow starts, as the 2018 "
-                         "Intel-optimised runs did.", flag_values=flag_values)
-    flags.DEFINE_integer("kmp_blocktime", 0,
-                         "KMP_BLOCKTIME in ms when --mkl (time an OpenMP thread spins).",
-                         flag_values=flag_values)
-    flags.DEFINE_string("kmp_affinity", "granularity=fine,verbose,compact,1,0",
-                        "KMP_AFFINITY when --mkl.", flag_values=flag_values)
-    flags.DEFINE_boolean("kmp_settings", True, "KMP_SETTINGS=1 when --mkl (prints them).",
-                         flag_values=flag_values)
-    flags.DEFINE_enum("precision", "float32", PRECISIONS,
-                      "Compute precision; bfloat16 uses Keras mixed_bfloat16 (fp32 weights).",
-                      flag_values=flag_values)
+    """CPU threading and Intel OpenMP/MKL settings (a `PerformanceConfig`)."""
+    define_fields(PerformanceConfig, PERFORMANCE_HELP, flag_values)
     for name in ("num_intra_threads", "num_inter_threads", "kmp_blocktime"):
         _non_negative(name, flag_values)
 
 
+def define_precision(config_cls, flag_values=FLAGS):
+    """Compute precision and gradient compression (fields of the entry point's config)."""
+    define_fields(config_cls, PRECISION_HELP, flag_values, enums={"precision": PRECISIONS})
+
+
 def define_distributed(flag_values=FLAGS):
-    """Horovod tensor fusion and gradient compression."""
-    flags.DEFINE_float("fusion_threshold_mb", None,
-                       "Horovod tensor-fusion buffer in MiB (sets HOROVOD_FUSION_THRESHOLD); "
-                       "0 disables fusion; unset = the environment's value, else Horovod's "
-                       "128 MiB, which is what the 2018 runs used.", flag_values=flag_values)
-    flags.DEFINE_float("cycle_time_ms", None,
-                       "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = Horovod's.",
-                       flag_values=flag_values)
-    flags.DEFINE_boolean("fp16_allreduce", False,
-                         "Compress gradients to float16 for the allreduce.",
-                         flag_values=flag_values)
+    """Horovod tensor fusion and cycle time, read when Horovod starts (a
+    `DistributedConfig`)."""
+    define_fields(DistributedConfig, DISTRIBUTED_HELP, flag_values)
     _non_negative("fusion_threshold_mb", flag_values)
     _positive("cycle_time_ms", flag_values, allow_none=True)
 
 
-def define_schedule(flag_values=FLAGS, base_learning_rate=0.1, weight_decay=1e-4,
-                    warmup_epochs=5.0):
+def define_schedule(config_cls, flag_values=FLAGS):
     """Optimiser and learning-rate basics; the LR scales with the global batch."""
-    flags.DEFINE_float("base_learning_rate", base_learning_rate,
-                       "Learning rate per 256 images; the peak is "
-                       "base_learning_rate * train_batch_size / 256.", flag_values=flag_values)
-    flags.DEFINE_float("momentum", 0.9, "SGD momentum.", flag_values=flag_values)
-    flags.DEFINE_float("weight_decay", weight_decay, "L2 weight decay on non-BN weights.",
-                       flag_values=flag_values)
-    flags.DEFINE_float("warmup_epochs", warmup_epochs,
-                       "Epochs of linear learning-rate warm-up.", flag_values=flag_values)
-    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing for the cross-entropy.",
-                       flag_values=flag_values)
+    define_fields(config_cls, SCHEDULE_HELP, flag_values)
     _positive("base_learning_rate", flag_values)
     for name in ("weight_decay", "warmup_epochs"):
         _non_negative(name, flag_values)
@@ -205,25 +205,25 @@ def define_schedule(flag_values=FLAGS, base_learning_rate=0.1, weight_decay=1e-4
                              flag_values=flag_values)
 
 
+def positive(names, flag_values=FLAGS, allow_none=False):
+    """Register "--NAME must be > 0" validators for several flags."""
+    for name in names:
+        _positive(name, flag_values, allow_none=allow_none)
+
+
 # ---------------------------------------------------------------- getters
-def _pick(cls, flag_values, **overrides):
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {n: (flag_values[n].value if n in flag_values else None) for n in names}
+def fill(cls, flag_values=FLAGS, **overrides):
+    """An instance of dataclass `cls` with every field that is a flag taken from the flag
+    (by name); other fields keep their default unless given in `overrides`."""
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(cls)
+              if f.name in flag_values}
     values.update(overrides)
     return cls(**values)
 
 
-def get_base_config(flag_values=FLAGS) -> BaseConfig:
-    return _pick(BaseConfig, flag_values)
-
-
 def get_performance_config(flag_values=FLAGS) -> PerformanceConfig:
-    return _pick(PerformanceConfig, flag_values)
+    return fill(PerformanceConfig, flag_values)
 
 
 def get_distributed_config(flag_values=FLAGS) -> DistributedConfig:
-    return _pick(DistributedConfig, flag_values)
-
-
-def get_schedule_config(flag_values=FLAGS) -> ScheduleConfig:
-    return _pick(ScheduleConfig, flag_values)
+    return fill(DistributedConfig, flag_values)

@@ -6,14 +6,15 @@ iterations_per_loop); the global step is always `optimizer.iterations`. Values g
 (evaluation) run on every rank; those that write files run on rank 0 only.
 """
 import json
+import math
 import sys
 import time
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import keras
 import numpy as np
 
-from hooks import checkpoints, horovod_glue
+from hooks import checkpoints, evaluation, horovod_glue
 
 
 def _step(model) -> int:
@@ -85,7 +86,7 @@ class ProgressLogger(keras.callbacks.Callback):
             "images_per_sec": rate, "images_per_sec_per_rank": rate / self.context.size}
         extra = " ".join(f"{k} {float(v):.4f}" for k, v in (logs or {}).items()
                          if k != "loss" and np.ndim(v) == 0)
-        print(f"step {step:>7}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.5f}"
+        print(f"step {step:>7}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3e}"
               f" {extra} | {record['images_per_sec_per_rank']:.1f} img/s/rank"
               f" {rate:.1f} img/s total", file=self.stream, flush=True)
         if self.json_lines:
@@ -124,56 +125,88 @@ class ThroughputMeter(keras.callbacks.Callback):
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
-    """Runs `evaluate()` (a collective: every rank) every `every_n_steps` and at the end;
-    its results go into logs as `val_<name>`."""
+    """Runs `evaluate()` (a collective: every rank) every `every_n_steps` and at the end.
 
-    def __init__(self, evaluate: Callable[[], Dict[str, float]], every_n_steps: int,
+    `evaluate()` returns an `evaluation.Evaluation`; the newest is kept in `last`, and its
+    metrics go into the loop's logs as `val_<name>` (Keras's convention, so History,
+    TensorBoard and metric-watching callbacks see them)."""
+
+    def __init__(self, evaluate: Callable[[], evaluation.Evaluation], every_n_steps: int,
                  total_steps: int):
         super().__init__()
         self.evaluate, self.every, self.total = evaluate, every_n_steps, total_steps
-        self._last = None
-        self.last_results: Dict[str, float] = {}
+        self._last_period = None
+        self.last: evaluation.Evaluation | None = None
 
     def on_train_begin(self, logs=None):
-        self._last = _step(self.model) // self.every
+        self._last_period = _step(self.model) // self.every
 
     def on_epoch_end(self, epoch, logs=None):
         step = _step(self.model)
-        if step // self.every == self._last and step < self.total:
+        if step // self.every == self._last_period and step < self.total:
             return
-        self._last = step // self.every
-        self.last_results = {f"val_{k}": v for k, v in self.evaluate().items()}
+        self._last_period = step // self.every
+        self.last = self.evaluate()
         if logs is not None:
-            logs.update(self.last_results)
+            logs.update({f"val_{k}": v for k, v in self.last.metrics.items()})
+
+
+class ReduceOnPlateau(keras.callbacks.Callback):
+    """Multiplies a `schedules.ScaledSchedule`'s factor by `factor` after `patience`
+    evaluations without a `val_loss` lower by `min_delta`. Every rank sees the same exact
+    global val_loss, so every rank takes the same decision without communicating."""
+
+    def __init__(self, schedule, patience: int, factor: float, min_delta: float = 1e-4):
+        super().__init__()
+        if patience < 1 or not 0 < factor <= 1:
+            raise ValueError(f"need patience >= 1 and 0 < factor <= 1, got {patience}, {factor}")
+        self.schedule, self.patience, self.factor = schedule, patience, factor
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.wait = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        loss = logs.get("val_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        if loss < self.best - self.min_delta:
+            self.best, self.wait = loss, 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.schedule.factor.assign(float(self.schedule.factor.numpy()) * self.factor)
+                self.wait = 0
+        logs["lr_factor"] = float(self.schedule.factor.numpy())
 
 
 class CheckpointSaver(keras.callbacks.Callback):
     """Rank 0 writes a checkpoint at the end of every loop (and so at the end of training).
 
-    `state()` returns what to record beside the weights; the loop's logs add `metrics`
-    (the validation values, `val_` prefix dropped) and `learning_rate`.
+    `state()` returns what to record beside the weights; the saver adds the step's epoch,
+    learning rate, training loss and the newest evaluation's metrics (from `evaluation`).
     """
 
     def __init__(self, model_dir: str, network: keras.Model, context: horovod_glue.Context,
                  state: Callable[[], dict], steps_per_epoch: float, keep: int = 5,
-                 best_metric: Optional[str] = None, best_mode: str = "max"):
+                 best_metric: str | None = None, best_mode: str = "max",
+                 evaluation: PeriodicEvaluation | None = None):
         super().__init__()
         self.model_dir, self.network, self.context = model_dir, network, context
         self.state, self.steps_per_epoch, self.keep = state, steps_per_epoch, keep
         self.best_metric, self.best_mode = best_metric, best_mode
-        self._metrics: Dict[str, float] = {}
+        self.evaluation = evaluation
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        fresh = {k[4:]: float(v) for k, v in logs.items() if k.startswith("val_")}
-        self._metrics = fresh or self._metrics  # a loop without eval keeps the last values
         if not self.context.is_chief:
             return
+        logs = logs or {}
         step = _step(self.model)
+        last = self.evaluation.last if self.evaluation is not None else None
         state = dict(self.state(), epoch=step / self.steps_per_epoch,
                      learning_rate=current_learning_rate(self.model.optimizer),
-                     metrics=self._metrics, best_metric=self.best_metric,
-                     best_mode=self.best_mode,
+                     metrics=dict(last.metrics) if last else {},
+                     best_metric=self.best_metric, best_mode=self.best_mode,
                      train_loss=float(logs.get("loss", float("nan"))))
         checkpoints.save(self.model_dir, step, self.network, self.model.optimizer, state,
                          keep=self.keep)

@@ -10,16 +10,18 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, List, NamedTuple, Optional
+from typing import NamedTuple
 
 import keras
 import numpy as np
+
+from hooks.errors import UserError
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names it."""
 
 
@@ -30,7 +32,7 @@ class Checkpoint(NamedTuple):
 
 
 def save(model_dir: str, step: int, network: keras.Model,
-         optimizer: Optional[keras.optimizers.Optimizer], state: dict,
+         optimizer: keras.optimizers.Optimizer | None, state: dict,
          keep: int = 5) -> str:
     """Write checkpoint `step` (call on rank 0 only) and prune old ones, keeping the
     `keep` newest plus the one with the best recorded `best_metric`."""
@@ -54,7 +56,7 @@ def save(model_dir: str, step: int, network: keras.Model,
     return final
 
 
-def _read_state(path: str) -> Optional[dict]:
+def _read_state(path: str) -> dict | None:
     try:
         with open(os.path.join(path, STATE)) as f:
             state = json.load(f)
@@ -63,7 +65,15 @@ def _read_state(path: str) -> Optional[dict]:
     return state if os.path.exists(os.path.join(path, WEIGHTS)) else None
 
 
-def list_checkpoints(model_dir: Optional[str]) -> List[Checkpoint]:
+def read(path: str) -> Checkpoint | None:
+    """The checkpoint in folder `path` (any name), or None if it is not a complete one."""
+    state = _read_state(path) if os.path.isdir(path) else None
+    if state is None:
+        return None
+    return Checkpoint(int(state.get("step", 0)), path, state)
+
+
+def list_checkpoints(model_dir: str | None) -> list[Checkpoint]:
     """Complete checkpoints in model_dir, oldest first (half-written ones are ignored)."""
     if not model_dir or not os.path.isdir(model_dir):
         return []
@@ -77,12 +87,12 @@ def list_checkpoints(model_dir: Optional[str]) -> List[Checkpoint]:
     return sorted(found)
 
 
-def latest(model_dir: Optional[str]) -> Optional[Checkpoint]:
+def latest(model_dir: str | None) -> Checkpoint | None:
     found = list_checkpoints(model_dir)
     return found[-1] if found else None
 
 
-def best(model_dir: str, metric: str, mode: str = "max") -> Optional[Checkpoint]:
+def best(model_dir: str, metric: str, mode: str = "max") -> Checkpoint | None:
     """The checkpoint whose recorded validation `metric` is best (ties: the newer)."""
     scored = [c for c in list_checkpoints(model_dir)
               if isinstance(c.state.get("metrics", {}).get(metric), (int, float))]
@@ -106,7 +116,7 @@ def _prune(model_dir: str, keep: int) -> None:
 
 
 def restore(checkpoint: Checkpoint, network: keras.Model,
-            optimizer: Optional[keras.optimizers.Optimizer] = None) -> None:
+            optimizer: keras.optimizers.Optimizer | None = None) -> None:
     """Load weights (and optimizer slots + step when given) from `checkpoint`."""
     try:
         network.load_weights(os.path.join(checkpoint.path, WEIGHTS))

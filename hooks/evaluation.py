@@ -3,8 +3,10 @@
 Each rank evaluates its own disjoint shard to the end (no `steps = n // size`), then the
 metric states are summed over ranks. Ranks may hold different numbers of examples.
 """
+import dataclasses
 import weakref
-from typing import Dict, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -16,6 +18,16 @@ from hooks import horovod_glue
 _STEPS = weakref.WeakKeyDictionary()
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """One evaluation over all ranks: metric values (no `val_` prefix), the number of
+    examples counted, the global step, and task-specific details (e.g. predictions)."""
+    metrics: dict[str, float]
+    count: int
+    step: int = 0
+    details: Any = None
+
+
 def _cached_step(network, key, make):
     steps = _STEPS.setdefault(network, {})
     if key not in steps:
@@ -25,7 +37,7 @@ def _cached_step(network, key, make):
 
 def evaluate(network: keras.Model, dataset: tf.data.Dataset,
              metrics: Sequence[keras.metrics.Metric],
-             context: horovod_glue.Context) -> Tuple[Dict[str, float], int]:
+             context: horovod_glue.Context) -> tuple[dict[str, float], int]:
     """Run `network` over this rank's `dataset` of (x, y) batches; return the global metric
     results and the global number of examples seen."""
     for metric in metrics:
@@ -49,8 +61,9 @@ def evaluate(network: keras.Model, dataset: tf.data.Dataset,
 
 
 def predict(network: keras.Model, dataset: tf.data.Dataset,
-            context: horovod_glue.Context, activation=None) -> Tuple[np.ndarray, np.ndarray]:
-    """Predictions and labels of every rank's shard, gathered on every rank (rank order)."""
+            context: horovod_glue.Context, activation=None) -> tuple[np.ndarray, ...]:
+    """Run `network` over every rank's shard of (x, *rest) batches; returns
+    (predictions, *rest) gathered on every rank in rank order (labels, weights...)."""
     def make():
         def forward(x):
             out = network(x, training=False)
@@ -58,13 +71,15 @@ def predict(network: keras.Model, dataset: tf.data.Dataset,
         return forward
     step = _cached_step(network, ("predict", activation), make)
 
-    preds, labels = [], []
-    for x, y in dataset:
-        preds.append(np.asarray(step(x), dtype=np.float32))
-        labels.append(np.asarray(y))
-    local_p = np.concatenate(preds) if preds else np.zeros((0,) + tuple(
-        network.output.shape[1:]), np.float32)
-    local_y = np.concatenate(labels) if labels else np.zeros((0,) + local_p.shape[1:],
-                                                            np.float32)
-    return (horovod_glue.allgather(local_p, context),
-            horovod_glue.allgather(local_y, context))
+    columns = None
+    for batch in dataset:
+        x, rest = batch[0], batch[1:]
+        row = [np.asarray(step(x), dtype=np.float32)] + [np.asarray(r) for r in rest]
+        columns = [[] for _ in row] if columns is None else columns
+        for column, value in zip(columns, row):
+            column.append(value)
+    if columns is None:  # an empty shard: zero rows of the right shapes, for allgather
+        specs = dataset.element_spec
+        empty = [tf.zeros((0,) + tuple(spec.shape[1:]), spec.dtype) for spec in specs]
+        columns = [[np.asarray(step(empty[0]), np.float32)]] + [[e.numpy()] for e in empty[1:]]
+    return tuple(horovod_glue.allgather(np.concatenate(c), context) for c in columns)

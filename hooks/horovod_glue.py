@@ -9,13 +9,16 @@ import dataclasses
 import os
 import pathlib
 import tempfile
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from hooks.errors import ConfigError
+from hooks.errors import ConfigError, UserError
+
+T = TypeVar("T")
 
 
 def _hvd():
@@ -45,8 +48,8 @@ def check_global_batches(context: "Context", **batches: int) -> None:
                               f"{context.size} ranks of this launch")
 
 
-def init(fusion_threshold_mb: Optional[float] = None,
-         cycle_time_ms: Optional[float] = None) -> Context:
+def init(fusion_threshold_mb: float | None = None,
+         cycle_time_ms: float | None = None) -> Context:
     """Initialise Horovod once; fusion settings must reach the environment before init."""
     if fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
@@ -59,8 +62,8 @@ def init(fusion_threshold_mb: Optional[float] = None,
 
 
 # ---------------------------------------------------------------- collectives
-def allreduce_gradients(grads: Sequence[Optional[tf.Tensor]], context: Context,
-                        fp16_compression: bool = False) -> List[Optional[tf.Tensor]]:
+def allreduce_gradients(grads: Sequence[tf.Tensor | None], context: Context,
+                        fp16_compression: bool = False) -> list[tf.Tensor | None]:
     """Average gradients over ranks in one grouped (fused) allreduce; None stays None."""
     if context.size == 1:
         return list(grads)
@@ -75,7 +78,7 @@ def allreduce_gradients(grads: Sequence[Optional[tf.Tensor]], context: Context,
     return out
 
 
-def allreduce_sum(values: Sequence[np.ndarray], context: Context) -> List[np.ndarray]:
+def allreduce_sum(values: Sequence[np.ndarray], context: Context) -> list[np.ndarray]:
     """Sum numpy arrays over ranks (eager)."""
     if context.size == 1:
         return [np.asarray(v) for v in values]
@@ -119,13 +122,30 @@ def build_and_broadcast(model: keras.Model, optimizer: keras.optimizers.Optimize
                         root_rank)
 
 
+def all_ranks_ok(build: Callable[[], T], context: Context) -> T:
+    """Run `build()` on every rank; if it raises a `UserError` on any rank, raise on every
+    rank (the failing rank its own error, the others a pointer to it) instead of leaving
+    the healthy ranks waiting in the next collective. Returns `build()`'s result."""
+    error = None
+    try:
+        result = build()
+    except UserError as err:
+        error = err
+    failed = int(allreduce_sum([np.int64(error is not None)], context)[0])
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"{failed} other rank(s) found bad input (their error names it)")
+    return result
+
+
 # ---------------------------------------------------------------- exact metrics
 def _metric_variables(metrics: Sequence[keras.metrics.Metric]) -> list:
     return [v for m in metrics for v in m.variables]
 
 
 def global_metric_results(metrics: Sequence[keras.metrics.Metric],
-                          context: Context) -> Dict[str, tf.Tensor]:
+                          context: Context) -> dict[str, tf.Tensor]:
     """Results of `metrics` as if one process had seen every rank's data.
 
     The metrics' state variables (totals, counts, confusion counts) are summed over ranks,
@@ -231,6 +251,6 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
 
 
 def chief_only(callbacks: Iterable[keras.callbacks.Callback],
-               context: Context) -> List[keras.callbacks.Callback]:
+               context: Context) -> list[keras.callbacks.Callback]:
     """The callbacks that write files (checkpoints, TensorBoard, CSV) run on rank 0 only."""
     return list(callbacks) if context.is_chief else []

@@ -11,7 +11,7 @@ exit status 2.
 import argparse
 import math
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 IMAGENET_TRAIN_IMAGES = 1281167
 
@@ -102,7 +102,7 @@ def plot(preset, steps_per_epoch: int, global_batch: int, output: str) -> str:
     return output
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)

@@ -1,13 +1,13 @@
 """Process-level CPU settings that must happen before TensorFlow starts its thread pools."""
 import os
-from typing import Dict, MutableMapping, Optional
+from collections.abc import MutableMapping
 
 import keras
 import tensorflow as tf
 
 
 def cpu_environment(mkl: bool, num_intra_threads: int, kmp_blocktime: int,
-                    kmp_affinity: str, kmp_settings: bool) -> Dict[str, str]:
+                    kmp_affinity: str, kmp_settings: bool) -> dict[str, str]:
     """The OpenMP/oneDNN variables the 2018 Intel-optimised command line relied on."""
     if not mkl:
         return {}
@@ -22,8 +22,8 @@ def cpu_environment(mkl: bool, num_intra_threads: int, kmp_blocktime: int,
     return env
 
 
-def configure(perf, environ: Optional[MutableMapping[str, str]] = None) -> Dict[str, str]:
-    """Apply a PerformanceConfig: environment, TF thread pools, Keras dtype policy.
+def configure(perf, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Apply a PerformanceConfig: OpenMP/oneDNN environment and TF thread pools.
 
     Must run before the first TensorFlow op; returns the environment it set (for the log).
     """
@@ -39,6 +39,16 @@ def configure(perf, environ: Optional[MutableMapping[str, str]] = None) -> Dict[
     except RuntimeError as err:  # TF already running: a programming error, say which
         raise RuntimeError("threading flags must be applied before TensorFlow runs any op"
                            ) from err
-    keras.mixed_precision.set_global_policy(
-        "mixed_bfloat16" if perf.precision == "bfloat16" else "float32")
     return env
+
+
+def set_precision(precision: str) -> str:
+    """Keras's global dtype policy for "float32" or "bfloat16"; returns the policy name.
+
+    Library `run()` functions call it before building their model, so the config they get
+    is the only route by which precision reaches the code."""
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}.get(precision)
+    if policy is None:
+        raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+    keras.mixed_precision.set_global_policy(policy)
+    return policy

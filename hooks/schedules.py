@@ -13,93 +13,33 @@ decay per phase, weight decay per phase, snapshot phases for collapsed ensembles
 """
 import bisect
 import dataclasses
-import math
-import numbers
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 from keras import ops
 
+from hooks.steps import check_int as _check_int
+from hooks.steps import check_number as _check_number
+from hooks.steps import round_half_up, run_steps, to_steps
+
 __all__ = [
     "PRESETS", "SERIALIZATION_PACKAGE", "LinearWarmup", "Phase", "PhasedSchedule",
-    "PiecewiseConstant", "PolynomialDecay", "Preset", "StepDecay", "phases_from_epochs",
-    "preset", "round_half_up", "scale_learning_rate", "to_steps",
+    "PiecewiseConstant", "PolynomialDecay", "Preset", "ScaledSchedule", "StepDecay",
+    "phases_from_epochs", "preset", "round_half_up", "run_steps", "scale_learning_rate",
+    "step_decay", "to_steps",
 ]
 
 # Registration namespace, so from_config/deserialize find these classes by name.
 SERIALIZATION_PACKAGE = "hpc_resnet"
 
 
-# ---------------------------------------------------------------- argument checks
-def _check_number(name, value, *, minimum=None, strictly=False, maximum=None):
-    """Returns `value` as float; ValueError naming the argument if it is out of range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None:
-        if strictly and value <= minimum:
-            raise ValueError(f"{name} must be > {minimum}, got {value}")
-        if not strictly and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def _check_int(name, value, *, minimum=0):
-    """Returns `value` as int; rejects floats so fractional step counts are not truncated."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def round_half_up(x):
-    """Nearest int, halves rounded up (Python's round() would round 2.5 to 2)."""
-    return int(math.floor(x + 0.5))
-
-
-# ---------------------------------------------------------------- scaling and units
+# ---------------------------------------------------------------- scaling
 def scale_learning_rate(base_lr, global_batch, base_batch=256):
     """Linear scaling rule: base_lr * global_batch / base_batch."""
     base_lr = _check_number("base_lr", base_lr, minimum=0.0)
     global_batch = _check_int("global_batch", global_batch, minimum=1)
     base_batch = _check_int("base_batch", base_batch, minimum=1)
     return base_lr * global_batch / base_batch
-
-
-def to_steps(*, steps=None, epochs=None, examples=None, steps_per_epoch=None,
-             global_batch=None):
-    """Turns exactly one of steps / epochs / examples into a number of optimizer steps.
-
-    epochs need `steps_per_epoch`, examples need `global_batch`. Fractional results are
-    rounded to the nearest int with halves rounded up (`round_half_up`), so
-    `epochs=0.5, steps_per_epoch=3` gives 2 steps.
-    """
-    given = [n for n, v in (("steps", steps), ("epochs", epochs), ("examples", examples))
-             if v is not None]
-    if len(given) != 1:
-        raise ValueError("exactly one of steps, epochs, examples must be given, got "
-                         f"{given or 'none'}")
-    if steps is not None:
-        return _check_int("steps", steps)
-    if epochs is not None:
-        epochs = _check_number("epochs", epochs, minimum=0.0)
-        if steps_per_epoch is None:
-            raise ValueError("epochs need steps_per_epoch, got steps_per_epoch=None")
-        # Fractional: ImageNet's 1,281,167 images make 156.4 steps per epoch at 8192.
-        steps_per_epoch = _check_number("steps_per_epoch", steps_per_epoch, minimum=0.0,
-                                        strictly=True)
-        return round_half_up(epochs * steps_per_epoch)
-    examples = _check_number("examples", examples, minimum=0.0)
-    if global_batch is None:
-        raise ValueError("examples need global_batch, got global_batch=None")
-    global_batch = _check_int("global_batch", global_batch, minimum=1)
-    return round_half_up(examples / global_batch)
 
 
 def _float_step(step):
@@ -267,7 +207,7 @@ class Phase:
     warmup: int = 0
     warmup_start_lr: float = 0.0
     end_lr: float = 0.0
-    weight_decay: Optional[float] = None
+    weight_decay: float | None = None
     name: str = ""
     stop_fraction: float = 1.0
     snapshot: bool = False
@@ -396,6 +336,26 @@ class PhasedSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps}
 
 
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`base(step) * factor`, where `factor` is a variable that a callback changes during
+    training (`hooks.callbacks.ReduceOnPlateau`); never below `min(min_lr, base(step))`,
+    so the warm-up still starts low. Not serializable (the factor lives in checkpoints'
+    state.json, not in the optimizer config)."""
+
+    def __init__(self, base, min_lr=0.0):
+        self.base = base
+        self.min_lr = _check_number("min_lr", min_lr, minimum=0.0)
+        self.factor = keras.Variable(1.0, trainable=False, dtype="float32", name="lr_factor")
+
+    def __call__(self, step):
+        value = self.base(step)
+        return ops.maximum(value * self.factor, ops.minimum(self.min_lr, value))
+
+    def get_config(self):
+        return {"base": keras.saving.serialize_keras_object(self.base),
+                "min_lr": self.min_lr}
+
+
 # ---------------------------------------------------------------- presets
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -415,12 +375,21 @@ class Preset:
         return self.weight_decay.value_at(_check_int("step", step))
 
 
-def _step_decay_preset(lr_scale, epoch_scale, spe, *, warmup_start_lr):
-    to = lambda epochs: to_steps(epochs=epochs * epoch_scale, steps_per_epoch=spe)
-    peak = 0.1 * lr_scale
+def step_decay(peak, steps_per_epoch, *, warmup_epochs=5.0, warmup_start_lr=0.0,
+               epoch_scale=1.0):
+    """The TPU reference schedule: linear warm-up over `warmup_epochs`, then `peak` x1,
+    x0.1, x0.01, x0.001 from epochs 30, 60, 80 (times `epoch_scale`)."""
+    to = lambda epochs: to_steps(epochs=epochs * epoch_scale, steps_per_epoch=steps_per_epoch)
     decay = StepDecay(peak, [to(30), to(60), to(80)], [1.0, 0.1, 0.01, 0.001])
-    schedule = LinearWarmup(decay, to(5), warmup_start_lr)
-    return schedule, PiecewiseConstant([], [1e-4]), to(90), (), "sgd"
+    warmup = to_steps(epochs=warmup_epochs, steps_per_epoch=steps_per_epoch)
+    return LinearWarmup(decay, warmup, warmup_start_lr)
+
+
+def _step_decay_preset(lr_scale, epoch_scale, spe, *, warmup_start_lr):
+    schedule = step_decay(0.1 * lr_scale, spe, warmup_epochs=5 * epoch_scale,
+                          warmup_start_lr=warmup_start_lr, epoch_scale=epoch_scale)
+    total = to_steps(epochs=90 * epoch_scale, steps_per_epoch=spe)
+    return schedule, PiecewiseConstant([], [1e-4]), total, (), "sgd"
 
 
 def _phased_preset(specs, lr_scale, epoch_scale, spe, optimizer):

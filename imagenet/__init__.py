@@ -1,1 +1,2 @@
-"""ImageNet: JPEG-folder -> TPU-style TFRecord builder, input pipelines (TFRecord, TFDS, synthetic)."""
+"""ImageNet: JPEG-folder -> TPU-style TFRecord builder, input pipelines (TFRecord, TFDS,
+synthetic), models, and `train.run`."""

@@ -39,7 +39,7 @@ import random
 import re
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
@@ -67,16 +67,16 @@ class ImageEntry:
 @dataclasses.dataclass
 class BuildStats:
     """What a build did: per-kind counts (see KINDS), records written, skipped files."""
-    counts: Dict[str, int]
+    counts: dict[str, int]
     num_records: int
     num_shards: int
     seconds: float
-    skipped: List[str]
-    output_files: List[str]
+    skipped: list[str]
+    output_files: list[str]
 
 
 # ---------------------------------------------------------------- label files
-def read_synsets(synsets_file: str) -> List[Tuple[str, str]]:
+def read_synsets(synsets_file: str) -> list[tuple[str, str]]:
     """Returns [(synset, short_name)] in file order; short_name is "" when absent."""
     out, seen = [], set()
     with open(synsets_file) as f:
@@ -94,7 +94,7 @@ def read_synsets(synsets_file: str) -> List[Tuple[str, str]]:
     return out
 
 
-def read_validation_labels(labels_file: str) -> Callable[[str], Optional[str]]:
+def read_validation_labels(labels_file: str) -> Callable[[str], str | None]:
     """Returns a lookup `filename -> synset or None` for a validation ground-truth file.
 
     Accepts one synset per line (line i is ILSVRC2012_val_%08d with number i) or
@@ -123,7 +123,7 @@ def read_validation_labels(labels_file: str) -> Callable[[str], Optional[str]]:
     if ncols == 1:
         ordered = [parts[0] for _, parts in rows]
 
-        def lookup(filename: str) -> Optional[str]:
+        def lookup(filename: str) -> str | None:
             m = _VAL_INDEX_RE.search(filename)
             if not m:
                 return None
@@ -136,7 +136,7 @@ def read_validation_labels(labels_file: str) -> Callable[[str], Optional[str]]:
         mapping[os.path.basename(name)] = synset
         mapping[os.path.splitext(os.path.basename(name))[0]] = synset
 
-    def lookup(filename: str) -> Optional[str]:
+    def lookup(filename: str) -> str | None:
         return mapping.get(filename, mapping.get(os.path.splitext(filename)[0]))
     return lookup
 
@@ -147,7 +147,7 @@ def _is_image(name: str) -> bool:
 
 
 def find_images(input_dir: str, split: str, synsets_file: str,
-                validation_labels_file: Optional[str] = None) -> List[ImageEntry]:
+                validation_labels_file: str | None = None) -> list[ImageEntry]:
     """Lists the images of `input_dir` with their labels, sorted by path.
 
     Raises ValueError (one line, naming the folder/file) for an unknown synset, a missing
@@ -198,7 +198,7 @@ def find_images(input_dir: str, split: str, synsets_file: str,
 
 
 # ---------------------------------------------------------------- images and records
-def load_image(path: str) -> Tuple[Optional[bytes], int, int, str, str]:
+def load_image(path: str) -> tuple[bytes | None, int, int, str, str]:
     """Returns (jpeg_bytes, height, width, kind, error); jpeg_bytes is None if undecodable.
 
     RGB JPEGs keep their original bytes; anything else PIL can decode (grayscale, CMYK,
@@ -297,7 +297,7 @@ def _check_output_dir(output_dir: str, split: str, num_shards: int) -> None:
 
 # ---------------------------------------------------------------- the build
 def build(input_dir: str, output_dir: str, split: str, synsets_file: str, num_shards: int,
-          validation_labels_file: Optional[str] = None, num_workers: int = 1,
+          validation_labels_file: str | None = None, num_workers: int = 1,
           seed: int = DEFAULT_SEED, log: Callable[[str], None] = print,
           progress_interval_s: float = 5.0) -> BuildStats:
     """Converts `input_dir` into `num_shards` TFRecord shards in `output_dir`.
@@ -327,7 +327,7 @@ def build(input_dir: str, output_dir: str, split: str, synsets_file: str, num_sh
         f"{output_dir} ({min(num_workers, num_shards)} worker(s))")
 
     counts = collections.Counter()
-    skipped: List[str] = []
+    skipped: list[str] = []
     records = 0
     done = 0
     images_done = 0
@@ -419,5 +419,8 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app
+
+    from hooks import entry
+    entry.quiet_startup()  # before TensorFlow is imported
     define_flags()
     app.run(main)

@@ -8,7 +8,7 @@ mean/stddev. Ranks read disjoint data; in evaluation every record is read exactl
 across all ranks (so ranks may get different counts: the eval loop must pad and mask).
 """
 import os
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -24,7 +24,7 @@ _READ_BUFFER_BYTES = 8 << 20
 
 
 # ---------------------------------------------------------------- files
-def list_files(data_dir: str, split: str) -> List[str]:
+def list_files(data_dir: str, split: str) -> list[str]:
     """Sorted `<split>-*` TFRecord files in data_dir; ValueError when there are none."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -42,7 +42,7 @@ def count_records(files: Sequence[str]) -> int:
     return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
-def shard_files(files: Sequence[str], rank: int, size: int) -> Tuple[List[str], bool]:
+def shard_files(files: Sequence[str], rank: int, size: int) -> tuple[list[str], bool]:
     """Which files `rank` reads, and whether it must also shard by record.
 
     With at least `size` files, file i goes to rank i % size (cheap: each rank reads only
@@ -56,7 +56,7 @@ def shard_files(files: Sequence[str], rank: int, size: int) -> Tuple[List[str], 
     return list(files), True
 
 
-def records_per_rank(files: Sequence[str], size: int) -> List[int]:
+def records_per_rank(files: Sequence[str], size: int) -> list[int]:
     """Records each of `size` ranks gets from `files` under `shard_files` (for pad + mask)."""
     files = list(files)
     if len(files) >= size:
@@ -152,7 +152,7 @@ def _check_args(per_rank_batch: int, image_size: int, rank: int, size: int) -> N
     _check_rank(rank, size)
 
 
-def _with_seeds(ds, seed: Optional[int], rank: int):
+def _with_seeds(ds, seed: int | None, rank: int):
     """Pairs each element with a shape-[2] seed for the stateless augmentations.
 
     A seeded stream makes the augmentation reproducible when `seed` is set; seed + rank
@@ -162,9 +162,9 @@ def _with_seeds(ds, seed: Optional[int], rank: int):
     return tf.data.Dataset.zip((ds, stream))
 
 
-def _finalize(ds, parse, *, is_training: bool, shuffle_buffer: int, seed: Optional[int],
+def _finalize(ds, parse, *, is_training: bool, shuffle_buffer: int, seed: int | None,
               rank: int, num_parallel_calls, per_rank_batch: int,
-              drop_remainder: Optional[bool], deterministic: bool):
+              drop_remainder: bool | None, deterministic: bool):
     """The tail shared by every source: shuffle + repeat + seeds (training), parallel
     parse/preprocess, batch (training drops the remainder by default), prefetch."""
     if is_training:
@@ -181,9 +181,9 @@ def _finalize(ds, parse, *, is_training: bool, shuffle_buffer: int, seed: Option
 
 def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
                      image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
-                     shuffle_buffer: int = 1024, seed: Optional[int] = None,
+                     shuffle_buffer: int = 1024, seed: int | None = None,
                      cache: bool = False, num_parallel_calls=AUTOTUNE,
-                     drop_remainder: Optional[bool] = None) -> tf.data.Dataset:
+                     drop_remainder: bool | None = None) -> tf.data.Dataset:
     """Per-rank batches from TPU-style `train-*` / `validation-*` TFRecords in data_dir.
 
     Training: shuffled files, parallel interleaved reads, record shuffle, repeat forever,
@@ -231,10 +231,10 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
                      deterministic=deterministic)
 
 
-def tfds_dataset(tfds_data_dir: Optional[str], *, is_training: bool, per_rank_batch: int,
+def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch: int,
                  image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
-                 shuffle_buffer: int = 1024, seed: Optional[int] = None,
-                 num_parallel_calls=AUTOTUNE, drop_remainder: Optional[bool] = None,
+                 shuffle_buffer: int = 1024, seed: int | None = None,
+                 num_parallel_calls=AUTOTUNE, drop_remainder: bool | None = None,
                  name: str = "imagenet2012") -> tf.data.Dataset:
     """Per-rank batches from an already prepared TFDS `imagenet2012` (never downloads).
 

@@ -7,10 +7,11 @@ zero, L2 weight decay on every non-BN weight (reference: wd * sum(w**2) / 2).
 Every builder splits into `build_backbone` (pooled features) + a head, so chexnet can put
 its own head on the same backbone.
 """
-from typing import Optional
 
 import keras
 from keras import layers
+
+from imagenet.config import ARCHITECTURES
 
 RESNET_LAYERS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -20,7 +21,6 @@ RESNET_LAYERS = {
     152: ("bottleneck", (3, 8, 36, 3)),
     200: ("bottleneck", (3, 24, 36, 3)),
 }
-ARCHITECTURES = ("resnet", "densenet121", "vgg16")
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
@@ -117,7 +117,7 @@ def resnet_backbone(inputs, depth: int, weight_decay: float):
 
 
 def build_backbone(architecture: str, image_size: int, depth: int = 50,
-                   weight_decay: float = 0.0, weights_file: Optional[str] = None,
+                   weight_decay: float = 0.0, weights_file: str | None = None,
                    channels: int = 3) -> keras.Model:
     """Input image -> pooled feature vector. `weights_file` loads Keras application weights
     (e.g. a downloaded `*_notop.h5`) into DenseNet/VGG backbones."""
@@ -143,7 +143,7 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
 
 
 def build_classifier(architecture: str, num_classes: int, image_size: int, depth: int = 50,
-                     weight_decay: float = 0.0, weights_file: Optional[str] = None
+                     weight_decay: float = 0.0, weights_file: str | None = None
                      ) -> keras.Model:
     """Backbone + dense logits (float32 under mixed precision)."""
     backbone = build_backbone(architecture, image_size, depth, weight_decay, weights_file)

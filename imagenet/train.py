@@ -1,123 +1,38 @@
 """ImageNet training and evaluation as a library: `run(config, context)`.
 
-resnet_main.py turns flags into a RunConfig; this module never reads flags. The loop,
-checkpoints and evaluation come from `hooks`, shared with chexnet.
+resnet_main.py fills an `imagenet.config.RunConfig` from its flags and checks it
+(`imagenet.config.validate`) before Horovod starts; this module never reads flags. The
+loop, checkpoints and evaluation come from `hooks`, shared with chexnet.
 """
-import dataclasses
 import json
 import math
 import os
 import time
-from typing import Optional
 
 import keras
 import tensorflow as tf
 
-from hooks import checkpoints, evaluation, horovod_glue, loop, lr_callbacks, schedules
+from hooks import evaluation, horovod_glue, loop, practices, runtime, schedules
 from hooks.lars import LARS
-from hooks.errors import ConfigError
 from imagenet import input_pipeline, models
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    data_dir: Optional[str] = None
-    model_dir: Optional[str] = None
-    mode: str = "train_and_eval"
-    architecture: str = "resnet"
-    resnet_depth: int = 50
-    image_size: int = 224
-    num_label_classes: int = 1000
-    train_batch_size: int = 1024
-    eval_batch_size: int = 1024
-    train_steps: Optional[int] = None
-    train_epochs: Optional[float] = None
-    num_train_images: int = 1281167
-    num_eval_images: int = 50000
-    steps_per_eval: int = 1251
-    iterations_per_loop: int = 1251
-    base_learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 5.0
-    lr_schedule: str = "tpu"
-    enable_lars: bool = False
-    poly_rate: float = 0.0
-    precision: str = "float32"
-    use_synthetic_data: bool = False
-    tfds_data_dir: Optional[str] = None
-    export_dir: Optional[str] = None
-    keep_checkpoints: int = 5
-    log_every_n_steps: int = 100
-    reference_images_per_sec: Optional[float] = None
-    fp16_allreduce: bool = False
-    weights_file: Optional[str] = None
-    seed: Optional[int] = None
-    json_progress: bool = False
-    snapshot_dir: Optional[str] = None
-    collapsed_ensemble: bool = False
-    target_top_1: Optional[float] = None
-    stop_at_target: bool = False
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.num_train_images / self.train_batch_size
-
-    @property
-    def total_steps(self) -> int:
-        if self.train_steps:
-            return self.train_steps
-        return schedules.to_steps(epochs=self.train_epochs or 90.0,
-                                  steps_per_epoch=self.steps_per_epoch)
-
-
-def validate(config: RunConfig) -> None:
-    """Cheap checks of everything a user can get wrong, before any model is built."""
-    if config.architecture == "resnet" and config.resnet_depth not in models.RESNET_LAYERS:
-        raise ConfigError(f"--resnet_depth={config.resnet_depth} is not one of "
-                          f"{sorted(models.RESNET_LAYERS)}")
-    if config.architecture not in models.ARCHITECTURES:
-        raise ConfigError(f"--architecture={config.architecture} is not one of "
-                          f"{', '.join(models.ARCHITECTURES)}")
-    if config.use_synthetic_data or config.tfds_data_dir:
-        pass
-    elif not config.data_dir:
-        raise ConfigError("--data_dir is required (TFRecords train-*/validation-*), or pass "
-                          "--use_synthetic_data or --tfds_data_dir")
-    else:
-        splits = {"train": ("train",), "eval": ("validation",),
-                  "train_and_eval": ("train", "validation")}[config.mode]
-        for split in splits:
-            try:
-                input_pipeline.list_files(config.data_dir, split)
-            except ValueError as err:
-                raise ConfigError(f"--data_dir={config.data_dir}: {err}") from None
-    if config.mode == "eval" and not checkpoints.latest(config.model_dir):
-        raise ConfigError(f"--mode=eval needs a checkpoint in --model_dir={config.model_dir}")
-    if config.lr_schedule not in ("tpu",) + schedules.PRESETS:
-        raise ConfigError(f"--lr_schedule={config.lr_schedule} is not one of "
-                          f"{('tpu',) + schedules.PRESETS}")
-    if config.weights_file and not os.path.isfile(config.weights_file):
-        raise ConfigError(f"--weights_file={config.weights_file} does not exist")
+from imagenet.config import RunConfig
 
 
 # ---------------------------------------------------------------- pieces
 def build_learning_rate(config: RunConfig):
-    """(learning-rate schedule, preset or None): the TPU default (scaled peak, warm-up,
-    x0.1 at 30/60/80 epochs), LARS poly, or a named preset rescaled to this batch and run
-    length (a preset also brings weight decay per phase and snapshot steps)."""
+    """(learning-rate schedule, preset or None): the TPU default (peak
+    base_learning_rate * batch / 256, warm-up, x0.1 at 30/60/80 epochs), LARS poly, or a
+    named preset rescaled to this batch and run length (a preset also brings weight decay
+    per phase and snapshot steps)."""
     spe = config.steps_per_epoch
     total = config.total_steps
     peak = schedules.scale_learning_rate(config.base_learning_rate, config.train_batch_size)
-    warmup = schedules.to_steps(epochs=config.warmup_epochs, steps_per_epoch=spe)
     if config.enable_lars:
+        warmup = schedules.to_steps(epochs=config.warmup_epochs, steps_per_epoch=spe)
         decay = schedules.PolynomialDecay(peak, max(total, 1), power=config.poly_rate or 2.0)
         return schedules.LinearWarmup(decay, min(warmup, total)), None
     if config.lr_schedule == "tpu":
-        bounds = [schedules.to_steps(epochs=e, steps_per_epoch=spe) for e in (30, 60, 80)]
-        decay = schedules.StepDecay(peak, bounds, [1.0, 0.1, 0.01, 0.001])
-        return schedules.LinearWarmup(decay, warmup), None
+        return schedules.step_decay(peak, spe, warmup_epochs=config.warmup_epochs), None
     preset = schedules.preset(config.lr_schedule, global_batch=config.train_batch_size,
                               steps_per_epoch=max(1, round(spe)), epochs=total / spe)
     return preset.learning_rate, preset
@@ -136,29 +51,28 @@ def build_optimizer(config: RunConfig, learning_rate, lars: bool = False):
 
 def practice_callbacks(config: RunConfig, preset, network, optimizer, context, eval_data):
     """The large-batch practices a preset asks for: weight decay per phase, snapshots at
-    the collapses, collapsed-ensemble evaluation; and time-to-accuracy when asked."""
-    callbacks, by_name = [], {}
+    the collapses, collapsed-ensemble evaluation; and time-to-accuracy when asked. Each
+    reports into the run summary through its `summary()`."""
+    callbacks = []
     if preset is not None:
         # LARS applies weight decay itself; SGD gets it as an L2 whose factor can change.
         target = (optimizer if isinstance(optimizer, LARS) else
-                  lr_callbacks.attach_scheduled_l2(network, preset.weight_decay_at(0)))
-        callbacks.append(lr_callbacks.WeightDecayScheduler(preset.weight_decay_at, target))
+                  practices.attach_scheduled_l2(network, preset.weight_decay_at(0)))
+        callbacks.append(practices.WeightDecayScheduler(preset.weight_decay_at, target))
         steps = [s for s in preset.snapshot_steps if s <= config.total_steps]
         folder = config.snapshot_dir or (config.model_dir and
                                          os.path.join(config.model_dir, "snapshots"))
         if steps and folder:
-            saver = lr_callbacks.SnapshotSaver(steps, folder, context, network)
+            saver = practices.SnapshotSaver(steps, folder, context, network)
             callbacks.append(saver)
             if config.collapsed_ensemble:
-                by_name["ensemble"] = lr_callbacks.CollapsedEnsembleEvaluator(
-                    saver.paths(), network, eval_data(), context)
-                callbacks.append(by_name["ensemble"])
+                callbacks.append(practices.CollapsedEnsembleEvaluator(
+                    saver.paths(), network, eval_data(), context))
     if config.target_top_1 is not None:
-        by_name["time_to_accuracy"] = lr_callbacks.TimeToAccuracy(
+        callbacks.append(practices.TimeToAccuracy(
             "val_top_1", config.target_top_1, stop=config.stop_at_target,
-            steps_per_epoch=config.steps_per_epoch)
-        callbacks.append(by_name["time_to_accuracy"])
-    return callbacks, by_name
+            steps_per_epoch=config.steps_per_epoch))
+    return callbacks
 
 
 def build_loss(label_smoothing: float, num_classes: int):
@@ -223,11 +137,14 @@ def model_description(config: RunConfig) -> dict:
 
 # ---------------------------------------------------------------- run
 def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
-    """Train and/or evaluate as `config.mode` says; returns (and rank 0 prints) a summary."""
-    validate(config)
+    """Train and/or evaluate as `config.mode` says; returns (and rank 0 prints) a summary.
+
+    Expects a config that passed `imagenet.config.validate` (the entry point checks it
+    before Horovod starts)."""
     used = {"train": ("train_batch_size",), "eval": ("eval_batch_size",),
             "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
     horovod_glue.check_global_batches(context, **{n: getattr(config, n) for n in used})
+    runtime.set_precision(config.precision)
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     chief_log = log if context.is_chief else (lambda *a, **k: None)
@@ -239,8 +156,8 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
                                       0.0 if lars else config.weight_decay,
                                       config.weights_file)
     optimizer = build_optimizer(config, learning_rate, lars)
-    extra_callbacks, practices = practice_callbacks(
-        config, preset, network, optimizer, context, lambda: eval_dataset(config, context))
+    extra_callbacks = practice_callbacks(config, preset, network, optimizer, context,
+                                         lambda: eval_dataset(config, context))
     trainer = horovod_glue.DistributedTrainer(
         network, context, metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")],
         fp16_allreduce=config.fp16_allreduce)
@@ -257,22 +174,20 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
                  else "starting from step 0"))
 
     metrics = eval_metrics(config.num_label_classes)
-    eval_counts = {}
 
-    def evaluate():
-        results, count = evaluation.evaluate(network, eval_dataset(config, context), metrics,
-                                             context)
-        eval_counts["images"] = count
-        chief_log(f"eval at step {int(optimizer.iterations.numpy())}: top_1 "
-                  f"{results['top_1']:.4f} top_5 {results['top_5']:.4f} loss "
-                  f"{results['loss']:.4f} ({count} images)")
-        return results
+    def evaluate() -> evaluation.Evaluation:
+        values, count = evaluation.evaluate(network, eval_dataset(config, context), metrics,
+                                            context)
+        step = int(optimizer.iterations.numpy())
+        chief_log(f"eval at step {step}: top_1 {values['top_1']:.4f} top_5 "
+                  f"{values['top_5']:.4f} loss {values['loss']:.4f} ({count} images)")
+        return evaluation.Evaluation(values, count, step)
 
     t0 = time.perf_counter()
     summary = {"ranks": context.size, "global_batch": config.train_batch_size,
                "model": network.name, "precision": config.precision, "start_step": start}
     if config.mode == "eval":
-        summary.update(evaluate())
+        last_eval = evaluate()
     else:
         result = loop.train(
             trainer, train_dataset(config, context), context=context,
@@ -286,23 +201,18 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
             keep_checkpoints=config.keep_checkpoints, best_metric="top_1",
             log_every_n_steps=config.log_every_n_steps, json_progress=config.json_progress,
             extra_callbacks=extra_callbacks)
-        if config.mode == "train_and_eval" and not result.last_eval:
-            result.last_eval = {f"val_{k}": v for k, v in evaluate().items()}
-        summary.update({k[4:]: v for k, v in result.last_eval.items()})
+        last_eval = result.last_eval
         summary.update(final_step=result.final_step, train_seconds=result.wall_seconds,
                        images_per_sec=result.images_per_sec,
                        images_per_sec_per_rank=result.images_per_sec / context.size)
-        if "ensemble" in practices:
-            summary.update(practices["ensemble"].results)
-        if "time_to_accuracy" in practices:
-            reached = practices["time_to_accuracy"].reached
-            summary["time_to_target"] = reached  # None: the target was not reached
+        summary.update(result.practices)
         if config.reference_images_per_sec and math.isfinite(result.images_per_sec):
             summary["scaling_efficiency"] = result.images_per_sec / (
                 context.size * config.reference_images_per_sec)
+    if last_eval is not None:
+        summary.update(last_eval.metrics)
+        summary["eval_images"] = last_eval.count
     summary["wall_seconds"] = time.perf_counter() - t0
-    if eval_counts:
-        summary["eval_images"] = eval_counts["images"]
     if config.export_dir:
         path = os.path.join(config.export_dir, f"{network.name}.keras")
         horovod_glue.write_atomically(path, network.save, context)

@@ -62,7 +62,8 @@ def parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("script", choices=SCRIPTS, help="which slurm/<script>.sbatch")
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--tasks-per-node", type=int, default=2, help="ranks per node (2 = one per socket)")
+    p.add_argument("--tasks-per-node", type=int, default=2,
+                   help="ranks per node (2 = one per socket)")
     p.add_argument("--cpus-per-task", type=int, default=None,
                    help="default: the partition's CPUs per node / tasks per node (sinfo)")
     p.add_argument("--partition", default=os.environ.get("PARTITION"))

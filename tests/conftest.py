@@ -50,6 +50,13 @@ def mpirun_cmd(np_, *args):
             "--bind-to", "none", sys.executable, *args]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start launchers or clusters are slow (`make test-fast` leaves them out)."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ("distributed", "slurm", "multinode")):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

@@ -180,7 +180,7 @@ SlurmdTimeout=30
 MessageTimeout=20
 NodeName={self.host} NodeAddr=127.0.0.1 NodeHostname={self.host} CPUs={self.cpus} State=UNKNOWN
 PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-""")
+""")  # noqa: E501
         return self.conf
 
     # ------------------------------------------------------------------ daemons

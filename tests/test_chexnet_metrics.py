@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from chexnet import metrics, reports
-from chexnet.data import DataError
 from chexnet.labels import CLASS_NAMES
+from hooks.errors import DataError
 from hooks.horovod_glue import Context
 
 
@@ -48,8 +48,11 @@ def test_single_valued_class_is_nan_with_note_and_excluded_from_mean():
     assert result.num_defined == 12
     assert any("Hernia" in n and "no positive" in n for n in result.notes)
     assert any("Edema" in n and "no negative" in n for n in result.notes)
-    defined = [roc_auc_score(labels[:, k], scores[:, k]) for k in range(14)
-               if CLASS_NAMES[k] not in ("Edema", "Hernia")]
+    defined = [
+        roc_auc_score(labels[:, k], scores[:, k])
+        for k in range(14)
+        if CLASS_NAMES[k] not in ("Edema", "Hernia")
+    ]
     assert result.mean_auroc == pytest.approx(np.mean(defined), abs=1e-9)
 
 
@@ -66,7 +69,9 @@ def test_weighted_bce_matches_formula():
     y = np.array([[1.0, 0.0], [0.0, 0.0]])
     p = np.array([[0.8, 0.3], [0.1, 0.6]])
     wp, wn = np.array([2.0, 3.0]), np.array([0.5, 0.25])
-    expected = np.mean([-2 * np.log(0.8), -0.25 * np.log(0.7), -0.5 * np.log(0.9), -0.25 * np.log(0.4)])
+    expected = np.mean(
+        [-2 * np.log(0.8), -0.25 * np.log(0.7), -0.5 * np.log(0.9), -0.25 * np.log(0.4)]
+    )
     assert metrics.weighted_bce(y, p, wp, wn) == pytest.approx(expected)
 
 
@@ -76,8 +81,15 @@ def test_report_files_and_predictions_round_trip(tmp_path):
     labels[:, 13] = 0
     probs = rng.random((40, 14))
     result = metrics.per_class_auroc(labels, probs)
-    written = reports.write_report(str(tmp_path), result, labels, probs, Context(), title="t", summary={"a": 1})
-    assert sorted(p.split("/")[-1] for p in written) == ["auroc.csv", "auroc.md", "roc_curves.png", "summary.json"]
+    written = reports.write_report(
+        str(tmp_path), result, labels, probs, Context(), title="t", summary={"a": 1}
+    )
+    assert sorted(p.split("/")[-1] for p in written) == [
+        "auroc.csv",
+        "auroc.md",
+        "roc_curves.png",
+        "summary.json",
+    ]
     rows = (tmp_path / "auroc.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:15]] == list(CLASS_NAMES)
     assert rows[14].split(",")[1] == "n/a"  # Hernia: no positives
@@ -85,7 +97,10 @@ def test_report_files_and_predictions_round_trip(tmp_path):
     md = (tmp_path / "auroc.md").read_text()
     assert "| Pneumonia |" in md and "0.7680" in md and "note: Hernia" in md
     # a non-chief rank writes nothing
-    assert reports.write_report(str(tmp_path / "r1"), result, labels, probs, Context(rank=1, size=2)) == []
+    assert (
+        reports.write_report(str(tmp_path / "r1"), result, labels, probs, Context(rank=1, size=2))
+        == []
+    )
     assert not (tmp_path / "r1").exists()
 
     names = [f"{i:08d}_000.png" for i in range(40)]

@@ -13,10 +13,12 @@ import shutil
 import numpy as np
 import pytest
 
+from chexnet import evaluate, train
 from chexnet import model as model_lib
-from chexnet import train
-from chexnet.data import DataError
+from chexnet.config import ChexnetConfig
+from chexnet.input_pipeline import InputOptions
 from chexnet.labels import CLASS_NAMES
+from hooks.errors import ConfigError, DataError
 from hooks.horovod_glue import Context
 from tests.conftest import SHARED_DATA, horovodrun_cmd, python_cmd, run_cmd
 
@@ -24,25 +26,48 @@ CX = SHARED_DATA / "chestxray14"
 CSV = CX / "Data_Entry_2017.csv.gz"
 IMAGES = CX / "images"
 TINY = ["--backbone=resnet18", "--image_size=32"]
+# The 50-image sample split 60/20/20 by patient, tiny backbone (in-process configs).
+SAMPLE = dict(csv=str(CSV), image_dir=str(IMAGES), only_present_images=True,
+              split_fractions=(0.6, 0.2, 0.2), backbone="resnet18", image_size=32)
 
-pytestmark = pytest.mark.skipif(not (IMAGES.is_dir() and CSV.is_file()),
-                                reason=f"shared ChestX-ray14 sample not found under {CX}")
+pytestmark = pytest.mark.skipif(
+    not (IMAGES.is_dir() and CSV.is_file()),
+    reason=f"shared ChestX-ray14 sample not found under {CX}",
+)
 
 
 def data_args(image_dir=IMAGES, csv_path=CSV):
-    return [f"--csv={csv_path}", f"--image_dir={image_dir}", "--only_present_images",
-            "--split_fractions=0.6,0.2,0.2"]
+    return [
+        f"--csv={csv_path}",
+        f"--image_dir={image_dir}",
+        "--only_present_images",
+        "--split_fractions=0.6,0.2,0.2",
+    ]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A resnet_main checkpoint dir (resnet18, 32 px, 10 classes, 2 steps)."""
     model_dir = tmp_path_factory.mktemp("pretrain") / "resnet18"
-    run_cmd(python_cmd("resnet_main.py", "--use_synthetic_data", "--resnet_depth=18", "--image_size=32",
-                       "--num_label_classes=10", "--train_batch_size=4", "--eval_batch_size=4",
-                       "--train_steps=2", "--iterations_per_loop=1", "--steps_per_eval=1",
-                       "--num_eval_images=4", "--num_train_images=40", f"--model_dir={model_dir}",
-                       "--mode=train_and_eval"), timeout=300)
+    run_cmd(
+        python_cmd(
+            "resnet_main.py",
+            "--use_synthetic_data",
+            "--resnet_depth=18",
+            "--image_size=32",
+            "--num_label_classes=10",
+            "--train_batch_size=4",
+            "--eval_batch_size=4",
+            "--train_steps=2",
+            "--iterations_per_loop=1",
+            "--steps_per_eval=1",
+            "--num_eval_images=4",
+            "--num_train_images=40",
+            f"--model_dir={model_dir}",
+            "--mode=train_and_eval",
+        ),
+        timeout=300,
+    )
     return model_dir
 
 
@@ -50,10 +75,24 @@ def pretrained(tmp_path_factory):
 def finetuned(pretrained, tmp_path_factory):
     """A 2-rank horovodrun fine-tune of the pre-trained checkpoint on the 50 real images."""
     model_dir = tmp_path_factory.mktemp("finetune") / "run"
-    proc = run_cmd(horovodrun_cmd(2, "-m", "chexnet", "train", *data_args(), *TINY,
-                                  "--train_batch_size=4", "--eval_batch_size=4", "--train_steps=4",
-                                  "--steps_per_loop=2", f"--pretrained_model_dir={pretrained}",
-                                  "--init_checkpoint=best", f"--model_dir={model_dir}"), timeout=400)
+    proc = run_cmd(
+        horovodrun_cmd(
+            2,
+            "-m",
+            "chexnet",
+            "train",
+            *data_args(),
+            *TINY,
+            "--train_batch_size=4",
+            "--eval_batch_size=4",
+            "--train_steps=4",
+            "--steps_per_loop=2",
+            f"--pretrained_model_dir={pretrained}",
+            "--init_checkpoint=best",
+            f"--model_dir={model_dir}",
+        ),
+        timeout=400,
+    )
     return model_dir, proc.stdout
 
 
@@ -67,8 +106,8 @@ def small_csv(tmp_path, names, *, drop_column=None, relabel=None):
         rows[0][1] = relabel
     if drop_column:
         i = header.index(drop_column)
-        header = header[:i] + header[i + 1:]
-        rows = [r[:i] + r[i + 1:] for r in rows]
+        header = header[:i] + header[i + 1 :]
+        rows = [r[:i] + r[i + 1 :] for r in rows]
     path = tmp_path / "Data_Entry_small.csv"
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
@@ -78,6 +117,7 @@ def small_csv(tmp_path, names, *, drop_column=None, relabel=None):
 # ----------------------------------------------------------------------- 2-rank fine-tune
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_two_rank_finetune_writes_report(finetuned, pretrained):
     model_dir, stdout = finetuned
     assert "2 rank(s)" in stdout and "recorded in" in stdout  # lr from the checkpoint
@@ -104,12 +144,25 @@ def test_two_rank_finetune_writes_report(finetuned, pretrained):
     assert summary["peak_learning_rate"] == pytest.approx(chosen.state["learning_rate"])
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_three_rank_evaluate_counts_each_image_once(finetuned, tmp_path):
     model_dir, _ = finetuned
     out = tmp_path / "eval3"
-    proc = run_cmd(horovodrun_cmd(3, "-m", "chexnet", "evaluate", *data_args(), *TINY,
-                                  "--eval_batch_size=3", "--eval_split=all", f"--model_dir={model_dir}",
-                                  f"--report_dir={out}"), timeout=300)
+    proc = run_cmd(
+        horovodrun_cmd(
+            3,
+            "-m",
+            "chexnet",
+            "evaluate",
+            *data_args(),
+            *TINY,
+            "--eval_batch_size=3",
+            "--eval_split=all",
+            f"--model_dir={model_dir}",
+            f"--report_dir={out}",
+        ),
+        timeout=300,
+    )
     rows = list(csv.reader(open(out / "predictions.csv")))
     assert rows[0] == ["Image Index"] + [f"prob_{c}" for c in CLASS_NAMES]
     names = [r[0] for r in rows[1:]]
@@ -120,28 +173,36 @@ def test_three_rank_evaluate_counts_each_image_once(finetuned, tmp_path):
 
     # Same predictions, same image order, as one process; scoring the file reproduces AUROC.
     one = tmp_path / "eval1"
-    config = train.ChexnetConfig(mode="evaluate", csv=str(CSV), image_dir=str(IMAGES),
-                                 only_present_images=True, split_fractions=(0.6, 0.2, 0.2),
-                                 backbone="resnet18", image_size=32, eval_batch_size=4,
-                                 eval_split="all", model_dir=str(model_dir), report_dir=str(one))
-    single = train.run(config, Context(), log=lambda *a: None)
+    config = ChexnetConfig(mode="evaluate", eval_batch_size=4, eval_split="all",
+                           model_dir=str(model_dir), report_dir=str(one), **SAMPLE)
+    single = evaluate.run(config, Context(), log=lambda *a: None)
     rows1 = list(csv.reader(open(one / "predictions.csv")))
     assert [r[0] for r in rows1] == [r[0] for r in rows]
-    np.testing.assert_allclose(np.asarray([r[1:] for r in rows1[1:]], float),
-                               np.asarray([r[1:] for r in rows[1:]], float), atol=2e-5)
-    scored = train.run(train.ChexnetConfig(mode="evaluate", csv=str(CSV),
-                                           predictions_csv=str(out / "predictions.csv"),
-                                           report_dir=str(tmp_path / "scored")), Context(), log=lambda *a: None)
+    np.testing.assert_allclose(
+        np.asarray([r[1:] for r in rows1[1:]], float),
+        np.asarray([r[1:] for r in rows[1:]], float),
+        atol=2e-5,
+    )
+    scored = evaluate.run(
+        ChexnetConfig(
+            mode="evaluate",
+            csv=str(CSV),
+            predictions_csv=str(out / "predictions.csv"),
+            report_dir=str(tmp_path / "scored"),
+        ),
+        Context(),
+        log=lambda *a: None,
+    )
     assert scored["images"] == 50
     assert scored["mean_auroc"] == pytest.approx(summary["mean_auroc"], abs=1e-5)
     assert single["mean_auroc"] == pytest.approx(summary["mean_auroc"], abs=1e-4)
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    from PIL import Image
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from PIL import Image
 
     from chexnet import predict
 
@@ -158,13 +219,19 @@ def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = pixels.tobytes()
     ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
-    assert np.array_equal(predict.read_image(str(tmp_path / "x.dcm"))[..., 0],
-                          np.round((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8))
+    assert np.array_equal(
+        predict.read_image(str(tmp_path / "x.dcm"))[..., 0],
+        np.round((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8),
+    )
 
     heat = tmp_path / "heat"
-    probs = predict.run(predict.PredictConfig(images=(str(png), str(tmp_path / "x.dcm")),
-                                              checkpoint=str(model_dir), heatmap_dir=str(heat),
-                                              output_csv=str(tmp_path / "p.csv")), log=lambda *a: None)
+    config = ChexnetConfig(
+        mode="predict",
+        checkpoint=str(model_dir),
+        heatmap_dir=str(heat),
+        output_csv=str(tmp_path / "p.csv"),
+    )
+    probs = predict.run(config, [str(png), str(tmp_path / "x.dcm")], log=lambda *a: None)
     assert probs.shape == (2, 14) and np.all((probs > 0) & (probs < 1))
     assert sorted(p.name for p in heat.iterdir()) == ["00000075_000_gradcam.png", "x_gradcam.png"]
     cam = predict.grad_cam(*_net_and_input(model_dir, png), class_index=0)
@@ -175,15 +242,16 @@ def _net_and_input(model_dir, png):
     from chexnet import predict
     from hooks import checkpoints
 
-    ckpt = train.find_chexnet_checkpoint(str(model_dir))
+    ckpt = evaluate.find_checkpoint(str(model_dir))
     net, _ = model_lib.build_chexnet_model("resnet18", 32)
     checkpoints.restore(ckpt, net)
-    return net, predict.prepare(predict.read_image(str(png)), 32, "torch")[0]
+    return net, predict.prepare(predict.read_image(str(png)), InputOptions(32, "torch"))[0]
 
 
 # ----------------------------------------------------------------------- init checkpoint
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_init_checkpoint_best_is_by_val_top1_not_last(pretrained, tmp_path):
     copy = tmp_path / "pre"
     shutil.copytree(pretrained, copy)
@@ -204,27 +272,14 @@ def test_warmup_scales_with_global_batch():
     assert train.warmup_steps(0.0, 4096, 10) == 0
 
 
-def test_plateau_decay_is_a_function_of_val_loss_only():
-    schedule = train._make_plateau_schedule(0.01, 0, 1e-6)
-    callback = train.make_plateau_callback(schedule, patience=2, factor=0.1)
-    factors = []
-    for loss in (1.0, 0.9, 0.95, 0.91, 0.8, 0.85, 0.86):
-        logs = {"val_loss": loss}
-        callback.on_epoch_end(0, logs)
-        factors.append(logs["lr_factor"])
-    assert factors == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01])
-    assert float(schedule(5)) == pytest.approx(0.01 * 0.01)
-
-
 # ----------------------------------------------------------------------- bad input
 
 
 def _config(tmp_path, **kw):
-    base = dict(mode="train", csv=str(CSV), image_dir=str(IMAGES), only_present_images=True,
-                split_fractions=(0.6, 0.2, 0.2), backbone="resnet18", image_size=32,
-                train_batch_size=4, eval_batch_size=4, train_steps=1, model_dir=str(tmp_path / "out"))
+    base = dict(SAMPLE, mode="train", train_batch_size=4, eval_batch_size=4, train_steps=1,
+                model_dir=str(tmp_path / "out"))
     base.update(kw)
-    return train.ChexnetConfig(**base)
+    return ChexnetConfig(**base)
 
 
 def _expect_error(tmp_path, error, match, **kw):
@@ -240,8 +295,14 @@ def test_missing_image_is_a_clear_error(tmp_path):
     for n in names[1:]:
         shutil.copy(IMAGES / n, folder / n)
     path = small_csv(tmp_path, names)
-    _expect_error(tmp_path, DataError, f"images not in the image folder, first: {names[0]}",
-                  csv=str(path), image_dir=str(folder), only_present_images=False)
+    _expect_error(
+        tmp_path,
+        DataError,
+        f"images not in the image folder, first: {names[0]}",
+        csv=str(path),
+        image_dir=str(folder),
+        only_present_images=False,
+    )
 
 
 def test_csv_without_finding_labels(tmp_path):
@@ -254,32 +315,62 @@ def test_unknown_label_name(tmp_path):
     _expect_error(tmp_path, DataError, "unknown finding label 'Pneumonitis'", csv=str(path))
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_checkpoint_of_another_architecture(pretrained, tmp_path):
-    _expect_error(tmp_path, model_lib.ModelError, "is a resnet18, not a resnet50",
-                  backbone="resnet50", pretrained_model_dir=str(pretrained))
+    _expect_error(
+        tmp_path,
+        model_lib.ModelError,
+        "is a resnet18, not a resnet50",
+        backbone="resnet50",
+        pretrained_model_dir=str(pretrained),
+    )
     copy = tmp_path / "dense"
     shutil.copytree(pretrained, copy)
     for state_file in copy.glob("ckpt-*/state.json"):
         state = json.loads(state_file.read_text())
         state["architecture"] = "densenet121"
         state_file.write_text(json.dumps(state))
-    _expect_error(tmp_path, model_lib.ModelError, "is a densenet121, not a resnet18",
-                  pretrained_model_dir=str(copy))
-    _expect_error(tmp_path, model_lib.ModelError, "not a directory",
-                  pretrained_model_dir=str(tmp_path / "nope"))
+    _expect_error(
+        tmp_path,
+        model_lib.ModelError,
+        "is a densenet121, not a resnet18",
+        pretrained_model_dir=str(copy),
+    )
+    _expect_error(
+        tmp_path,
+        model_lib.ModelError,
+        "not a directory",
+        pretrained_model_dir=str(tmp_path / "nope"),
+    )
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_cli_error_is_one_line(pretrained, tmp_path):
-    proc = run_cmd(python_cmd("-m", "chexnet", "train", *data_args(), "--backbone=resnet34", "--image_size=32",
-                              "--train_steps=1", f"--pretrained_model_dir={pretrained}",
-                              f"--model_dir={tmp_path / 'out'}"), check=False, timeout=120)
+    proc = run_cmd(
+        python_cmd(
+            "-m",
+            "chexnet",
+            "train",
+            *data_args(),
+            "--backbone=resnet34",
+            "--image_size=32",
+            "--train_steps=1",
+            f"--pretrained_model_dir={pretrained}",
+            f"--model_dir={tmp_path / 'out'}",
+        ),
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("chexnet train: error: checkpoint") and "resnet18, not a resnet34" in last
+    assert (
+        last.startswith("chexnet train: error: checkpoint") and "resnet18, not a resnet34" in last
+    )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_corrupt_png_fails_or_is_skipped(finetuned, tmp_path):
     model_dir, _ = finetuned
     names = sorted(p.name for p in IMAGES.glob("*.png"))
@@ -289,21 +380,23 @@ def test_corrupt_png_fails_or_is_skipped(finetuned, tmp_path):
         shutil.copy(IMAGES / n, folder / n)
     bad = folder / names[3]
     bad.write_bytes(bad.read_bytes()[:5000])  # truncated PNG
-    _expect_error(tmp_path, DataError, f"cannot be decoded, first: .*{names[3]}", image_dir=str(folder))
+    _expect_error(
+        tmp_path, DataError, f"cannot be decoded, first: .*{names[3]}", image_dir=str(folder)
+    )
     out = tmp_path / "skip"
-    summary = train.run(train.ChexnetConfig(
-        mode="evaluate", csv=str(CSV), image_dir=str(folder), only_present_images=True,
-        backbone="resnet18", image_size=32, eval_batch_size=4, eval_split="all",
-        on_corrupt="skip", model_dir=str(model_dir), report_dir=str(out)), Context(), log=lambda *a: None)
+    config = ChexnetConfig(mode="evaluate", eval_batch_size=4, eval_split="all",
+                           on_corrupt="skip", model_dir=str(model_dir), report_dir=str(out),
+                           **dict(SAMPLE, image_dir=str(folder)))
+    summary = evaluate.run(config, Context(), log=lambda *a: None)
     assert summary["skipped"] == 1 and summary["images"] == 49
     listed = [r[0] for r in csv.reader(open(out / "predictions.csv"))][1:]
     assert names[3] not in listed and len(listed) == 49
 
 
+@pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
 def test_evaluate_requires_a_chexnet_checkpoint(pretrained, tmp_path):
-    with pytest.raises(train.ConfigError, match="not a chexnet checkpoint"):
-        train.run(train.ChexnetConfig(mode="evaluate", csv=str(CSV), image_dir=str(IMAGES),
-                                      only_present_images=True, backbone="resnet18", image_size=32,
-                                      eval_batch_size=4, model_dir=str(pretrained),
-                                      report_dir=str(tmp_path / "out")), Context(), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="not a chexnet checkpoint"):
+        evaluate.run(ChexnetConfig(mode="evaluate", eval_batch_size=4,
+                                   model_dir=str(pretrained), report_dir=str(tmp_path / "out"),
+                                   **SAMPLE), Context(), log=lambda *a: None)
     assert not (tmp_path / "out").exists()

@@ -1,44 +1,105 @@
 """Flag groups: parsing, getters and one-line errors that name the flag."""
+import dataclasses
+
 import pytest
 from absl import flags as absl_flags
 
 import flags
+import resnet_main
+from chexnet import __main__ as chexnet_main
+from chexnet import config as chexnet_config
+from chexnet.config import ChexnetConfig
 from hooks import runtime
+from hooks.errors import ConfigError
+from imagenet.config import RunConfig, validate
 
 
-def _parse(argv, world_env=None, monkeypatch=None):
+def _parse(argv):
     fv = absl_flags.FlagValues()
-    flags.define_base(fv)
-    flags.define_performance(fv)
-    flags.define_distributed(fv)
-    flags.define_schedule(fv)
+    resnet_main.define_flags(fv)
     fv(["prog", *argv])
     return fv
 
 
-def test_getters_build_configs_from_argv():
+def _chexnet_flags():
+    fv = absl_flags.FlagValues()
+    chexnet_main.define_flags(fv)
+    return fv
+
+
+def test_configs_filled_from_the_2018_command_line():
     fv = _parse(["--data_dir=/d", "--model_dir=/m", "--mode=train", "--train_batch_size=8192",
                  "--train_steps=14075", "--num_intra_threads=24", "--num_inter_threads=2",
                  "--mkl", "--kmp_blocktime=1", "--precision=bfloat16",
                  "--fusion_threshold_mb=64", "--cycle_time_ms=3.5", "--base_learning_rate=0.2",
-                 "--warmup_epochs=3"])
-    base = flags.get_base_config(fv)
-    assert (base.data_dir, base.model_dir, base.mode) == ("/d", "/m", "train")
-    assert (base.train_batch_size, base.train_steps, base.train_epochs) == (8192, 14075, None)
+                 "--warmup_epochs=3", "--fp16_allreduce", "--use_tpu=False"])
+    config = flags.fill(RunConfig, fv)
+    assert (config.data_dir, config.model_dir, config.mode) == ("/d", "/m", "train")
+    assert (config.train_batch_size, config.train_steps, config.train_epochs) == (
+        8192, 14075, None)
+    assert (config.base_learning_rate, config.warmup_epochs, config.momentum) == (0.2, 3, 0.9)
+    assert (config.precision, config.fp16_allreduce) == ("bfloat16", True)
     perf = flags.get_performance_config(fv)
-    assert (perf.num_intra_threads, perf.num_inter_threads, perf.mkl, perf.kmp_blocktime,
-            perf.precision) == (24, 2, True, 1, "bfloat16")
+    assert (perf.num_intra_threads, perf.num_inter_threads, perf.mkl,
+            perf.kmp_blocktime) == (24, 2, True, 1)
     dist = flags.get_distributed_config(fv)
-    assert (dist.fusion_threshold_mb, dist.cycle_time_ms, dist.fp16_allreduce) == (64, 3.5, False)
-    sched = flags.get_schedule_config(fv)
-    assert (sched.base_learning_rate, sched.warmup_epochs, sched.momentum) == (0.2, 3, 0.9)
+    assert (dist.fusion_threshold_mb, dist.cycle_time_ms) == (64, 3.5)
 
 
-def test_groups_register_only_what_is_asked():
-    fv = absl_flags.FlagValues()
-    flags.define_base(fv, mode=False, train_epochs=False)
-    assert "mode" not in fv and "train_epochs" not in fv and "train_batch_size" in fv
-    assert "num_intra_threads" not in fv
+def test_2018_command_line_parses_and_validates(tmp_path):
+    for name in ("train-00000-of-00001", "validation-00000-of-00001"):
+        (tmp_path / name).write_bytes(b"")
+    argv = ["--train_batch_size", "8192", "--train_steps", "14075",
+            "--num_intra_threads", "24", "--num_inter_threads", "2", "--mkl=True",
+            f"--data_dir={tmp_path}", "--model_dir", "/tmp/unused-2018",
+            "--use_tpu=False", "--kmp_blocktime", "1"]
+    fv = _parse(argv)
+    config = flags.fill(RunConfig, fv)
+    validate(config)
+    assert (config.train_batch_size, config.train_steps, config.resnet_depth,
+            config.data_dir, config.total_steps) == (8192, 14075, 50, str(tmp_path), 14075)
+    perf = flags.get_performance_config(fv)
+    assert (perf.num_intra_threads, perf.num_inter_threads, perf.mkl, perf.kmp_blocktime) == (
+        24, 2, True, 1)
+
+
+def _fields(*classes):
+    return [f for cls in classes for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize("entry", ["resnet_main", "chexnet"])
+def test_every_flag_is_a_config_field_with_the_same_default(entry):
+    if entry == "resnet_main":
+        fv = absl_flags.FlagValues()
+        resnet_main.define_flags(fv)
+        own, unflagged, compat = RunConfig, set(), set(resnet_main.COMPAT_FLAGS)
+    else:
+        fv = _chexnet_flags()
+        own, unflagged, compat = ChexnetConfig, {"mode"}, set()
+    fields = _fields(own, flags.PerformanceConfig, flags.DistributedConfig)
+    names = [f.name for f in fields]
+    assert len(names) == len(set(names)), "a field in two configs"
+    assert set(fv) - compat == set(names) - unflagged
+    for field in fields:
+        if field.name in unflagged:
+            continue
+        default = fv[field.name].default
+        if isinstance(default, list):  # DEFINE_list keeps strings
+            default = tuple(float(x) for x in default)
+        assert default == field.default, field.name
+
+
+def test_run_length_is_steps_or_epochs_never_both():
+    with pytest.raises(absl_flags.IllegalFlagValueError,
+                       match="give --train_steps or --train_epochs, not both"):
+        _parse(["--train_steps=10", "--train_epochs=2"])
+    with pytest.raises(ConfigError, match="not both"):
+        RunConfig(train_steps=10, train_epochs=2.0).total_steps
+    assert RunConfig(train_epochs=2.0, num_train_images=100, train_batch_size=10
+                     ).total_steps == 20
+    assert RunConfig(num_train_images=100, train_batch_size=10).total_steps == 900  # 90 epochs
+    with pytest.raises(ConfigError, match="give --train_steps or --train_epochs"):
+        chexnet_config.validate(ChexnetConfig(image_dir="/", model_dir="/m"))
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -71,12 +71,14 @@ def test_write_atomically_only_on_chief_and_keeps_old_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_runtime_configure_sets_threads_and_env_before_tf_starts():
     script = (
         "import os\n"
         "from hooks import runtime\n"
         "from flags import PerformanceConfig\n"
-        "env = runtime.configure(PerformanceConfig(3, 2, True, 1, 'compact', True, 'bfloat16'))\n"
+        "env = runtime.configure(PerformanceConfig(3, 2, True, 1, 'compact', True))\n"
+        "runtime.set_precision('bfloat16')\n"
         "import tensorflow as tf, keras\n"
         "print(tf.config.threading.get_intra_op_parallelism_threads(),"
         " tf.config.threading.get_inter_op_parallelism_threads(),"

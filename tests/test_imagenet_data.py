@@ -137,6 +137,7 @@ def test_bad_validation_labels_file(tmp_path, content, match):
 
 @pytest.mark.skipif(not (SHARED_IMAGENET / "images").is_dir(),
                     reason=f"shared ImageNet sample not found at {SHARED_IMAGENET}")
+@pytest.mark.slow  # worker processes
 def test_build_shared_sample_in_parallel(tmp_path):
     synsets_file = SHARED_IMAGENET / "synsets.txt"
     order = [line.split()[0] for line in synsets_file.read_text().splitlines() if line.strip()]

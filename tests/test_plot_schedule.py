@@ -1,5 +1,4 @@
 """hooks.plot_schedule: a real PNG for a preset, one-line errors for bad flags."""
-import numpy as np
 import pytest
 
 from hooks import plot_schedule as P
@@ -42,6 +41,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, capsys, flags, message):
     assert "\n" not in err and not out.exists()
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_command_line_errors_on_unknown_preset(tmp_path):
     from tests.conftest import python_cmd, run_cmd
     proc = run_cmd(python_cmd("-m", "hooks.plot_schedule", "--lr_schedule=nope",

@@ -3,13 +3,13 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from imagenet import build_tfrecords, sample_images
-from tests.conftest import (ROOT, child_env, horovodrun_cmd, mpirun_cmd, python_cmd,
-                            run_cmd)
+from tests.conftest import ROOT, child_env, horovodrun_cmd, mpirun_cmd, python_cmd, run_cmd
+
+pytestmark = pytest.mark.slow  # every test here starts resnet_main in a subprocess
 
 TINY = ["--resnet_depth=18", "--image_size=32", "--train_batch_size=6",
         "--eval_batch_size=6", "--iterations_per_loop=2", "--steps_per_eval=2",
@@ -104,26 +104,6 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     # The schedule continued: the optimizer step was restored, not restarted.
     state = json.loads((model_dir / f"ckpt-{last + 2:09d}" / "state.json").read_text())
     assert state["step"] == last + 2
-
-
-def test_2018_command_line_parses(ten_val_records):
-    script = (
-        "import sys, json, dataclasses\n"
-        "import resnet_main\n"
-        "from absl import flags\n"
-        "from imagenet import train\n"
-        "resnet_main.define_flags()\n"
-        "flags.FLAGS(sys.argv)\n"
-        "config = resnet_main.run_config_from_flags()\n"
-        "train.validate(config)\n"
-        "print(json.dumps(dataclasses.asdict(config)))\n")
-    argv = ["--train_batch_size", "8192", "--train_steps", "14075",
-            "--num_intra_threads", "24", "--num_inter_threads", "2", "--mkl=True",
-            f"--data_dir={ten_val_records}", "--model_dir", "/tmp/unused-2018",
-            "--use_tpu=False", "--kmp_blocktime", "1"]
-    config = json.loads(run_cmd(python_cmd("-c", script, *argv)).stdout.splitlines()[-1])
-    assert (config["train_batch_size"], config["train_steps"], config["resnet_depth"],
-            config["data_dir"]) == (8192, 14075, 50, str(ten_val_records))
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -22,7 +22,7 @@ def main(out_dir):
     import tensorflow as tf
 
     from hooks import loop
-    from hooks import lr_callbacks as L
+    from hooks import practices as L
     from hooks import schedules as S
 
     per_rank = GLOBAL_BATCH // ctx.size

@@ -1,16 +1,15 @@
-"""hooks.lr_callbacks with values: the loss after a weight-decay boundary, snapshot contents,
+"""hooks.practices with values: the loss after a weight-decay boundary, snapshot contents,
 ensemble top-1 against numpy, time-to-accuracy; plus a 2-rank horovodrun run."""
 import json
 import os
 import types
 
+import keras  # noqa: E402
 import numpy as np
 import pytest
 
-import keras  # noqa: E402
-
 from hooks import horovod_glue
-from hooks import lr_callbacks as L
+from hooks import practices as L
 from hooks import schedules as S
 from hooks.lars import LARS
 from tests.conftest import horovodrun_cmd, run_cmd

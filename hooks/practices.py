@@ -1,4 +1,4 @@
-"""Keras callbacks for the large-batch learning-rate practices, one concern each.
+"""The large-batch practices beyond the learning rate, as Keras callbacks, one concern each.
 
 - `ScheduledL2` + `attach_scheduled_l2`: an L2 penalty whose factor lives in a
   `keras.Variable`, so it can change mid-run inside the traced train step.
@@ -20,7 +20,7 @@ import math
 import numbers
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -96,7 +96,7 @@ def _is_l2(regularizer) -> bool:
 
 
 def attach_scheduled_l2(network: keras.Model, weight_decay: float,
-                        select: Optional[Callable[[keras.Variable], bool]] = None
+                        select: Callable[[keras.Variable], bool] | None = None
                         ) -> keras.Variable:
     """Gives the selected trainable variables of a built `network` one shared `ScheduledL2`.
 
@@ -137,7 +137,7 @@ class WeightDecayScheduler(keras.callbacks.Callback):
     Writes `weight_decay` (the value used by the last step) into epoch logs.
     """
 
-    def __init__(self, schedule: Callable[[int], Optional[float]], target):
+    def __init__(self, schedule: Callable[[int], float | None], target):
         super().__init__()
         if not callable(schedule):
             raise ValueError(f"schedule must be callable step -> weight decay, got "
@@ -191,7 +191,7 @@ class SnapshotSaver(keras.callbacks.Callback):
     """
 
     def __init__(self, snapshot_steps: Sequence[int], directory: str,
-                 context: horovod_glue.Context, network: Optional[keras.Model] = None):
+                 context: horovod_glue.Context, network: keras.Model | None = None):
         super().__init__()
         if isinstance(snapshot_steps, (str, bytes)) or not isinstance(snapshot_steps,
                                                                       Sequence):
@@ -207,9 +207,9 @@ class SnapshotSaver(keras.callbacks.Callback):
         self.directory = os.fspath(directory)
         self.context = _check_context(context)
         self.network = network
-        self.saved: List[str] = []
+        self.saved: list[str] = []
 
-    def paths(self) -> List[str]:
+    def paths(self) -> list[str]:
         return [snapshot_path(self.directory, s) for s in self.snapshot_steps]
 
     def _network(self):
@@ -265,9 +265,9 @@ class CollapsedEnsembleEvaluator(keras.callbacks.Callback):
     """
 
     def __init__(self, snapshot_paths: Sequence[str],
-                 network: Union[keras.Model, Callable[[], keras.Model]], dataset,
+                 network: keras.Model | Callable[[], keras.Model], dataset,
                  context: horovod_glue.Context, activation="softmax",
-                 at_step: Optional[int] = None):
+                 at_step: int | None = None):
         super().__init__()
         if isinstance(snapshot_paths, (str, bytes)) or not isinstance(snapshot_paths,
                                                                       Sequence):
@@ -289,15 +289,15 @@ class CollapsedEnsembleEvaluator(keras.callbacks.Callback):
                              f"{activation!r}")
         self.activation = activation
         self.at_step = None if at_step is None else _check_int("at_step", at_step, minimum=0)
-        self.results: Dict[str, float] = {}
-        self.predictions: List[np.ndarray] = []
-        self.labels: Optional[np.ndarray] = None
+        self.results: dict[str, float] = {}
+        self.predictions: list[np.ndarray] = []
+        self.labels: np.ndarray | None = None
 
     def _keys(self):
         names = [f"snapshot_{_name(p)}_top_1" for p in self.snapshot_paths]
         return names + ["ensemble_top_1", "ensemble_size"]
 
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         given = isinstance(self._network_or_build, keras.Model)
         network = self._network_or_build if given else self._network_or_build()
         original = network.get_weights() if given else None
@@ -333,6 +333,10 @@ class CollapsedEnsembleEvaluator(keras.callbacks.Callback):
             self.evaluate()
         self._write(logs)
 
+    def summary(self) -> dict[str, float]:
+        """What the run summary reports: each snapshot's top-1 and the ensemble's."""
+        return dict(self.results)
+
 
 def _name(path: str) -> str:
     base = os.path.basename(path)
@@ -363,7 +367,7 @@ class TimeToAccuracy(keras.callbacks.Callback):
     """
 
     def __init__(self, monitor: str, target: float, mode: str = "max", stop: bool = False,
-                 steps_per_epoch: Optional[float] = None):
+                 steps_per_epoch: float | None = None):
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must be a non-empty log key, got {monitor!r}")
@@ -376,7 +380,7 @@ class TimeToAccuracy(keras.callbacks.Callback):
             if steps_per_epoch <= 0:
                 raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
         self.steps_per_epoch = steps_per_epoch
-        self.reached: Optional[Dict[str, float]] = None
+        self.reached: dict[str, float] | None = None
         self._t0 = None
 
     def on_train_begin(self, logs=None):
@@ -397,3 +401,7 @@ class TimeToAccuracy(keras.callbacks.Callback):
                     self.model.stop_training = True
         logs["time_to_target_seconds"] = self.reached["seconds"] if self.reached else math.nan
         logs["time_to_target_epoch"] = self.reached["epoch"] if self.reached else math.nan
+
+    def summary(self) -> dict[str, dict[str, float] | None]:
+        """What the run summary reports: `time_to_target` (None when not reached)."""
+        return {"time_to_target": self.reached}

@@ -1,0 +1,141 @@
+"""`python -m chexnet`'s configuration and its cheap checks (they run before Horovod starts).
+
+`ChexnetConfig`'s defaults are the flags' defaults: chexnet/__main__.py defines each flag
+with the field's default and fills the config by field name (`flags.fill`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from hooks.errors import ConfigError
+
+COMMANDS = ("train", "evaluate", "predict")
+OPTIMIZERS = ("adam", "sgd")
+EVAL_SPLITS = ("val", "test", "all")
+ON_CORRUPT = ("fail", "skip")
+DEFAULT_LEARNING_RATE = 1e-3  # when neither the flag nor the pre-training checkpoint has one
+
+
+@dataclasses.dataclass(frozen=True)
+class ChexnetConfig:
+    mode: str = "train"  # the command, not a flag
+    # data
+    csv: str | None = None
+    image_dir: str | None = None
+    split_dir: str | None = None
+    train_val_list: str | None = None
+    test_list: str | None = None
+    split_fractions: tuple = (0.7, 0.1, 0.2)
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    only_present_images: bool = False
+    max_images: int | None = None
+    on_corrupt: str = "fail"
+    cache: str | None = None
+    eval_split: str | None = None  # None: "test" for evaluate, "val" while training
+    # model
+    backbone: str = "densenet121"
+    image_size: int = 224
+    pretrained_model_dir: str | None = None
+    init_checkpoint: str = "best"
+    weights_file: str | None = None
+    weight_decay: float = 0.0
+    precision: str = "float32"
+    # training
+    train_batch_size: int = 16
+    eval_batch_size: int = 16
+    train_steps: int | None = None
+    train_epochs: float | None = None
+    learning_rate: float | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weighted_loss: bool = True
+    warmup_epochs: float = 1.0
+    plateau_patience: int = 1
+    plateau_factor: float = 0.1
+    min_learning_rate: float = 1e-6
+    steps_per_loop: int | None = None
+    keep_checkpoints: int = 3
+    log_every_n_steps: int = 10
+    fp16_allreduce: bool = False
+    seed: int | None = None
+    # outputs
+    model_dir: str | None = None
+    report_dir: str | None = None
+    checkpoint: str | None = None  # evaluate/predict: chexnet checkpoint folder or model_dir
+    predictions_csv: str | None = None  # evaluate: score this file, no model
+    heatmap_dir: str | None = None  # predict: Grad-CAM overlays
+    output_csv: str | None = None  # predict: probabilities table
+
+    @property
+    def reports_to(self) -> str | None:
+        if self.report_dir:
+            return self.report_dir
+        return os.path.join(self.model_dir, "report") if self.model_dir else None
+
+    @property
+    def split_to_evaluate(self) -> str:
+        return self.eval_split or ("test" if self.mode == "evaluate" else "val")
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name}={value} is not one of {', '.join(choices)}")
+
+
+def validate(config: ChexnetConfig) -> None:
+    """Cheap checks of everything a user can get wrong, before Horovod or a model starts."""
+    from chexnet import model as model_lib
+
+    if config.mode not in COMMANDS:
+        raise ConfigError(f"command must be one of {', '.join(COMMANDS)}, got {config.mode!r}")
+    model_lib.parse_backbone(config.backbone)
+    _one_of("optimizer", config.optimizer, OPTIMIZERS)
+    _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
+    if config.eval_split is not None:
+        _one_of("eval_split", config.eval_split, EVAL_SPLITS)
+    if len(config.split_fractions) != 3:
+        raise ConfigError(f"--split_fractions needs 3 values (train,val,test), got "
+                          f"{config.split_fractions}")
+    for name in ("csv", "weights_file", "predictions_csv"):
+        path = getattr(config, name)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"--{name}={path} does not exist")
+    for name in ("image_dir", "split_dir"):
+        path = getattr(config, name)
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"--{name}={path} is not a directory")
+    if config.mode == "train":
+        _validate_train(config)
+    elif config.mode == "evaluate":
+        if not config.predictions_csv and not config.image_dir:
+            raise ConfigError("--image_dir is required for evaluate (or --predictions_csv to "
+                              "score a file)")
+        if not config.predictions_csv and not (config.checkpoint or config.model_dir):
+            raise ConfigError("evaluate needs --checkpoint or --model_dir with a chexnet "
+                              "checkpoint")
+    else:
+        if not (config.checkpoint or config.model_dir):
+            raise ConfigError("predict needs --checkpoint (a chexnet ckpt-* folder or "
+                              "model_dir)")
+        return
+    if (config.mode == "train" or not config.predictions_csv) and not config.reports_to:
+        raise ConfigError("--model_dir or --report_dir is required")
+
+
+def _validate_train(config: ChexnetConfig) -> None:
+    from hooks import steps
+
+    if not config.image_dir:
+        raise ConfigError("--image_dir is required for train")
+    steps.run_steps(config.train_steps, config.train_epochs, 1.0)  # the one rule, no default
+    if config.pretrained_model_dir and config.weights_file:
+        raise ConfigError("give --pretrained_model_dir or --weights_file, not both")
+    if config.init_checkpoint not in ("best", "latest") and not config.pretrained_model_dir \
+            and not os.path.isdir(config.init_checkpoint):
+        raise ConfigError(f"--init_checkpoint={config.init_checkpoint} is not a checkpoint "
+                          "folder")
+    if config.learning_rate is not None and config.learning_rate <= 0:
+        raise ConfigError(f"--learning_rate must be > 0, got {config.learning_rate}")

@@ -1,0 +1,268 @@
+"""ChestX-ray14 tf.data input pipelines: per-rank training and (padded) evaluation
+datasets, and the one evaluation-image function that `predict` shares with them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from hooks.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# keras.applications preprocess_input conventions, written as tensor math so they run
+# inside tf.data on a batch (input: float RGB in 0..255). Which one a backbone gets is
+# decided in one place: chexnet.model.preprocessing_for.
+#   "torch": x/255, minus ImageNet mean, divided by std, per RGB channel (resnet_main's
+#            own input, Keras DenseNet weights)
+#   "caffe": RGB -> BGR, minus ImageNet mean in BGR, no scaling (Keras VGG16/ResNet50)
+#   "tf":    x/127.5 - 1 (Inception, MobileNet)
+#   "none":  0..255 floats unchanged (the model normalises itself)
+PREPROCESSING = ("torch", "caffe", "tf", "none")
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def preprocess_images(images, preprocessing: str = "torch"):
+    """Normalise float RGB images in 0..255 (any leading shape, channels last) the way
+    keras.applications ``preprocess_input`` does for ``preprocessing``."""
+    import tensorflow as tf
+
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}, expected one of "
+                         f"{', '.join(PREPROCESSING)}")
+    images = tf.cast(images, tf.float32)
+    if preprocessing == "torch":
+        return (images / 255.0 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
+    if preprocessing == "caffe":
+        return images[..., ::-1] - tf.constant(_CAFFE_MEAN_BGR)
+    if preprocessing == "tf":
+        return images / 127.5 - 1.0
+    return images
+
+
+def find_corrupt_images(paths: Sequence[str], workers: int = 8) -> list[int]:
+    """Indices of files PIL cannot read. PNGs are checked with ``verify()`` (walks every
+    chunk and its CRC without decompressing: about 1 ms per ChestX-ray14 image, so
+    truncated or bit-flipped files are caught); other formats are fully decoded."""
+    from PIL import Image
+
+    def bad(path: str) -> bool:
+        try:
+            with Image.open(path) as image:
+                if image.format == "PNG":
+                    image.verify()
+                else:
+                    image.load()
+            return False
+        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+            return True
+
+    if not paths:
+        return []
+    # Threads, not processes: the work is file reads and zlib CRCs, which drop the GIL.
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+        flags = list(pool.map(bad, paths))
+    return [i for i, is_bad in enumerate(flags) if is_bad]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """How images become network inputs (the same for every split of a run)."""
+
+    image_size: int
+    preprocessing: str = "torch"
+    cache: str | None = None  # None, "memory", or a file prefix
+    on_corrupt: str = "fail"  # "fail": DataError naming the file; "skip": drop it
+    verify: bool = True  # pre-scan the shard with PIL before anything is built
+
+    @property
+    def resize_to(self) -> int:
+        return int(round(self.image_size * 256 / 224))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a pipeline holds on this rank."""
+
+    num_examples: int  # real images this rank yields per pass
+    num_padded: int  # padding entries (weight 0) this rank yields per pass
+    skipped: tuple[str, ...]  # corrupt files dropped from this rank's shard
+
+
+def decode_resize(path, resize_to: int):
+    """Read one image file, decode PNG/JPEG to RGB uint8 (grayscale -> RGB, RGBA -> RGB
+    by dropping alpha: channels=3 does both inside the decoder), and resize its shorter
+    side to ``resize_to`` (antialiased: the 1024 px X-rays shrink about 4x)."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return resize_shorter_side(image, resize_to)
+
+
+def resize_shorter_side(image, resize_to: int):
+    """uint8 [H, W, 3] -> uint8 with the shorter side ``resize_to`` (antialiased)."""
+    import tensorflow as tf
+
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = resize_to / tf.reduce_min(hw)
+    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), resize_to)
+    image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    # Back to uint8: 4x less memory in cache/shuffle/batch; normalised after batching.
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def eval_image(image, options: InputOptions):
+    """The evaluation view of a decoded uint8 RGB image: resize, centre crop (uint8).
+    `predict` uses it too, so a model sees the same input in evaluation and prediction."""
+    import tensorflow as tf
+
+    resized = resize_shorter_side(image, options.resize_to)
+    return tf.image.resize_with_crop_or_pad(resized, options.image_size, options.image_size)
+
+
+def _check_args(paths, labels, options: InputOptions, batch_size, rank, size) -> None:
+    if labels.ndim != 2 or labels.shape[0] != len(paths):
+        raise ValueError(f"labels must be [len(paths)={len(paths)}, classes], got shape "
+                         f"{labels.shape}")
+    if options.image_size < 1 or batch_size < 1:
+        raise ValueError(f"image_size and batch_size must be >= 1, got {options.image_size} "
+                         f"and {batch_size}")
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"need 0 <= rank < size, got rank={rank} size={size}")
+    if options.on_corrupt not in ("fail", "skip"):
+        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {options.on_corrupt!r}")
+    if options.preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {options.preprocessing!r}, expected one of "
+                         f"{', '.join(PREPROCESSING)}")
+
+
+def _shard(paths, labels, options: InputOptions, rank: int, size: int):
+    """This rank's files (index % size == rank), their labels and a keep mask (False:
+    corrupt and skipped). Missing files and, with on_corrupt="fail", undecodable ones
+    raise DataError naming the first."""
+    shard = np.arange(len(paths))[rank::size]
+    shard_paths = [paths[i] for i in shard]
+    missing = [p for p in shard_paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} image files missing, first: {missing[0]}")
+    keep = np.ones(len(shard), bool)
+    if options.verify:
+        bad = find_corrupt_images(shard_paths)
+        if bad and options.on_corrupt == "fail":
+            raise DataError(f"{len(bad)} images cannot be decoded, first: "
+                            f"{shard_paths[bad[0]]} (--on_corrupt=skip drops them)")
+        keep[bad] = False
+        if bad:
+            log.warning("rank %d: skipping %d corrupt images, first: %s", rank, len(bad),
+                        shard_paths[bad[0]])
+    return shard_paths, labels[shard], keep
+
+
+def _cache(ds, options: InputOptions, kind: str, rank: int, size: int):
+    if options.cache is None:
+        return ds
+    if options.cache == "memory":
+        return ds.cache()
+    name = f"{options.cache}-{kind}-{options.image_size}px-rank{rank}-of-{size}"
+    os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
+    return ds.cache(name)
+
+
+def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
+                  batch_size: int, rank: int = 0, size: int = 1, seed: int = 0):
+    """This rank's training pipeline of (image float32 [b, s, s, 3], labels float32
+    [b, K]) batches, repeated forever (drive it with steps), and its `DatasetInfo`.
+
+    Sharding is by file (index % size == rank), so ranks hold disjoint images. Full
+    shuffle of the shard (reseeded per epoch), resize the shorter side to
+    image_size*256/224, random crop + horizontal flip (stateless, seeded by `seed` and
+    rank), batches of `batch_size` (per rank) with drop_remainder. With `options.cache`
+    the resized uint8 images are cached before cropping; the cached order is one fixed
+    shuffle, reshuffled each epoch through a 2048-image buffer.
+    """
+    import tensorflow as tf
+
+    paths, labels = [os.fspath(p) for p in paths], np.asarray(labels, np.float32)
+    _check_args(paths, labels, options, batch_size, rank, size)
+    shard_paths, shard_labels, keep = _shard(paths, labels, options, rank, size)
+    skipped = tuple(p for p, k in zip(shard_paths, keep) if not k)
+    shard_paths = [p for p, k in zip(shard_paths, keep) if k]
+    shard_labels = shard_labels[keep]
+    if not shard_paths:
+        raise DataError(f"rank {rank} of {size} has no training images ({len(paths)} in all)")
+    size_ = options.image_size
+    stream_seed = int(seed) * 100_003 + rank  # distinct, reproducible stream per rank
+    autotune = tf.data.AUTOTUNE
+
+    def load(path, label):
+        return decode_resize(path, options.resize_to), label
+
+    def augment(image, label, pair_seed):
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(pair_seed, 2))
+        image = tf.image.stateless_random_crop(image, [size_, size_, 3], seed=crop_seed)
+        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), label
+
+    files = tf.data.Dataset.from_tensor_slices((shard_paths, shard_labels))
+    cached = options.cache is not None
+    ds = files.shuffle(len(shard_paths), seed=stream_seed, reshuffle_each_iteration=not cached)
+    if cached:
+        ds = _cache(ds.map(load, num_parallel_calls=autotune), options, "train", rank, size)
+        ds = ds.shuffle(min(len(shard_paths), 2048), seed=stream_seed,
+                        reshuffle_each_iteration=True).repeat()
+    else:
+        ds = ds.repeat().map(load, num_parallel_calls=autotune)
+    if options.on_corrupt == "skip":
+        ds = ds.ignore_errors(log_warning=True)
+    randoms = tf.data.Dataset.random(seed=stream_seed).batch(2)  # a [2] int64 seed per image
+    ds = tf.data.Dataset.zip((ds, randoms)).map(
+        lambda pair, pair_seed: augment(*pair, pair_seed), num_parallel_calls=autotune)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda x, y: (preprocess_images(x, options.preprocessing), y),
+                num_parallel_calls=autotune)
+    info = DatasetInfo(num_examples=len(shard_paths), num_padded=0, skipped=skipped)
+    return ds.prefetch(autotune), info
+
+
+def eval_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
+                 batch_size: int, rank: int = 0, size: int = 1):
+    """This rank's evaluation pipeline of (image, labels, weight) batches, one pass in
+    file order, and its `DatasetInfo`.
+
+    Every rank's shard is padded to ceil(N/size) entries; padding and skipped corrupt
+    images keep their slot with weight 0 and a blank image, so all ranks run the same
+    number of batches and weighted metrics count each image exactly once. Rank r holds
+    original indices r, r + size, ... (see `chexnet.evaluate.gather`).
+    """
+    import tensorflow as tf
+
+    paths, labels = [os.fspath(p) for p in paths], np.asarray(labels, np.float32)
+    _check_args(paths, labels, options, batch_size, rank, size)
+    shard_paths, shard_labels, keep = _shard(paths, labels, options, rank, size)
+    extra = -(-len(paths) // size) - len(shard_paths)
+    slots = [p if k else "" for p, k in zip(shard_paths, keep)] + [""] * extra
+    slot_labels = np.concatenate([shard_labels, np.zeros((extra, labels.shape[1]), np.float32)])
+    weights = np.concatenate([keep.astype(np.float32), np.zeros(extra, np.float32)])
+    blank = tf.zeros([options.image_size, options.image_size, 3], tf.uint8)
+
+    def load(path, label, weight):
+        image = tf.cond(weight > 0, lambda: eval_image(
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False),
+            options), lambda: blank)
+        image.set_shape([options.image_size, options.image_size, 3])
+        return image, label, weight
+
+    ds = tf.data.Dataset.from_tensor_slices((slots, slot_labels, weights))
+    ds = _cache(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE), options, "eval", rank, size)
+    ds = ds.batch(batch_size, drop_remainder=False).map(
+        lambda x, y, w: (preprocess_images(x, options.preprocessing), y, w),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    info = DatasetInfo(num_examples=int(keep.sum()), num_padded=extra,
+                       skipped=tuple(p for p, k in zip(shard_paths, keep) if not k))
+    return ds.prefetch(tf.data.AUTOTUNE), info

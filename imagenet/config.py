@@ -1,0 +1,106 @@
+"""resnet_main's run configuration and its cheap checks (they run before Horovod starts).
+
+`RunConfig`'s defaults are the flags' defaults: resnet_main.py defines each flag with the
+field's default and fills the config by field name (`flags.fill`).
+"""
+import dataclasses
+import glob
+import os
+
+from hooks import schedules
+from hooks.errors import ConfigError
+
+ARCHITECTURES = ("resnet", "densenet121", "vgg16")
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+DEFAULT_EPOCHS = 90.0  # the TPU reference's run length when neither length flag is given
+# --lr_schedule values: "tpu" is driven by --base_learning_rate / --warmup_epochs, the
+# other presets bring their own (see hooks.schedules.preset).
+LR_SCHEDULES = schedules.PRESETS
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data_dir: str | None = None
+    model_dir: str | None = None
+    mode: str = "train_and_eval"
+    architecture: str = "resnet"
+    resnet_depth: int = 50
+    image_size: int = 224
+    num_label_classes: int = 1000
+    train_batch_size: int = 1024
+    eval_batch_size: int = 1024
+    train_steps: int | None = None
+    train_epochs: float | None = None
+    num_train_images: int = 1281167
+    num_eval_images: int = 50000
+    steps_per_eval: int = 1251
+    iterations_per_loop: int = 1251
+    base_learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 5.0
+    lr_schedule: str = "tpu"
+    enable_lars: bool = False
+    poly_rate: float = 0.0
+    precision: str = "float32"
+    fp16_allreduce: bool = False
+    use_synthetic_data: bool = False
+    tfds_data_dir: str | None = None
+    export_dir: str | None = None
+    keep_checkpoints: int = 5
+    log_every_n_steps: int = 100
+    reference_images_per_sec: float | None = None
+    weights_file: str | None = None
+    seed: int | None = None
+    json_progress: bool = False
+    snapshot_dir: str | None = None
+    collapsed_ensemble: bool = False
+    target_top_1: float | None = None
+    stop_at_target: bool = False
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.num_train_images / self.train_batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return schedules.run_steps(self.train_steps, self.train_epochs, self.steps_per_epoch,
+                                   default_epochs=DEFAULT_EPOCHS)
+
+
+def _check_tfrecords(data_dir: str, split: str) -> None:
+    if not glob.glob(os.path.join(data_dir, f"{split}-*")):
+        raise ConfigError(f"--data_dir={data_dir}: no {split}-* TFRecord files")
+
+
+def validate(config: RunConfig) -> None:
+    """Cheap checks of everything a user can get wrong, before Horovod or a model starts."""
+    if config.architecture not in ARCHITECTURES:
+        raise ConfigError(f"--architecture={config.architecture} is not one of "
+                          f"{', '.join(ARCHITECTURES)}")
+    if config.architecture == "resnet" and config.resnet_depth not in RESNET_DEPTHS:
+        raise ConfigError(f"--resnet_depth={config.resnet_depth} is not one of "
+                          f"{list(RESNET_DEPTHS)}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr_schedule={config.lr_schedule} is not one of "
+                          f"{', '.join(LR_SCHEDULES)}")
+    _ = config.total_steps  # raises on --train_steps with --train_epochs
+    if config.use_synthetic_data or config.tfds_data_dir:
+        pass
+    elif not config.data_dir:
+        raise ConfigError("--data_dir is required (TFRecords train-*/validation-*), or pass "
+                          "--use_synthetic_data or --tfds_data_dir")
+    else:
+        splits = {"train": ("train",), "eval": ("validation",),
+                  "train_and_eval": ("train", "validation")}[config.mode]
+        for split in splits:
+            _check_tfrecords(config.data_dir, split)
+    if config.mode == "eval":
+        from hooks import checkpoints  # imports Keras: only when it is needed
+
+        if not checkpoints.latest(config.model_dir):
+            raise ConfigError(f"--mode=eval needs a checkpoint in "
+                              f"--model_dir={config.model_dir}")
+    if config.weights_file and not os.path.isfile(config.weights_file):
+        raise ConfigError(f"--weights_file={config.weights_file} does not exist")
