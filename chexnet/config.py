@@ -60,6 +60,9 @@ class ChexnetConfig:
     keep_checkpoints: int = 3
     log_every_n_steps: int = 10
     fp16_allreduce: bool = False
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
+    stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
     seed: int | None = None
     # outputs
     model_dir: str | None = None
@@ -94,6 +97,7 @@ def validate(config: ChexnetConfig) -> None:
     model_lib.parse_backbone(config.backbone)
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
+    _one_of("on_nonfinite", config.on_nonfinite, ("stop", "rollback"))
     if config.eval_split is not None:
         _one_of("eval_split", config.eval_split, EVAL_SPLITS)
     if len(config.split_fractions) != 3:
@@ -123,6 +127,10 @@ def validate(config: ChexnetConfig) -> None:
         return
     if (config.mode == "train" or not config.predictions_csv) and not config.reports_to:
         raise ConfigError("--model_dir or --report_dir is required")
+    from hooks import checkpoints  # imports Keras: only when it is needed
+
+    checkpoints.check_model_dir(config.model_dir, writable=config.mode == "train")
+    checkpoints.check_model_dir(config.report_dir, writable=True, flag="--report_dir")
 
 
 def _validate_train(config: ChexnetConfig) -> None:

@@ -126,7 +126,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     trainer = horovod_glue.DistributedTrainer(network, context,
                                               fp16_allreduce=config.fp16_allreduce)
     trainer.compile(optimizer=optimizer, loss=make_loss(pos_w, neg_w), jit_compile=False)
-    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context)
+    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
+                                     log=chief_log)
     if resumed is not None:
         schedule.factor.assign(float(resumed.state.get("lr_factor", 1.0)))
     start = int(optimizer.iterations.numpy())
@@ -164,7 +165,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         keep_checkpoints=config.keep_checkpoints, best_metric="mean_auroc", best_mode="max",
         log_every_n_steps=config.log_every_n_steps,
         extra_callbacks=[cb.ReduceOnPlateau(schedule, config.plateau_patience,
-                                            config.plateau_factor)])
+                                            config.plateau_factor)], log=chief_log,
+        faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
     scored = result.last_eval.details
     summary = {"mode": "train", "ranks": context.size, "global_batch": config.train_batch_size,
                "model": network.name, "init": init.describe(), "peak_learning_rate": peak_lr,

@@ -50,7 +50,12 @@ def check_global_batches(context: "Context", **batches: int) -> None:
 
 def init(fusion_threshold_mb: float | None = None,
          cycle_time_ms: float | None = None) -> Context:
-    """Initialise Horovod once; fusion settings must reach the environment before init."""
+    """Initialise Horovod once; fusion settings must reach the environment before init.
+
+    Gloo's own collective timeout (30 s by default) would kill a job whose rank 0 takes
+    longer to write a checkpoint: it is set to a week unless the user set it, and stalls
+    are bounded by `hooks.watchdog` (--stall_timeout_s) instead."""
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(7 * 24 * 3600))
     if fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
     if cycle_time_ms is not None:
@@ -173,6 +178,24 @@ def _to_python(value):
     return array.item() if array.ndim == 0 else array.tolist()
 
 
+class RequestFlag(keras.metrics.Metric):
+    """A flag a rank raises between steps (`request()`); reported with each step's metrics
+    as the number of ranks that raised it, so every rank learns of it at the same step."""
+
+    def __init__(self, name="stop_request"):
+        super().__init__(name=name)
+        self.value = self.add_variable(shape=(), initializer="zeros", name="value")
+
+    def update_state(self, *args, **kwargs):
+        pass
+
+    def result(self):
+        return self.value
+
+    def request(self) -> None:
+        self.value.assign(1.0)
+
+
 class DistributedTrainer(keras.Model):
     """Wraps a Keras model so that `fit` averages gradients across Horovod ranks.
 
@@ -190,11 +213,12 @@ class DistributedTrainer(keras.Model):
         self.exact_metrics = exact_metrics
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.train_metrics = list(metrics)
+        self.stop_request = RequestFlag()  # raised by hooks.faults.Preemption
 
     @property
     def metrics(self):
-        # Listed here so fit() resets them at each epoch.
-        return [self.loss_tracker] + self.train_metrics
+        # Listed here so fit() resets them at each epoch (and sums them over ranks).
+        return [self.loss_tracker] + self.train_metrics + [self.stop_request]
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
@@ -234,20 +258,36 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
     if not context.is_chief:
         return False
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     # Keep the whole suffix (".weights.h5", ".keras"): Keras picks the format by it.
     suffix = "".join(pathlib.Path(path).suffixes)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-",
-                               suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-",
+                                   suffix=suffix)
+        os.close(fd)
         write(tmp)
+        with open(tmp, "rb+") as f:  # durable before it replaces the old file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
         raise
     return True
+
+
+def hostnames(context: Context) -> list[str]:
+    """Every rank's host name, in rank order (a collective)."""
+    import socket
+
+    if context.size == 1:
+        return [socket.gethostname()]
+    return list(_hvd().allgather_object(socket.gethostname()))
 
 
 def chief_only(callbacks: Iterable[keras.callbacks.Callback],
