@@ -80,6 +80,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(launcher, tmp_path):
         took = time.monotonic() - stopped
     finally:
         _kill_group(proc)
+    print(f"\n{launcher}: job ended {took:.1f} s after SIGSTOP (timeout {timeout} s)")
     assert proc.returncode != 0
     assert took < timeout + 30, f"the job took {took:.0f} s to end"
     line = next(l for l in out.splitlines() if "stall: rank 0 of 2" in l)
@@ -98,6 +99,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_then_resumes(tmp_path)
         took = time.monotonic() - t0
     finally:
         _kill_group(proc)
+    print(f"\nhorovodrun: both ranks stopped {took:.1f} s after SIGTERM")
     assert took < 30, f"took {took:.0f} s to stop"
     assert proc.returncode != 0  # horovodrun reports the ranks' exit 75 as a failure
     lines = [l for l in out.splitlines() if "preempted: stopped by" in l]
