@@ -36,12 +36,13 @@ class Watchdog:
 
     def __init__(self, timeout_s: float, rank: int = 0, size: int = 1,
                  hosts: Sequence[str] | None = None, stall_dir: str | None = None,
-                 exit=os._exit, stream=None, poll_s: float | None = None):
+                 exit=os._exit, stream=None, poll_s: float | None = None,
+                 grace_s: float = _GRACE_S):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s, self.rank, self.size = float(timeout_s), rank, size
         self.hosts = list(hosts) if hosts else [socket.gethostname()] * size
-        self.stall_dir = stall_dir
+        self.stall_dir, self.grace_s = stall_dir, grace_s
         self._exit, self._stream = exit, stream
         self._poll_s = poll_s if poll_s is not None else min(1.0, self.timeout_s / 10)
         self._lock = threading.Lock()
@@ -138,7 +139,7 @@ class Watchdog:
         try:
             with open(os.path.join(self.stall_dir, f"rank-{self.rank}"), "w") as f:
                 f.write(f"{self._step} {time.time()}\n")
-            time.sleep(_GRACE_S)
+            time.sleep(self.grace_s)
             present = {int(n.split("-")[1]) for n in os.listdir(self.stall_dir)
                        if n.startswith("rank-") and n.split("-")[1].isdigit()}
         except OSError:

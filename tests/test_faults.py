@@ -3,6 +3,7 @@ signal, damaged checkpoints, stale temporary folders, a full disk, the stall wat
 The same faults across real launchers are in tests/test_faults_launchers.py."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -114,9 +115,16 @@ def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------- damaged checkpoints
-def _three_checkpoints(tmp_path):
-    trainer = _trainer()
-    _train(trainer, _stream(), tmp_path, total=6)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model_dir with checkpoints at steps 2, 4, 6 (trained once, copied per test)."""
+    model_dir = tmp_path_factory.mktemp("trained")
+    _train(_trainer(), _stream(), model_dir, total=6)
+    return model_dir
+
+
+def _three_checkpoints(tmp_path, trained):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
     return [os.path.join(tmp_path, f"ckpt-{s:09d}") for s in (2, 4, 6)]
 
 
@@ -128,8 +136,9 @@ def _truncate(path):
 
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer",
                                     "bad json", "missing optimizer", "non-finite"])
-def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, damage):
-    paths = _three_checkpoints(tmp_path)
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, damage,
+                                                                        trained):
+    paths = _three_checkpoints(tmp_path, trained)
     newest = paths[-1]
     if damage == "truncated weights":
         _truncate(os.path.join(newest, checkpoints.WEIGHTS))
@@ -156,8 +165,8 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path
     assert _steps(tmp_path) == [2, 4]
 
 
-def test_no_loadable_checkpoint_is_an_error_not_a_restart(tmp_path):
-    for path in _three_checkpoints(tmp_path):
+def test_no_loadable_checkpoint_is_an_error_not_a_restart(tmp_path, trained):
+    for path in _three_checkpoints(tmp_path, trained):
         _truncate(os.path.join(path, checkpoints.WEIGHTS))
     trainer = _trainer()
     with pytest.raises(checkpoints.CheckpointError, match="no usable checkpoint.*refusing to "
@@ -166,8 +175,8 @@ def test_no_loadable_checkpoint_is_an_error_not_a_restart(tmp_path):
                                    warn=lambda m: None)
 
 
-def test_another_models_checkpoint_is_a_user_error_and_stays(tmp_path):
-    _three_checkpoints(tmp_path)
+def test_another_models_checkpoint_is_a_user_error_and_stays(tmp_path, trained):
+    _three_checkpoints(tmp_path, trained)
     inputs = keras.Input((3,))
     other = keras.Model(inputs, keras.layers.Dense(5)(inputs), name="tiny")
     with pytest.raises(checkpoints.CheckpointError, match="does not fit model tiny"):
@@ -175,8 +184,8 @@ def test_another_models_checkpoint_is_a_user_error_and_stays(tmp_path):
     assert _steps(tmp_path) == [2, 4, 6]  # nothing moved aside
 
 
-def test_stale_temporary_folders_are_removed_at_start(tmp_path):
-    _three_checkpoints(tmp_path)
+def test_stale_temporary_folders_are_removed_at_start(tmp_path, trained):
+    _three_checkpoints(tmp_path, trained)
     os.makedirs(tmp_path / ".ckpt-000000008-x1y2")  # what kill -9 mid-write leaves
     (tmp_path / ".ckpt-000000008-x1y2" / checkpoints.WEIGHTS).write_bytes(b"half")
     (tmp_path / ".tmp-summary.json-abc").write_text("{")
@@ -257,7 +266,7 @@ def test_watchdog_fires_without_beats_and_names_the_stalled_rank(tmp_path, capsy
     exit_ = _Exit()
     stall_dir = tmp_path / ".stall"
     dog = watchdog.Watchdog(0.5, rank=0, size=3, hosts=["node1", "node2", "node3"],
-                            stall_dir=str(stall_dir), exit=exit_, poll_s=0.05)
+                            stall_dir=str(stall_dir), exit=exit_, poll_s=0.05, grace_s=0.3)
     dog.start()
     (stall_dir / "rank-2").write_text("7")  # rank 2's watchdog fired too: it is waiting
     dog.beat(7, "gradient all-reduce")
@@ -285,9 +294,9 @@ def test_waiting_ranks_wait_while_the_chief_writes_and_fire_when_it_stops(tmp_pa
     stall_dir = str(tmp_path)
     exit_ = _Exit()
     chief = watchdog.Watchdog(0.4, rank=0, size=2, stall_dir=stall_dir, exit=_Exit(),
-                              poll_s=0.05).start()
+                              poll_s=0.05, grace_s=0.1).start()
     other = watchdog.Watchdog(0.4, rank=1, size=2, stall_dir=stall_dir, exit=exit_,
-                              poll_s=0.05).start()
+                              poll_s=0.05, grace_s=0.1).start()
     chief.chief_writing(True)
     other.waiting_for_chief(True)
     time.sleep(1.2)  # three timeouts: the chief's thread keeps chief-alive fresh
@@ -297,7 +306,6 @@ def test_waiting_ranks_wait_while_the_chief_writes_and_fire_when_it_stops(tmp_pa
     other.stop()
 
 
-def test_loop_checkpoints_record_the_network_fingerprint(tmp_path):
-    _three_checkpoints(tmp_path)
-    state = json.loads((tmp_path / "ckpt-000000006" / "state.json").read_text())
+def test_loop_checkpoints_record_the_network_fingerprint(trained):
+    state = json.loads((trained / "ckpt-000000006" / "state.json").read_text())
     assert state["network"] == {"name": "tiny", "params": 8, "tensors": 2}

@@ -45,7 +45,7 @@ def _start(cmd):
                             start_new_session=True)
 
 
-def _wait_for_checkpoint(proc, model_dir, seconds=240):
+def _wait_for_checkpoint(proc, model_dir, seconds=480):
     deadline = time.time() + seconds
     while not list(model_dir.glob("ckpt-*")):
         assert proc.poll() is None, proc.stdout.read()
