@@ -1,0 +1,327 @@
+"""Bring up (and tear down) a real single-node SLURM on this machine, for tests and demos.
+
+    cluster = SlurmCluster(Path("/tmp/slurm-x")).start()   # munged, slurmctld, slurmd
+    subprocess.run(["sbatch", "--wait", ...], env=cluster.env())
+    cluster.stop()
+
+Everything lives in one folder: a generated munge key and socket, slurm.conf for this host's
+short name with the real core count (`nproc`), state/spool/log/pid files. The daemons run as
+root with proctrack/linuxproc + task/none (no cgroups, no systemd) and ports picked free, so
+two clusters (two test runs) do not collide. `stop()` ends the daemons by their pid files.
+
+Packages: Debian's slurmctld slurmd slurm-client munge (scripts/install_slurm.sh). Every
+start-up step is bounded and raises ClusterError with the daemon's log tail on failure.
+
+Run by hand:  python -m tests.slurm_cluster up DIR   /   python -m tests.slurm_cluster down DIR
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALL_SCRIPT = ROOT / "scripts" / "install_slurm.sh"
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up; the message says why (with log tails)."""
+
+
+def missing_binaries():
+    return [b for b in BINARIES if _which(b) is None]
+
+
+def _which(name):
+    # Daemons live in /usr/sbin, which a non-login PATH may lack.
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/local/sbin"
+    return shutil.which(name, path=path)
+
+
+def ensure_installed(timeout=600):
+    """Install the Debian packages when a binary is missing (root + apt-get), else raise."""
+    missing = missing_binaries()
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise ClusterError(f"SLURM binaries missing: {', '.join(missing)}; install them with "
+                           f"`sudo bash {INSTALL_SCRIPT}` (Debian: slurmctld slurmd "
+                           "slurm-client munge)")
+    try:
+        proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ClusterError(f"{INSTALL_SCRIPT} did not finish in {timeout}s") from exc
+    if proc.returncode != 0 or missing_binaries():
+        raise ClusterError(f"{INSTALL_SCRIPT} failed (rc {proc.returncode}); still missing "
+                           f"{missing_binaries()}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path, n=4000):
+    try:
+        return Path(path).read_text(errors="replace")[-n:]
+    except OSError:
+        return f"<no log at {path}>"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class SlurmCluster:
+    """One controller + one compute node (this host) in `root`."""
+
+    def __init__(self, root: Path, cpus: int | None = None, partition: str = "debug"):
+        self.root = Path(root)
+        self.host = socket.gethostname().split(".")[0]
+        self.cpus = cpus or os.cpu_count() or 1
+        self.partition = partition
+        self.conf = self.root / "etc" / "slurm.conf"
+        self.munge_socket = self.root / "munge" / "munge.socket"
+        self.logs = {name: self.root / "log" / f"{name}.log"
+                     for name in ("munged", "slurmctld", "slurmd")}
+        self.pidfiles = {name: self.root / "run" / f"{name}.pid"
+                         for name in ("munged", "slurmctld", "slurmd")}
+
+    # ------------------------------------------------------------------ environment
+    def env(self, base=None, **extra):
+        """Environment for client commands (sbatch, scontrol, ...) talking to this cluster."""
+        env = dict(os.environ if base is None else base)
+        for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+            del env[key]  # an outer allocation's variables must not leak into ours
+        env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def run(self, *cmd, timeout=30, check=True):
+        proc = subprocess.run([str(c) for c in cmd], env=self.env(), capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"{' '.join(map(str, cmd))} exited {proc.returncode}: "
+                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return proc
+
+    # ------------------------------------------------------------------ config
+    def write_config(self):
+        for sub in ("etc", "munge", "log", "run", "state", "spool"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root / sub, 0o755)
+        os.chmod(self.root, 0o755)
+        key = self.root / "munge" / "munge.key"
+        if not key.exists():
+            key.write_bytes(os.urandom(1024))
+            os.chmod(key, 0o400)
+        ctld_port, slurmd_port = _free_port(), _free_port()
+        while slurmd_port == ctld_port:
+            slurmd_port = _free_port()
+        r = self.root
+        self.conf.write_text(f"""\
+# Generated by tests/slurm_cluster.py: a single-node test cluster.
+ClusterName=hpcresnet
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again
+# (default 120 s).
+AuthInfo=socket={self.munge_socket},cred_expire=10
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/slurmd-%n
+SlurmctldPidFile={self.pidfiles['slurmctld']}
+SlurmdPidFile={self.pidfiles['slurmd']}
+SlurmctldLogFile={self.logs['slurmctld']}
+SlurmdLogFile={self.logs['slurmd']}
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+KillWait=5
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=30
+MessageTimeout=20
+NodeName={self.host} NodeAddr=127.0.0.1 NodeHostname={self.host} CPUs={self.cpus} State=UNKNOWN
+PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+""")
+        return self.conf
+
+    # ------------------------------------------------------------------ daemons
+    def _start_daemon(self, name, cmd, ready, timeout):
+        log = self.logs[name]
+        out = open(self.root / "log" / f"{name}.stdout", "ab")
+        try:
+            proc = subprocess.run([str(c) for c in cmd], env=self.env(), stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"{name} did not daemonize in {timeout}s\n{self.log_tail(name)}") \
+                from exc
+        finally:
+            out.close()
+        if proc.returncode != 0:
+            raise ClusterError(f"{name} failed to start (rc {proc.returncode}): "
+                               f"{' '.join(map(str, cmd))}\n{self.log_tail(name)}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self.pid(name)
+            if pid and not _pid_alive(pid):
+                raise ClusterError(f"{name} (pid {pid}) died during start-up\n"
+                                   f"{self.log_tail(name)}")
+            if pid and ready():
+                return pid
+            time.sleep(0.3)
+        raise ClusterError(f"{name} not ready after {timeout}s (log {log})\n{self.log_tail(name)}")
+
+    def log_tail(self, name, n=3000):
+        stdout = self.root / "log" / f"{name}.stdout"
+        return (f"--- {self.logs[name]} (tail)\n{_tail(self.logs[name], n)}\n"
+                f"--- {stdout} (tail)\n{_tail(stdout, 1000)}")
+
+    def pid(self, name):
+        try:
+            return int(self.pidfiles[name].read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _ctld_up(self):
+        return self.run("scontrol", "ping", timeout=15, check=False).stdout.count("UP") > 0
+
+    def node_state(self):
+        proc = self.run("sinfo", "-h", "-N", "-n", self.host, "-o", "%T", timeout=15,
+                        check=False)
+        return proc.stdout.strip().lower()
+
+    def start(self, timeout=60):
+        ensure_installed()
+        self.write_config()
+        self._start_daemon(
+            "munged",
+            [_which("munged"), "--force", f"--socket={self.munge_socket}",
+             f"--key-file={self.root / 'munge' / 'munge.key'}",
+             f"--pid-file={self.pidfiles['munged']}", f"--log-file={self.logs['munged']}",
+             f"--seed-file={self.root / 'munge' / 'munged.seed'}"],
+            ready=self.munge_socket.exists, timeout=timeout)
+        self._start_daemon("slurmctld", [_which("slurmctld"), "-c", "-i", "-f", self.conf],
+                           ready=self._ctld_up, timeout=timeout)
+        self._start_daemon("slurmd", [_which("slurmd"), "-N", self.host, "-f", self.conf],
+                           ready=lambda: True, timeout=timeout)
+        self.wait_idle(timeout)
+        return self
+
+    def wait_idle(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.node_state()
+            if state.startswith("idle"):
+                return
+            if self.pid("slurmd") and not _pid_alive(self.pid("slurmd")):
+                break
+            if "down" in state or "drain" in state:  # left over from an unclean state
+                self.run("scontrol", "update", f"nodename={self.host}", "state=resume",
+                         check=False)
+            time.sleep(0.5)
+        raise ClusterError(f"node {self.host} not idle after {timeout}s (state '{state}')\n"
+                           f"{self.log_tail('slurmd')}\n{self.log_tail('slurmctld')}")
+
+    def stop(self, timeout=20):
+        """Cancel jobs, then stop slurmd, slurmctld, munged by their pid files (bounded)."""
+        if self._ctld_up_quiet():
+            self.run("scancel", "--full", "--quiet", "-u", "root", timeout=15, check=False)
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid = self.pid(name)
+            if not pid or not _pid_alive(pid):
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _ctld_up_quiet(self):
+        try:
+            return self.pid("slurmctld") and _pid_alive(self.pid("slurmctld")) and self._ctld_up()
+        except (subprocess.TimeoutExpired, OSError):
+            return False
+
+    # ------------------------------------------------------------------ jobs
+    def job_info(self, job_id):
+        """`scontrol show job` as a dict (empty when the job is unknown)."""
+        proc = self.run("scontrol", "show", "job", "-o", job_id, timeout=15, check=False)
+        info = {}
+        for token in proc.stdout.split():
+            key, sep, value = token.partition("=")
+            if sep and key not in info:
+                info[key] = value
+        return info
+
+    def wait_job(self, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                       "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                                       "DEADLINE"), timeout=300):
+        deadline = time.monotonic() + timeout
+        info = {}
+        while time.monotonic() < deadline:
+            info = self.job_info(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(1)
+        raise ClusterError(f"job {job_id} not in {states} after {timeout}s: "
+                           f"JobState={info.get('JobState')} Reason={info.get('Reason')}")
+
+
+def main(argv):
+    if len(argv) != 3 or argv[1] not in ("up", "down"):
+        print(__doc__)
+        return 2
+    cluster = SlurmCluster(Path(argv[2]).resolve())
+    if argv[1] == "up":
+        cluster.start()
+        print(f"export SLURM_CONF={cluster.conf}")
+    else:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
