@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -121,7 +122,7 @@ class OneNode:
                 self.proc = subprocess.Popen(
                     self.cluster.command("bash", SLURM_DIR / f"{script}.sbatch", node="node3"),
                     env=dict(env, LAUNCHER="mpirun", NP="2"), stdout=out,
-                    stderr=subprocess.STDOUT, cwd=self.folder)
+                    stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True)
                 self.codes.append(self.proc.wait())  # bounded: wait() kills it at its deadline
 
     def wait(self, timeout=JOB_TIMEOUT):
@@ -140,7 +141,7 @@ class OneNode:
         """Stop what still runs (also the runs not started yet)."""
         self.stopped = True
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the script, mpirun and its ranks
         self.thread.join(10)
 
 
