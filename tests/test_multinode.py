@@ -251,7 +251,7 @@ def test_chexnet_train_and_evaluate_on_two_nodes_match_one_node(cluster):
 
 
 def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
-    steps, every = 10, 2
+    steps, every = 8, 2
     folder = _jobs(cluster, "node-loss")
     model_dir = folder / "model"
     env = job_env(cluster, IMAGENET, TRAIN_STEPS=str(steps), ITERATIONS_PER_LOOP=str(every),
