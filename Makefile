@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test test-all test-slurm bench clean
+.PHONY: setup demo test test-all test-slurm test-multinode bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test-all: setup
 
 test-slurm: setup
 	$(PY) -m pytest -m slurm
+
+test-multinode: setup
+	$(PY) -m pytest -m multinode
 
 clean:
 	rm -rf demo_out .pytest_cache
