@@ -1,6 +1,6 @@
 """The project's batch scripts on a real single-node SLURM, and the same script under mpirun.
 
-`pytest -m slurm` brings up munged + slurmctld + slurmd on this machine (tests/slurm_cluster.py,
+`pytest -m slurm` brings up munged + slurmctld + slurmd on this machine (slurm/cluster.py,
 Debian packages installed by scripts/install_slurm.sh when missing), then:
   * `sbatch --wait slurm/imagenet_resnet50.sbatch` on a tiny synthetic config with 2 tasks:
     the job is COMPLETED and its log shows 2 ranks and the final SUMMARY;
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from slurm.cluster import ClusterError, SlurmCluster
 from tests.conftest import ROOT, child_env
-from tests.slurm_cluster import ClusterError, SlurmCluster
 from tests.slurm_jobs import JOB_TIMEOUT, TINY, job_env, read, sbatch, summary
 
 SCRIPT = ROOT / "slurm" / "imagenet_resnet50.sbatch"
