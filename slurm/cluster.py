@@ -170,6 +170,8 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(self.root / sub, 0o755)
         os.chmod(self.root, 0o755)
+        for node in self.nodes:
+            (self.root / "spool" / f"slurmd-{node.name}").mkdir(exist_ok=True)
         key = self.root / "munge" / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
@@ -230,6 +232,9 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
     def _start_daemon(self, name, cmd, ready, timeout):
         if self.alive(name):  # idempotent: a running daemon stays as it is
             return self.pid(name)
+        # A dead daemon's pid file would read as "died during start-up" until the new one
+        # writes its own.
+        self.pidfiles[name].unlink(missing_ok=True)
         log = self.logs[name]
         out = open(self.root / "log" / f"{name}.stdout", "ab")
         try:
