@@ -195,6 +195,8 @@ def test_imagenet_on_two_nodes_matches_one_node(cluster, imagenet_one_node, laun
     info = _completed(cluster, job_id, proc, log)
     assert info["NodeList"] == "node[1-2]"
     assert f"[hpc-resnet] launcher {launcher} nodes 2 ranks 2 tasks_per_node 1 " in log
+    command = {"srun": "srun --mpi=pmix ", "mpirun": "mpirun -np 2 "}[launcher]
+    assert f"[hpc-resnet] command: {command}" in log
     assert _placement(log) == [(2, 2, "node1 rank 0 local_size 1; node2 rank 1 local_size 1")]
     result = summary(log)
     assert result["ranks"] == 2 and result["final_step"] == STEPS
