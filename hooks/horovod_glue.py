@@ -89,8 +89,10 @@ def describe_placement(ranks: Sequence[tuple], max_hosts: int = 8) -> str:
     line = (f"horovod: {len(ranks)} rank(s) on {len(hosts)} host(s): "
             + "; ".join(parts[:max_hosts]) + more)
     if wrong:
+        odd = [r for r in ranks if r[1] in wrong]
         line += (f"\nhorovod: warning: local ranks do not match host names on "
-                 f"{', '.join(wrong)}: {[r for r in ranks if r[1] in wrong]}")
+                 f"{', '.join(wrong[:max_hosts])}: (rank, host, local_rank, local_size) "
+                 f"{odd[:max_hosts]}{' ...' if len(odd) > max_hosts else ''}")
     return line
 
 
