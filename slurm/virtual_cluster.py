@@ -127,11 +127,6 @@ class VirtualCluster(SlurmCluster):
     def node_dir(self, node):
         return self.root / "nodes" / node
 
-    def env(self, base=None, **extra):
-        # The nodes share the machine's cores: an MPI rank waiting in a collective should
-        # yield its core rather than spin (a third less CPU time for a 2-rank job here).
-        return super().env(base, **{"OMPI_MCA_mpi_yield_when_idle": "1", **extra})
-
     def anchor_pid(self, node):
         """The process that holds the node's namespaces (its 'init')."""
         return self.pid(f"anchor-{node}")
