@@ -8,6 +8,7 @@ Code below this module takes a `Context` instead of calling Horovod for rank/siz
 import dataclasses
 import os
 import pathlib
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
@@ -63,7 +64,44 @@ def init(fusion_threshold_mb: float | None = None,
     hvd = _hvd()
     if not hvd.is_initialized():
         hvd.init()
-    return Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    context = Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    # Where the ranks landed (a collective): the one place a job log shows hosts.
+    line = describe_placement(placement(context))
+    if context.is_chief:
+        print(line, flush=True)
+    return context
+
+
+def placement(context: Context) -> list[tuple]:
+    """(rank, host, local_rank, local_size) of every rank, in rank order (a collective)."""
+    me = (context.rank, socket.gethostname(), context.local_rank, context.local_size)
+    return [me] if context.size == 1 else list(_hvd().allgather_object(me))
+
+
+def describe_placement(ranks: Sequence[tuple], max_hosts: int = 8) -> str:
+    """One line naming each host's ranks and local_size, plus a warning line when Horovod's
+    local ranks disagree with the host names (per-node work would then be done twice or
+    not at all, e.g. when every container of a job has the same hostname)."""
+    hosts: dict[str, list] = {}
+    for rank, host, local_rank, local_size in ranks:
+        hosts.setdefault(host, []).append((local_rank, rank, local_size))
+    parts, wrong = [], []
+    for host, members in hosts.items():
+        members.sort()
+        if ([m[0] for m in members] != list(range(len(members)))
+                or any(m[2] != len(members) for m in members)):
+            wrong.append(host)
+        parts.append(f"{host} rank {','.join(str(m[1]) for m in members)} "
+                     f"local_size {members[0][2]}")
+    more = f"; ... ({len(parts) - max_hosts} more)" if len(parts) > max_hosts else ""
+    line = (f"horovod: {len(ranks)} rank(s) on {len(hosts)} host(s): "
+            + "; ".join(parts[:max_hosts]) + more)
+    if wrong:
+        odd = [r for r in ranks if r[1] in wrong]
+        line += (f"\nhorovod: warning: local ranks do not match host names on "
+                 f"{', '.join(wrong[:max_hosts])}: (rank, host, local_rank, local_size) "
+                 f"{odd[:max_hosts]}{' ...' if len(odd) > max_hosts else ''}")
+    return line
 
 
 # ---------------------------------------------------------------- collectives
@@ -283,11 +321,7 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
 
 def hostnames(context: Context) -> list[str]:
     """Every rank's host name, in rank order (a collective)."""
-    import socket
-
-    if context.size == 1:
-        return [socket.gethostname()]
-    return list(_hvd().allgather_object(socket.gethostname()))
+    return [host for _, host, _, _ in placement(context)]
 
 
 def chief_only(callbacks: Iterable[keras.callbacks.Callback],
