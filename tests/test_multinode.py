@@ -312,6 +312,17 @@ def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
     assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
 
 
+def _down_and_check(vc, what):
+    """`down`, timed; then no daemon, namespace or link of `vc` is left."""
+    t0 = time.monotonic()
+    vc.down()
+    print(f"{what}: {time.monotonic() - t0:.1f} s")
+    assert vc.leftovers() == []
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            timeout=10).stdout
+    assert not any(ns in listed for ns in [*vc.netns.values(), vc.switch])
+
+
 def test_down_removes_everything_also_after_a_failed_up(monkeypatch):
     run_dir = Path(tempfile.mkdtemp(prefix="hr-vcluster-", dir=RUN_PARENT))
     vc = VirtualCluster(run_dir, nodes=2)
@@ -324,13 +335,7 @@ def test_down_removes_everything_also_after_a_failed_up(monkeypatch):
         assert vc.alive("munged") and vc.anchor_pid("node2")  # half up
         assert any(ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                         text=True, timeout=10).stdout for ns in vc.netns.values())
-        t0 = time.monotonic()
-        vc.down()
-        print(f"down after a failed up: {time.monotonic() - t0:.1f} s")
-        assert vc.leftovers() == []
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                                timeout=10).stdout
-        assert not any(ns in listed for ns in [*vc.netns.values(), vc.switch])
+        _down_and_check(vc, "down after a failed up")
     finally:
         vc.down()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -338,13 +343,7 @@ def test_down_removes_everything_also_after_a_failed_up(monkeypatch):
 
 def test_down_leaves_nothing_behind(cluster):
     run_dir = str(cluster.root)
-    t0 = time.monotonic()
-    cluster.down()
-    print(f"down: {time.monotonic() - t0:.1f} s")
-    assert cluster.leftovers() == []
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                            timeout=10).stdout
-    assert not any(ns in listed for ns in [*cluster.netns.values(), cluster.switch])
+    _down_and_check(cluster, "down")
     assert _host_state() == cluster.host_state_before
     mine = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
