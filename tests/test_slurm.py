@@ -4,8 +4,9 @@
 Debian packages installed by scripts/install_slurm.sh when missing), then:
   * `sbatch --wait slurm/imagenet_resnet50.sbatch` on a tiny synthetic config with 2 tasks:
     the job is COMPLETED and its log shows 2 ranks and the final SUMMARY;
-  * a second job is requeued (`scontrol requeue`) once it has written checkpoints, and
-    finishes from its checkpoint (the restarted run says "resuming ... at step S", S > 0).
+  * a second job gets the time-limit notice (USR1 to the batch shell) once it has written
+    checkpoints: its ranks stop at one step with a checkpoint, it requeues itself and the
+    restarted run resumes at exactly that step and finishes.
 `pytest -m distributed -k outside_slurm` runs the same script with LAUNCHER=mpirun NP=2.
 Every wait is bounded; the daemons are stopped by their pid files at the end.
 """
@@ -60,7 +61,7 @@ def test_sbatch_wait_runs_two_ranks_to_completion(cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
+def test_time_limit_notice_checkpoints_requeues_and_resumes_at_that_step(cluster, tmp_path):
     steps = 24
     model_dir = tmp_path / "model"
     env = job_env(cluster, TRAIN_STEPS=steps, MODEL_DIR=model_dir)
@@ -83,7 +84,9 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
                         f" (state {state})\n{read(log_path)[-5000:]}")
         time.sleep(0.5)
     assert "SUMMARY" not in read(log_path), "the job finished before it could be requeued"
-    cluster.run("scontrol", "requeue", job_id)
+    # The time-limit notice (#SBATCH --signal=B:USR1@300), sent now: the script forwards it,
+    # the ranks checkpoint at one step and exit 75, and the script requeues the job.
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
     try:
         info = cluster.wait_job(job_id, timeout=JOB_TIMEOUT)
@@ -95,11 +98,13 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     # Both attempts append to the one per-job log (--open-mode=append).
     first, sep, second = log.partition("restart_count 1")
     assert sep, f"no restarted attempt in the log:\n{log[-5000:]}"
-    assert "starting from step 0" in first and "DUE TO JOB REQUEUE" in first
+    assert "starting from step 0" in first and "requeueing job" in first
+    stopped = {int(s) for s in re.findall(r"preempted: stopped by SIGUSR1 at step (\d+)", first)}
+    assert len(stopped) == 1, f"ranks did not agree on one step:\n{first[-5000:]}"
     match = re.search(r"2 rank\(s\).*resuming from (\S+) at step (\d+)", second)
     assert match, f"the requeued attempt did not resume:\n{second[-5000:]}"
     resumed_at = int(match.group(2))
-    assert 0 < resumed_at < steps
+    assert {resumed_at} == stopped and 0 < resumed_at < steps  # no step lost
     assert os.path.basename(match.group(1)) == f"ckpt-{resumed_at:09d}"
     result = summary(second)
     assert result["ranks"] == 2
