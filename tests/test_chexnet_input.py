@@ -183,3 +183,20 @@ def test_preprocessing_matches_keras_applications(mode, module):
     with pytest.raises(ValueError, match="unknown preprocessing"):
         ip.preprocess_images(x, "inception")
 
+
+@pytest.mark.parametrize("view", ["whole", "crop"])
+def test_predict_feeds_exactly_what_evaluation_feeds(six_images, tmp_path, view):
+    """`predict` reads and prepares an image with the evaluation pipeline's own functions:
+    the same float input, bit for bit, for 8-bit, RGBA and 16-bit PNGs."""
+    from chexnet import predict
+
+    paths = [six_images[0][0], six_images[0][5]]
+    pixels = np.asarray(Image.open(paths[0]).convert("L"), np.uint16)
+    Image.fromarray(pixels * 257).save(tmp_path / "x16.png")
+    paths.append(str(tmp_path / "x16.png"))
+    options = _options(image_size=24, view=view)
+    (batch, _, _), = list(ip.eval_dataset(paths, np.zeros((3, 14)), options, batch_size=3)[0])
+    for path, expected in zip(paths, batch.numpy()):
+        np.testing.assert_array_equal(predict.prepare(predict.read_image(path), options)[0],
+                                      expected)
+    np.testing.assert_array_equal(batch[2].numpy(), batch[0].numpy())  # 16-bit == 8-bit
