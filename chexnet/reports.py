@@ -170,7 +170,8 @@ def plot_roc_curves(
     for ax in axes[:, 0]:
         ax.set_ylabel("true positive rate")
     fig.suptitle(f"{title} - mean AUROC {_fmt(result.mean_auroc)}", fontsize=11)
-    fig.tight_layout()
+    # Fixed margins: tight_layout measures every text box and costs most of the plot's time.
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.9, wspace=0.08, hspace=0.35)
     fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
 
