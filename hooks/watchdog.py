@@ -57,12 +57,12 @@ class Watchdog:
 
     # ------------------------------------------------------------ called by the loop
     def start(self) -> "Watchdog":
-        if self.stall_dir:
-            try:
-                os.makedirs(self.stall_dir, exist_ok=True)
-                if self.rank == 0:  # reports of an earlier run must not count as answers
-                    for name in os.listdir(self.stall_dir):
-                        os.remove(os.path.join(self.stall_dir, name))
+        # The folder is made only when a file is written into it: a run refused at its
+        # first checks must leave no model_dir behind.
+        if self.stall_dir and self.rank == 0 and os.path.isdir(self.stall_dir):
+            try:  # reports of an earlier run must not count as answers
+                for name in os.listdir(self.stall_dir):
+                    os.remove(os.path.join(self.stall_dir, name))
             except OSError:
                 self.stall_dir = None  # a read-only model_dir: name the phase only
         self._thread.start()
@@ -102,6 +102,7 @@ class Watchdog:
             return
         path = os.path.join(self.stall_dir, CHIEF_ALIVE)
         try:
+            os.makedirs(self.stall_dir, exist_ok=True)
             with open(path, "a"):
                 os.utime(path)
         except OSError:
@@ -137,6 +138,7 @@ class Watchdog:
         if not self.stall_dir or self.size == 1:
             return None
         try:
+            os.makedirs(self.stall_dir, exist_ok=True)
             with open(os.path.join(self.stall_dir, f"rank-{self.rank}"), "w") as f:
                 f.write(f"{self._step} {time.time()}\n")
             time.sleep(self.grace_s)

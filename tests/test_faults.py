@@ -268,6 +268,8 @@ def test_watchdog_fires_without_beats_and_names_the_stalled_rank(tmp_path, capsy
     dog = watchdog.Watchdog(0.5, rank=0, size=3, hosts=["node1", "node2", "node3"],
                             stall_dir=str(stall_dir), exit=exit_, poll_s=0.05, grace_s=0.3)
     dog.start()
+    assert not stall_dir.exists()  # made only when a report is written
+    stall_dir.mkdir()
     (stall_dir / "rank-2").write_text("7")  # rank 2's watchdog fired too: it is waiting
     dog.beat(7, "gradient all-reduce")
     assert _wait_for(lambda: exit_.code is not None, 10)
