@@ -143,7 +143,8 @@ def remove_stale_temps(model_dir: str | None) -> list[str]:
 
 
 def check_model_dir(model_dir: str | None, writable: bool, flag: str = "--model_dir") -> None:
-    """ConfigError unless `model_dir` is a folder (created when `writable`) we can write."""
+    """ConfigError unless `model_dir` is a folder we can write, or one we could create
+    (it is not created here: a run refused by a later check leaves nothing behind)."""
     from hooks.errors import ConfigError
 
     if not model_dir:
@@ -152,9 +153,13 @@ def check_model_dir(model_dir: str | None, writable: bool, flag: str = "--model_
         raise ConfigError(f"{flag}={model_dir} is a file, not a directory")
     if not writable:
         return
+    existing = os.path.abspath(model_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag}={model_dir}: {existing} is a file, not a directory")
     try:
-        os.makedirs(model_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=model_dir, prefix=".tmp-probe-")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tmp-probe-")
         os.close(fd)
         os.remove(probe)
     except OSError as err:

@@ -236,6 +236,10 @@ def test_model_dir_that_is_a_file_or_unwritable(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match=r"--model_dir=.*/f is a file"):
         checkpoints.check_model_dir(str(tmp_path / "f"), writable=True)
+    with pytest.raises(ConfigError, match=r"--model_dir=.*/f/run: .*/f is a file"):
+        checkpoints.check_model_dir(str(tmp_path / "f" / "run"), writable=True)
+    checkpoints.check_model_dir(str(tmp_path / "new" / "run"), writable=True)
+    assert sorted(os.listdir(tmp_path)) == ["f"]  # checked, not created, no probe left
     ro = tmp_path / "ro"
     ro.mkdir()
     subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], check=True)

@@ -47,7 +47,8 @@ CHEXNET_DATA = ["--only_present_images", "--split_fractions=0.6,0.2,0.2"]
 CHEXNET = {"PYTHON": TINY["PYTHON"], "TF_CPP_MIN_LOG_LEVEL": "2", "DATA_DIR": str(CHEST),
            "CSV": str(CHEST / "Data_Entry_2017.csv.gz"), "BACKBONE": "resnet18",
            "IMAGE_SIZE": "32", "BATCH": "4", "EVAL_BATCH": "4", "TRAIN_STEPS": str(STEPS),
-           "ALLOW_RANDOM_INIT": "1", "EXTRA_FLAGS": " ".join(CHEXNET_DATA + ["--seed=3", f"--steps_per_loop={STEPS}"])}
+           "ALLOW_RANDOM_INIT": "1",
+           "EXTRA_FLAGS": " ".join(CHEXNET_DATA + ["--seed=3", f"--steps_per_loop={STEPS}"])}
 PLACEMENT = re.compile(r"^horovod: (\d+) rank\(s\) on (\d+) host\(s\): (.*)$", re.M)
 
 
