@@ -11,22 +11,15 @@ from hooks.errors import DataError
 from hooks.horovod_glue import Context
 from imagenet import build_tfrecords as bt
 from imagenet import input_pipeline as ip
-from imagenet import sample_images
 from imagenet import train as imagenet_train
 from imagenet.config import RunConfig
 
 QUIET = dict(log=lambda *a, **k: None)
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    """3 classes x 3 images, 40 px: train 2 shards, validation 1; labels 1..3."""
-    root = tmp_path_factory.mktemp("checks")
-    images, synsets = sample_images.generate(str(root / "gen"), num_classes=3, per_class=3,
-                                             size=40)
-    bt.build(images, str(root / "ok"), "train", synsets, 2, **QUIET)
-    bt.build(images, str(root / "ok"), "validation", synsets, 1, **QUIET)
-    return root / "ok"
+@pytest.fixture
+def records(tiny_tfrecords):
+    return tiny_tfrecords
 
 
 def _copy(records, tmp_path):
