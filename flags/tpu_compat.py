@@ -63,29 +63,27 @@ IGNORED = {
                           "RandAugment (no effect without --augment_name)"),
 }
 
-# name -> (absl definer, reference default, accepted(value), why any other value fails)
+# name -> (absl definer, reference default, why a value other than an empty one fails)
 REFUSED = {
-    "use_tpu": (flags.DEFINE_boolean, False, lambda v: not v,
-                "this resnet_main runs on CPUs with Horovod"),
-    "data_format": (flags.DEFINE_string, "channels_last", lambda v: v in (None, "channels_last"),
+    "use_tpu": (flags.DEFINE_boolean, False, "this resnet_main runs on CPUs with Horovod"),
+    "data_format": (flags.DEFINE_string, "channels_last",
                     "TensorFlow's CPU pooling kernels need channels_last"),
-    "dropblock_groups": (flags.DEFINE_string, None, lambda v: not v,
+    "dropblock_groups": (flags.DEFINE_string, None,
                          "DropBlock is not implemented in this CPU version"),
-    "pre_activation": (flags.DEFINE_boolean, None, lambda v: not v,
-                       "only the ResNet v1.5 of the reference's default is built here "
-                       "(no pre-activation ResNet v2)"),
-    "norm_act_layer": (flags.DEFINE_string, None, lambda v: v in (None, "", "bn_relu"),
-                       "only bn_relu is implemented (no EvoNorm)"),
-    "augment_name": (flags.DEFINE_string, None, lambda v: not v,
+    "pre_activation": (flags.DEFINE_boolean, None, "only the reference's default ResNet "
+                       "v1.5 is built here (no pre-activation ResNet v2)"),
+    "norm_act_layer": (flags.DEFINE_string, None, "only bn_relu is implemented (no EvoNorm)"),
+    "augment_name": (flags.DEFINE_string, None,
                      "AutoAugment/RandAugment are not implemented in this CPU version"),
-    "bigtable_instance": (flags.DEFINE_string, None, lambda v: not v,
-                          "Cloud Bigtable input is not supported; convert to TFRecords "
-                          "(imagenet.build_tfrecords) and pass --data_dir"),
-    "config_file": (flags.DEFINE_string, None, lambda v: not v,
+    "bigtable_instance": (flags.DEFINE_string, None, "Cloud Bigtable input is not supported; "
+                          "convert to TFRecords (imagenet.build_tfrecords), pass --data_dir"),
+    "config_file": (flags.DEFINE_string, None,
                     "YAML parameter files are not read; pass the values as flags"),
-    "params_override": (flags.DEFINE_string, None, lambda v: not v,
+    "params_override": (flags.DEFINE_string, None,
                         "parameter overrides are not read; pass the values as flags"),
 }
+# Besides None, "" and False, these values are accepted (they are what is built here).
+ACCEPTED = {"data_format": ("channels_last",), "norm_act_layer": ("bn_relu",)}
 
 # reference name -> our flag
 ALIASES = {"log_step_count_steps": "log_every_n_steps"}
@@ -98,11 +96,12 @@ def define(flag_values=flags.FLAGS) -> None:
     for name, (define_flag, default, why) in IGNORED.items():
         define_flag(name, default, f"tensorflow/tpu flag, ignored here: {why}.",
                     flag_values=flag_values)
-    for name, (define_flag, default, accepted, why) in REFUSED.items():
+    for name, (define_flag, default, why) in REFUSED.items():
         define_flag(name, default, f"tensorflow/tpu flag; only its default is accepted: {why}.",
                     flag_values=flag_values)
-        flags.register_validator(name, accepted, flag_values=flag_values,
-                                 message=f"--{name} is not supported: {why}")
+        flags.register_validator(
+            name, lambda v, ok=ACCEPTED.get(name, ()): not v or v in ok,
+            flag_values=flag_values, message=f"--{name} is not supported: {why}")
     for alias, target in ALIASES.items():
         flags.DEFINE_alias(alias, target, flag_values=flag_values)
 

@@ -7,13 +7,13 @@ import pytest
 from absl import flags as absl_flags
 
 import flags
-import resnet_main
 from chexnet import splits
 from chexnet import train as chexnet_train
 from flags import tpu_compat
 from hooks import schedules
 from imagenet import train
 from imagenet.config import RunConfig
+from tests.test_flags import _parse
 
 IMAGENET = 1281167
 
@@ -209,13 +209,6 @@ REFERENCE_ARGV = [
     "--randaug_magnitude=10", "--add_warmup_requests", "--model_name=resnet",
     "--inference_batch_sizes=8", "--export_moving_average",
 ]
-
-
-def _parse(argv):
-    fv = absl_flags.FlagValues()
-    resnet_main.define_flags(fv)
-    fv(["resnet_main", *argv])
-    return fv
 
 
 def test_a_tpu_command_line_runs_unchanged():
