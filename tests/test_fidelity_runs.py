@@ -42,11 +42,22 @@ def _tiny(**kwargs):
 
 
 # ---------------------------------------------------------------- precision, stopping
-def test_bfloat16_run_is_within_tolerance_of_float32_and_stops_at_target(tmp_path):
+def test_bfloat16_run_is_within_tolerance_of_float32_and_stops_at_target(tmp_path,
+                                                                        monkeypatch):
     common = dict(TINY_RESNET, mode="train_and_eval", train_steps=6, num_eval_images=16,
                   target_top_1=0.0, stop_at_target=True)
+    conv_dtypes, build = [], models.build_classifier
+
+    def build_and_record(*args, **kwargs):
+        network = build(*args, **kwargs)
+        conv_dtypes.append({layer.compute_dtype for layer in network.layers
+                            if isinstance(layer, keras.layers.Conv2D)})
+        return network
+    monkeypatch.setattr(models, "build_classifier", build_and_record)
     fp32 = _run(model_dir=str(tmp_path / "fp32"), **common)
     bf16 = _run(model_dir=str(tmp_path / "bf16"), precision="bfloat16", **common)
+    monkeypatch.undo()
+    assert conv_dtypes == [{"float32"}, {"bfloat16"}]  # the bf16 run computed in bf16
     for summary in (fp32, bf16):  # the first evaluation (step 2) reaches 0.0: stop there
         assert summary["final_step"] == 2 and summary["time_to_target"]["step"] == 2
     # Same data, same initial weights. Measured here: eval loss 1.58785 (fp32) vs 1.58777
