@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo lint test test-fast test-slurm clean
+.PHONY: setup demo lint test test-fast test-slurm test-multinode clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ test-fast: setup
 
 test-slurm: setup
 	$(PY) -m pytest -m slurm
+
+test-multinode: setup
+	$(PY) -m pytest -m multinode
 
 clean:
 	rm -rf demo_out .pytest_cache

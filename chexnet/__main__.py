@@ -44,18 +44,26 @@ HELP = {
     "eval_split": "Split evaluate scores (default: test; training always validates on val).",
     # model
     "backbone": "densenet121, resnet50, vgg16 (or resnet18/34/...).",
-    "image_size": "Input size in pixels (images are resized to size*256/224, then cropped).",
+    "image_size": "Input size in pixels.",
+    "image_view": "whole: the whole X-ray resized to image_size x image_size, horizontal flip "
+                  "the only augmentation (CheXNet); crop: ImageNet-style, shorter side "
+                  "resized to image_size*256/224, random crop (training) or centre crop.",
     "pretrained_model_dir": "resnet_main --model_dir to initialise from.",
     "init_checkpoint": "best (highest recorded validation top_1, not the last), latest, or a "
                        "ckpt-* folder (in --pretrained_model_dir or a path).",
-    "weights_file": "Keras application weights (*_notop.h5) for densenet121/vgg16, instead of "
-                    "a resnet_main checkpoint.",
+    "weights_file": "Keras application weights (*_notop.h5) for densenet121/vgg16, or "
+                    "'imagenet' to download Keras's published ImageNet weights, instead of a "
+                    "resnet_main checkpoint.",
+    "allow_random_init": "Allow a backbone with random weights when neither "
+                         "--pretrained_model_dir nor --weights_file is given (tests, demos).",
     "weight_decay": "L2 weight decay on the backbone.",
     # training
-    "learning_rate": "Peak learning rate; default: the learning rate recorded in the "
-                     "pre-training checkpoint (2018 advice), else "
-                     f"{config_lib.DEFAULT_LEARNING_RATE}.",
-    "optimizer": "Optimizer.",
+    "learning_rate": "Peak learning rate; default by --optimizer: adam "
+                     f"{config_lib.ADAM_LEARNING_RATE:g} (CheXNet); sgd: the rate recorded "
+                     "in the pre-training checkpoint (2018 advice), else "
+                     f"{config_lib.SGD_BASE_LEARNING_RATE:g}*train_batch_size/256. Adam "
+                     f"rates above {config_lib.ADAM_MAX_LEARNING_RATE:g} are refused.",
+    "optimizer": "Optimizer (the default learning rate follows it).",
     "momentum": "SGD momentum.",
     "weighted_loss": "Per-class weighted BCE, w+=N/(P+N), w-=P/(P+N) from the training split.",
     "warmup_epochs": "Warm-up length per 256 images of global batch: warm-up lasts "
@@ -64,6 +72,9 @@ HELP = {
     "plateau_factor": "LR multiplier on a plateau.",
     "min_learning_rate": "Plateau decay does not go below this.",
     "steps_per_loop": "Global steps between evaluation + checkpoint (default: one epoch).",
+    "bn_stats_images": "Before each evaluation and checkpoint, batch-norm moving statistics "
+                       "are recomputed from this many training images (average of batch "
+                       "statistics, 'precise BN'); 0 keeps the moving averages.",
     "keep_checkpoints": "Newest checkpoints kept (plus the best).",
     "log_every_n_steps": "Progress line every N global steps.",
     "seed": "Random seed.",
@@ -83,9 +94,10 @@ def define_flags(flag_values=FLAGS):
     flags.define_performance(fv)
     flags.define_precision(ChexnetConfig, fv)
     flags.define_distributed(fv)
+    flags.define_faults(ChexnetConfig, fv)
     flags.define_fields(ChexnetConfig, HELP, fv, enums={
         "on_corrupt": config_lib.ON_CORRUPT, "eval_split": config_lib.EVAL_SPLITS,
-        "optimizer": config_lib.OPTIMIZERS})
+        "optimizer": config_lib.OPTIMIZERS, "image_view": config_lib.IMAGE_VIEWS})
     flags.positive(("image_size", "keep_checkpoints", "log_every_n_steps", "plateau_patience"),
                    fv)
     flags.positive(("max_images", "steps_per_loop"), fv, allow_none=True)

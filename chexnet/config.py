@@ -15,7 +15,18 @@ COMMANDS = ("train", "evaluate", "predict")
 OPTIMIZERS = ("adam", "sgd")
 EVAL_SPLITS = ("val", "test", "all")
 ON_CORRUPT = ("fail", "skip")
-DEFAULT_LEARNING_RATE = 1e-3  # when neither the flag nor the pre-training checkpoint has one
+IMAGE_VIEWS = ("whole", "crop")
+IMAGENET_WEIGHTS = "imagenet"  # --weights_file value: Keras's published ImageNet weights
+# Learning-rate rule when --learning_rate is not given (chexnet.train.peak_learning_rate):
+# Adam: CheXNet's 1e-3 (Rajpurkar et al. 2017: Adam, beta 0.9/0.999, lr 0.001, batch 16);
+# SGD: the rate recorded in the pre-training checkpoint (the 2018 slides' advice, an SGD
+# rule), else the linear-scaling rule 0.1 * global_batch / 256 (Goyal et al. 2017).
+ADAM_LEARNING_RATE = 1e-3
+SGD_BASE_LEARNING_RATE = 0.1  # per 256 images
+# Adam moves every weight by about lr per step whatever the gradient's scale: rates outside
+# this range get a warning, rates above ADAM_MAX_LEARNING_RATE are refused (an SGD rate).
+ADAM_USUAL_RANGE = (1e-5, 3e-3)
+ADAM_MAX_LEARNING_RATE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +52,8 @@ class ChexnetConfig:
     pretrained_model_dir: str | None = None
     init_checkpoint: str = "best"
     weights_file: str | None = None
+    allow_random_init: bool = False
+    image_view: str = "whole"
     weight_decay: float = 0.0
     precision: str = "float32"
     # training
@@ -57,9 +70,13 @@ class ChexnetConfig:
     plateau_factor: float = 0.1
     min_learning_rate: float = 1e-6
     steps_per_loop: int | None = None
+    bn_stats_images: int = 1024
     keep_checkpoints: int = 3
     log_every_n_steps: int = 10
     fp16_allreduce: bool = False
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
+    stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
     seed: int | None = None
     # outputs
     model_dir: str | None = None
@@ -94,14 +111,16 @@ def validate(config: ChexnetConfig) -> None:
     model_lib.parse_backbone(config.backbone)
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
+    _one_of("on_nonfinite", config.on_nonfinite, ("stop", "rollback"))
     if config.eval_split is not None:
         _one_of("eval_split", config.eval_split, EVAL_SPLITS)
     if len(config.split_fractions) != 3:
         raise ConfigError(f"--split_fractions needs 3 values (train,val,test), got "
                           f"{config.split_fractions}")
+    _one_of("image_view", config.image_view, IMAGE_VIEWS)
     for name in ("csv", "weights_file", "predictions_csv"):
         path = getattr(config, name)
-        if path and not os.path.isfile(path):
+        if path and path != IMAGENET_WEIGHTS and not os.path.isfile(path):
             raise ConfigError(f"--{name}={path} does not exist")
     for name in ("image_dir", "split_dir"):
         path = getattr(config, name)
@@ -123,6 +142,10 @@ def validate(config: ChexnetConfig) -> None:
         return
     if (config.mode == "train" or not config.predictions_csv) and not config.reports_to:
         raise ConfigError("--model_dir or --report_dir is required")
+    from hooks import checkpoints  # imports Keras: only when it is needed
+
+    checkpoints.check_model_dir(config.model_dir, writable=config.mode == "train")
+    checkpoints.check_model_dir(config.report_dir, writable=True, flag="--report_dir")
 
 
 def _validate_train(config: ChexnetConfig) -> None:
@@ -131,11 +154,57 @@ def _validate_train(config: ChexnetConfig) -> None:
     if not config.image_dir:
         raise ConfigError("--image_dir is required for train")
     steps.run_steps(config.train_steps, config.train_epochs, 1.0)  # the one rule, no default
-    if config.pretrained_model_dir and config.weights_file:
-        raise ConfigError("give --pretrained_model_dir or --weights_file, not both")
     if config.init_checkpoint not in ("best", "latest") and not config.pretrained_model_dir \
             and not os.path.isdir(config.init_checkpoint):
         raise ConfigError(f"--init_checkpoint={config.init_checkpoint} is not a checkpoint "
                           "folder")
-    if config.learning_rate is not None and config.learning_rate <= 0:
-        raise ConfigError(f"--learning_rate must be > 0, got {config.learning_rate}")
+    check_init(config)
+    check_learning_rate(config)
+    if config.bn_stats_images < 0:
+        raise ConfigError(f"--bn_stats_images must be >= 0, got {config.bn_stats_images}")
+
+
+def starts_from_weights(config: ChexnetConfig) -> bool:
+    """Whether the backbone gets pre-trained weights (a checkpoint or a weights file)."""
+    return bool(config.pretrained_model_dir or config.weights_file
+                or config.init_checkpoint not in ("best", "latest"))
+
+
+def check_init(config: ChexnetConfig) -> None:
+    """ConfigError for an initialisation that cannot be what the user meant: two sources,
+    ImageNet weights Keras does not publish for the backbone, or (silently) random weights."""
+    from chexnet import model as model_lib
+
+    if config.pretrained_model_dir and config.weights_file:
+        raise ConfigError("give --pretrained_model_dir or --weights_file, not both")
+    if config.weights_file and model_lib.parse_backbone(config.backbone)[0] == "resnet":
+        raise ConfigError(f"--weights_file applies to densenet121/vgg16; --backbone="
+                          f"{config.backbone} starts from a resnet_main checkpoint "
+                          "(--pretrained_model_dir)")
+    if not starts_from_weights(config) and not config.allow_random_init:
+        raise ConfigError("neither --pretrained_model_dir nor --weights_file is given, so the "
+                          "backbone would start from random weights (CheXNet starts from "
+                          "ImageNet weights): pass one of them, --weights_file=imagenet, or "
+                          "--allow_random_init")
+
+
+def check_learning_rate(config: ChexnetConfig) -> None:
+    lr = config.learning_rate
+    if lr is None:
+        return
+    if lr <= 0:
+        raise ConfigError(f"--learning_rate must be > 0, got {lr}")
+    if config.optimizer == "adam" and lr > ADAM_MAX_LEARNING_RATE:
+        raise ConfigError(f"--learning_rate={lr:g} is far above Adam's usual "
+                          f"{ADAM_USUAL_RANGE[0]:g}..{ADAM_USUAL_RANGE[1]:g} (CheXNet: "
+                          f"{ADAM_LEARNING_RATE:g}); an SGD rate? pass --optimizer=sgd, or a "
+                          f"rate <= {ADAM_MAX_LEARNING_RATE:g}")
+
+
+def learning_rate_warning(optimizer: str, lr: float) -> str | None:
+    """A warning for an Adam rate outside its usual range (None when it is inside)."""
+    low, high = ADAM_USUAL_RANGE
+    if optimizer != "adam" or low <= lr <= high:
+        return None
+    return (f"Adam learning rate {lr:g} is outside its usual range {low:g}..{high:g} "
+            f"(CheXNet used {ADAM_LEARNING_RATE:g} at batch 16)")

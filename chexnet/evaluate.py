@@ -25,6 +25,7 @@ class Scored:
     index: np.ndarray  # original image index of each row
     values: dict  # mean_auroc, loss, images, auroc_<class>
     auroc: metrics.AurocResult
+    warnings: list[str] = dataclasses.field(default_factory=list)  # collapse, saturation
 
 
 def find_checkpoint(path: str) -> checkpoints.Checkpoint:
@@ -64,7 +65,7 @@ def score(probs, labels, index, pos_weight=None, neg_weight=None) -> Scored:
               "loss": metrics.weighted_bce(labels, probs, pos_weight, neg_weight),
               "images": float(len(labels))}
     values.update({f"auroc_{k}": v for k, v in result.as_dict().items()})
-    return Scored(probs, labels, index, values, result)
+    return Scored(probs, labels, index, values, result, metrics.prediction_warnings(probs))
 
 
 def run(config: ChexnetConfig, context, log=print) -> dict:
@@ -90,9 +91,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     split = data.splits[name]
     if len(split) == 0:
         raise DataError(f"the {name} split is empty")
-    options = input_pipeline.InputOptions(
-        config.image_size, model_lib.preprocessing_for(config.backbone), config.cache,
-        config.on_corrupt)
+    options = model_lib.input_options(state, cache=config.cache, on_corrupt=config.on_corrupt)
     ds, _ = horovod_glue.all_ranks_ok(lambda: input_pipeline.eval_dataset(
         data.paths[name], split.labels, options,
         batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
@@ -118,11 +117,15 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
 
 
 def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log) -> None:
-    """Rank 0 writes the report files (when `out_dir`), logs the table and a SUMMARY line."""
+    """Rank 0 writes the report files (when `out_dir`), logs the table, the warnings
+    (collapsed or saturated predictions) and a SUMMARY line."""
+    summary["warnings"] = list(scored.warnings)
     if out_dir:
         reports.write_report(out_dir, scored.auroc, scored.labels, scored.probs, context,
-                             title=title, summary=summary)
-    chief_log(reports.markdown_table(scored.auroc, title))
+                             title=title, summary=summary, warnings=scored.warnings)
+    chief_log(reports.markdown_table(scored.auroc, title, scored.warnings))
+    for warning in scored.warnings:
+        chief_log(f"WARNING: {warning}")
     chief_log("SUMMARY " + json.dumps(summary, sort_keys=True, default=float))
 
 

@@ -1,5 +1,6 @@
 """ChestX-ray14 tf.data input pipelines: per-rank training and (padded) evaluation
-datasets, and the one evaluation-image function that `predict` shares with them."""
+datasets, and the functions `evaluate` and `predict` share with them: `decode` (every
+image read), `eval_image` + `preprocess_images` (= `network_input`)."""
 
 from __future__ import annotations
 
@@ -72,15 +73,26 @@ def find_corrupt_images(paths: Sequence[str], workers: int = 8) -> list[int]:
     return [i for i, is_bad in enumerate(flags) if is_bad]
 
 
+VIEWS = ("whole", "crop")
+
+
 @dataclasses.dataclass(frozen=True)
 class InputOptions:
-    """How images become network inputs (the same for every split of a run)."""
+    """How images become network inputs (the same for every split of a run, and for
+    `evaluate` and `predict` of its checkpoints: see `chexnet.model.input_options`).
+
+    ``view="whole"`` (CheXNet): the whole image resized to image_size x image_size, a
+    random horizontal flip the only training augmentation. ``view="crop"`` (ImageNet
+    style): shorter side resized to image_size*256/224, random crop + flip in training,
+    centre crop in evaluation (at 224 px that drops about 64 px of each 1024 px border).
+    """
 
     image_size: int
     preprocessing: str = "torch"
     cache: str | None = None  # None, "memory", or a file prefix
     on_corrupt: str = "fail"  # "fail": DataError naming the file; "skip": drop it
     verify: bool = True  # pre-scan the shard with PIL before anything is built
+    view: str = "whole"
 
     @property
     def resize_to(self) -> int:
@@ -96,14 +108,39 @@ class DatasetInfo:
     skipped: tuple[str, ...]  # corrupt files dropped from this rank's shard
 
 
-def decode_resize(path, resize_to: int):
-    """Read one image file, decode PNG/JPEG to RGB uint8 (grayscale -> RGB, RGBA -> RGB
-    by dropping alpha: channels=3 does both inside the decoder), and resize its shorter
-    side to ``resize_to`` (antialiased: the 1024 px X-rays shrink about 4x)."""
+def decode(contents):
+    """Encoded PNG/JPEG bytes -> uint8 [H, W, 3] RGB, as every pipeline and `predict` read
+    images: grayscale -> RGB, RGBA -> RGB by dropping alpha (channels=3 does both inside
+    the decoder), 16-bit PNGs -> their high byte (value >> 8), never clipped."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    return resize_shorter_side(image, resize_to)
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+
+def resize(image, options: InputOptions):
+    """uint8 [H, W, 3] -> the resized uint8 image that is cached: image_size x image_size
+    ("whole") or shorter side ``resize_to`` ("crop"); antialiased (1024 px X-rays shrink
+    4x or more)."""
+    import tensorflow as tf
+
+    if options.view == "whole":
+        size = [options.image_size, options.image_size]
+        return _to_uint8(tf.image.resize(image, size, method="bilinear", antialias=True))
+    return resize_shorter_side(image, options.resize_to)
+
+
+def _to_uint8(image):
+    import tensorflow as tf
+
+    # Back to uint8: 4x less memory in cache/shuffle/batch; normalised after batching.
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def decode_resize(path, options: InputOptions):
+    """Read one image file, decode it (`decode`) and `resize` it."""
+    import tensorflow as tf
+
+    return resize(decode(tf.io.read_file(path)), options)
 
 
 def resize_shorter_side(image, resize_to: int):
@@ -113,18 +150,38 @@ def resize_shorter_side(image, resize_to: int):
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resize_to / tf.reduce_min(hw)
     new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), resize_to)
-    image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-    # Back to uint8: 4x less memory in cache/shuffle/batch; normalised after batching.
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return _to_uint8(tf.image.resize(image, new_hw, method="bilinear", antialias=True))
 
 
 def eval_image(image, options: InputOptions):
-    """The evaluation view of a decoded uint8 RGB image: resize, centre crop (uint8).
-    `predict` uses it too, so a model sees the same input in evaluation and prediction."""
+    """The evaluation view of a decoded uint8 RGB image (uint8 [size, size, 3]): `resize`,
+    then the centre crop for view="crop". `predict` and `evaluate` go through it (and
+    `network_input`), so a model sees the same input in evaluation and prediction."""
     import tensorflow as tf
 
-    resized = resize_shorter_side(image, options.resize_to)
+    resized = resize(image, options)
+    if options.view == "whole":
+        return resized
     return tf.image.resize_with_crop_or_pad(resized, options.image_size, options.image_size)
+
+
+def train_view(resized, options: InputOptions, seed):
+    """The training view of a `resize`d image: random crop for view="crop", then a random
+    horizontal flip (stateless, ``seed`` a [2] int tensor)."""
+    import tensorflow as tf
+
+    size_ = options.image_size
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if options.view == "crop":
+        resized = tf.image.stateless_random_crop(resized, [size_, size_, 3], seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(resized, seed=flip_seed)
+
+
+def network_input(image, options: InputOptions):
+    """What the network gets for a decoded image at evaluation: `eval_image` then
+    `preprocess_images`. Returns (float32 input, uint8 view shown under Grad-CAM)."""
+    view = eval_image(image, options)
+    return preprocess_images(view, options.preprocessing), view
 
 
 def _check_args(paths, labels, options: InputOptions, batch_size, rank, size) -> None:
@@ -141,6 +198,8 @@ def _check_args(paths, labels, options: InputOptions, batch_size, rank, size) ->
     if options.preprocessing not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {options.preprocessing!r}, expected one of "
                          f"{', '.join(PREPROCESSING)}")
+    if options.view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {options.view!r}")
 
 
 def _shard(paths, labels, options: InputOptions, rank: int, size: int):
@@ -181,11 +240,11 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     [b, K]) batches, repeated forever (drive it with steps), and its `DatasetInfo`.
 
     Sharding is by file (index % size == rank), so ranks hold disjoint images. Full
-    shuffle of the shard (reseeded per epoch), resize the shorter side to
-    image_size*256/224, random crop + horizontal flip (stateless, seeded by `seed` and
-    rank), batches of `batch_size` (per rank) with drop_remainder. With `options.cache`
-    the resized uint8 images are cached before cropping; the cached order is one fixed
-    shuffle, reshuffled each epoch through a 2048-image buffer.
+    shuffle of the shard (reseeded per epoch), `resize`, `train_view` (flip; random crop
+    for view="crop"; stateless, seeded by `seed` and rank), batches of `batch_size` (per
+    rank) with drop_remainder. With `options.cache` the resized uint8 images are cached
+    before the random view; the cached order is one fixed shuffle, reshuffled each epoch
+    through a 2048-image buffer.
     """
     import tensorflow as tf
 
@@ -197,17 +256,14 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     shard_labels = shard_labels[keep]
     if not shard_paths:
         raise DataError(f"rank {rank} of {size} has no training images ({len(paths)} in all)")
-    size_ = options.image_size
     stream_seed = int(seed) * 100_003 + rank  # distinct, reproducible stream per rank
     autotune = tf.data.AUTOTUNE
 
     def load(path, label):
-        return decode_resize(path, options.resize_to), label
+        return decode_resize(path, options), label
 
     def augment(image, label, pair_seed):
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(pair_seed, 2))
-        image = tf.image.stateless_random_crop(image, [size_, size_, 3], seed=crop_seed)
-        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed), label
+        return train_view(image, options, pair_seed), label
 
     files = tf.data.Dataset.from_tensor_slices((shard_paths, shard_labels))
     cached = options.cache is not None
@@ -252,9 +308,8 @@ def eval_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions
     blank = tf.zeros([options.image_size, options.image_size, 3], tf.uint8)
 
     def load(path, label, weight):
-        image = tf.cond(weight > 0, lambda: eval_image(
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False),
-            options), lambda: blank)
+        image = tf.cond(weight > 0, lambda: eval_image(decode(tf.io.read_file(path)), options),
+                        lambda: blank)
         image.set_shape([options.image_size, options.image_size, 3])
         return image, label, weight
 

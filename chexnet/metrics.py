@@ -125,3 +125,39 @@ def weighted_bce(labels: np.ndarray, probs: np.ndarray, pos_weight=None, neg_wei
     if y.size == 0:
         return math.nan
     return float(np.mean(-(wp * y * np.log(p) + wn * (1 - y) * np.log(1 - p))))
+
+
+# A network that says the same thing about every patient, or only 0s and 1s, is broken
+# whatever its AUROC on a handful of images: evaluate, train and predict say so.
+FLAT_SPREAD = 1e-3  # a class is "flat" when max - min of its probabilities is below this
+SATURATION_MARGIN = 1e-3  # a probability within this of 0 or 1 is "saturated"
+SATURATED_SHARE = 0.5  # warn when at least this share of all probabilities is saturated
+
+
+def prediction_warnings(probs: np.ndarray,
+                        class_names: Sequence[str] = CLASS_NAMES) -> list[str]:
+    """One-line warnings for [N, K] probabilities that do not depend on the image (every
+    class spread over the images below FLAT_SPREAD; needs N >= 2) or are saturated (at
+    least SATURATED_SHARE of them within SATURATION_MARGIN of 0 or 1). [] when healthy."""
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        return []
+    warnings = []
+    n = probs.shape[0]
+    if n >= 2:
+        spread = probs.max(axis=0) - probs.min(axis=0)
+        if np.all(spread < FLAT_SPREAD):
+            warnings.append(
+                f"predictions do not depend on the image: for every class the {n} images' "
+                f"probabilities differ by less than {FLAT_SPREAD:g} (largest spread "
+                f"{spread.max():.2g}); the network has collapsed (learning rate? batch-norm "
+                "statistics? see docs/chexnet.md)")
+    saturated = (probs < SATURATION_MARGIN) | (probs > 1 - SATURATION_MARGIN)
+    if saturated.mean() >= SATURATED_SHARE:
+        always = [c for c, s in zip(class_names, saturated.all(axis=0)) if s]
+        warnings.append(
+            f"{saturated.mean():.0%} of the probabilities are within {SATURATION_MARGIN:g} of "
+            "0 or 1 (saturated)"
+            + (f"; on every image: {', '.join(always)}" if always else "")
+            + " (learning rate too high for the optimizer?)")
+    return warnings

@@ -1,6 +1,6 @@
 """The CheXNet model: a backbone (DenseNet-121, ResNet, VGG16) with global average pooling
 and a 14-way sigmoid head, initialised from a resnet_main checkpoint, a Keras weights
-file, or nothing.
+file, Keras's published ImageNet weights (``weights_file="imagenet"``), or nothing.
 
 Backbone names: ``densenet121``, ``vgg16``, ``resnet<depth>`` (``resnet50``; ``resnet18``
 for tiny tests). A resnet_main checkpoint records ``architecture`` ("resnet",
@@ -14,6 +14,7 @@ import os
 
 import keras
 
+from chexnet.config import IMAGENET_WEIGHTS
 from chexnet.labels import NUM_CLASSES
 from hooks import checkpoints
 from hooks.errors import UserError
@@ -37,20 +38,36 @@ def parse_backbone(backbone: str) -> tuple[str, int]:
     raise ModelError(f"unknown backbone {backbone!r}; choose one of {BACKBONES_HELP}")
 
 
-def preprocessing_for(backbone: str) -> str:
-    """Input normalisation: ImageNet mean/std (RGB, 'torch') for every backbone.
+def preprocessing_for(backbone: str, init_kind: str) -> str:
+    """Input normalisation, chosen by where the initial weights came from (the one table).
 
-    resnet_main's own input pipeline feeds mean/std-normalised RGB; keras DenseNet
-    weights expect the same; keras VGG16 weights expect 'caffe' (BGR minus mean)."""
+    A resnet_main checkpoint (any architecture, VGG16 included) was trained on ImageNet
+    mean/std-normalised RGB ("torch", `imagenet.input_pipeline`); Keras's DenseNet weights
+    expect the same; Keras's VGG16 weights expect "caffe" (BGR minus the mean). Random
+    weights get "torch". Recorded in every chexnet checkpoint (`input_options`)."""
     arch, _ = parse_backbone(backbone)
-    return "caffe" if arch == "vgg16" else "torch"
+    if init_kind in ("weights_file", "imagenet") and arch == "vgg16":
+        return "caffe"
+    return "torch"
+
+
+def input_options(state: dict, **kw):
+    """The `InputOptions` a chexnet checkpoint was trained with (its state.json records
+    image_size, preprocessing and image_view); `evaluate` and `predict` use exactly these.
+    Checkpoints written before they were recorded get the old behaviour (ImageNet crop;
+    "caffe" for VGG16)."""
+    from chexnet.input_pipeline import InputOptions
+
+    legacy = "caffe" if parse_backbone(state["backbone"])[0] == "vgg16" else "torch"
+    return InputOptions(int(state["image_size"]), state.get("preprocessing", legacy),
+                        view=state.get("image_view", "crop"), **kw)
 
 
 @dataclasses.dataclass(frozen=True)
 class InitSource:
     """Where the backbone weights came from (recorded in checkpoints and reports)."""
 
-    kind: str  # "checkpoint" | "weights_file" | "none"
+    kind: str  # "checkpoint" | "weights_file" | "imagenet" | "none"
     path: str | None = None
     learning_rate: float | None = None  # recorded in the pre-training checkpoint
     metrics: dict | None = None
@@ -63,7 +80,9 @@ class InitSource:
             )
         if self.kind == "weights_file":
             return f"Keras weights file {self.path}"
-        return "random initialisation"
+        if self.kind == "imagenet":
+            return "Keras's ImageNet weights"
+        return "RANDOM initialisation (no pre-trained weights)"
 
 
 def find_pretrained_checkpoint(model_dir: str, choice: str = "best") -> checkpoints.Checkpoint:
@@ -132,19 +151,21 @@ def build_chexnet_model(
     ``pretrained``: a resnet_main checkpoint (from ``find_pretrained_checkpoint``); its
     classifier is rebuilt, loaded, and its pooled features (the input of its ``logits``
     layer) get the new head. ``weights_file``: Keras application weights (``*_notop.h5``)
-    for densenet121/vgg16. Neither: random initialisation.
+    for densenet121/vgg16, or ``"imagenet"`` (Keras downloads them once to ~/.keras/models;
+    a one-line ModelError where it cannot). Neither: random initialisation.
     """
     arch, depth = parse_backbone(backbone)
     name = f"chexnet_{backbone.lower()}"
     if pretrained is not None and weights_file:
         raise ModelError("give either a pre-training checkpoint or --weights_file, not both")
+    imagenet = weights_file == IMAGENET_WEIGHTS
     if weights_file:
         if arch == "resnet":
             raise ModelError(
                 "--weights_file applies to densenet121/vgg16; a ResNet starts from a "
                 "resnet_main checkpoint (--pretrained_model_dir)"
             )
-        if not os.path.isfile(weights_file):
+        if not imagenet and not os.path.isfile(weights_file):
             raise ModelError(f"--weights_file={weights_file} does not exist")
     if pretrained is not None:
         check_pretrained_compatible(pretrained, backbone)
@@ -168,16 +189,36 @@ def build_chexnet_model(
         base = models.build_backbone(
             arch, image_size, depth or 50, weight_decay, weights_file or None
         )
-    except (ValueError, OSError) as err:
+    except Exception as err:  # Keras's download raises a bare Exception
+        if not imagenet and not isinstance(err, (ValueError, OSError)):
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if imagenet:
+            raise ModelError(
+                f"--weights_file=imagenet: cannot get Keras's ImageNet weights for {backbone} "
+                f"({first}); on a machine without internet, download the *_notop.h5 file "
+                "elsewhere and pass --weights_file=PATH"
+            ) from None
         raise ModelError(
             f"cannot build {backbone}"
             + (f" from --weights_file={weights_file}" if weights_file else "")
-            + f": {str(err).splitlines()[0]}"
+            + f": {first}"
         ) from None
     model = _attach_head(base.input, base.output, name)
+    if imagenet:
+        return model, InitSource("imagenet", IMAGENET_WEIGHTS)
     if weights_file:
         return model, InitSource("weights_file", weights_file)
     return model, InitSource("none")
+
+
+def head_layer(model: keras.Model) -> keras.layers.Layer:
+    """The model's last layer, a Dense with a sigmoid: Grad-CAM differentiates its logit."""
+    layer = model.layers[-1]
+    if not isinstance(layer, keras.layers.Dense) or layer.activation is not \
+            keras.activations.sigmoid:
+        raise ModelError(f"{model.name} does not end in a sigmoid Dense layer")
+    return layer
 
 
 def last_conv_layer(model: keras.Model) -> keras.layers.Layer:

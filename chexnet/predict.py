@@ -1,18 +1,21 @@
 """``python -m chexnet predict --checkpoint=CKPT IMAGE...``: per-pathology probabilities
 for PNG / JPEG / DICOM images, and with ``--heatmap_dir`` a Grad-CAM overlay per image.
 
-Images get exactly the evaluation view of training (`chexnet.input_pipeline.eval_image`
-and the backbone's normalisation). Single process.
+Images are decoded (16-bit PNGs included) and prepared by the functions the training
+pipeline evaluates with (`chexnet.input_pipeline.decode` and `network_input`), with the
+view and normalisation recorded in the checkpoint. Output names (CSV rows, Grad-CAM
+files) are unique per input path. Single process.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from chexnet import reports
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES
 from hooks.errors import ConfigError, DataError
@@ -29,8 +32,9 @@ def _is_dicom(path: str) -> bool:
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] RGB from PNG/JPEG (grayscale and RGBA -> RGB) or DICOM (windowed
-    to 0..255 by min/max, MONOCHROME1 inverted). DataError names an unreadable file."""
+    """uint8 [H, W, 3] RGB from PNG/JPEG as training decodes them (`input_pipeline.decode`:
+    grayscale and RGBA -> RGB, 16-bit -> high byte) or DICOM (windowed to 0..255 by
+    min/max, MONOCHROME1 inverted). DataError names an unreadable file."""
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
     if _is_dicom(path):
@@ -54,56 +58,132 @@ def read_image(path: str) -> np.ndarray:
             gray = 255.0 - gray
         gray = np.round(gray).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
-    from PIL import Image
+    import tensorflow as tf
+
+    from chexnet.input_pipeline import decode
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as err:
-        raise DataError(f"{path}: cannot decode image: {err}") from None
+        return decode(tf.io.read_file(path)).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
+        first = (err.message or str(err)).splitlines()[0]
+        raise DataError(f"{path}: cannot decode image: {first}") from None
+
+
+def output_names(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(row names, Grad-CAM file names), unique per input path: the file name, or as many
+    of its trailing folders as tell it apart from every other input ("a/x.png" and
+    "b/x.png" -> a_x_gradcam.png, b_x_gradcam.png). ConfigError for a file given twice."""
+    parts = [tuple(os.path.normpath(os.path.abspath(p)).split(os.sep)) for p in paths]
+    first = {}
+    for path, key in zip(paths, parts):
+        if key in first:
+            raise ConfigError(f"image {path} is given twice (also as {first[key]})")
+        first[key] = path
+    names = []
+    for i, key in enumerate(parts):
+        depth = 1
+        while any(other[-depth:] == key[-depth:] for j, other in enumerate(parts) if j != i):
+            depth += 1
+        names.append("/".join(key[-depth:]))
+    stems = [os.path.splitext(n)[0].replace("/", "_") for n in names]
+    if len(set(stems)) < len(stems):  # x.png and x.jpg side by side: keep the extension
+        stems = [n.replace("/", "_").replace(".", "_") for n in names]
+    if len(set(stems)) < len(stems):  # names that only differ by "/" vs "_": number them
+        stems = [f"{i:03d}_{stem}" for i, stem in enumerate(stems)]
+    return names, [stem + "_gradcam.png" for stem in stems]
+
+
+DISPLAY_SIZE = 512  # Grad-CAM overlays show the network's view at least this large
 
 
 def prepare(image: np.ndarray, options) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (network input float32 [size, size, 3], displayed crop uint8 [size, size, 3])
-    through the evaluation pipeline's own functions."""
-    from chexnet.input_pipeline import eval_image, preprocess_images
+    """(network input float32 [size, size, 3], the same view for display uint8
+    [D, D, 3], D = max(size, DISPLAY_SIZE)). The input is
+    `chexnet.input_pipeline.network_input`, the evaluation pipeline's own function."""
+    from chexnet.input_pipeline import eval_image, network_input
 
-    crop = eval_image(image, options)
-    return preprocess_images(crop, options.preprocessing).numpy(), crop.numpy()
+    inputs, view = network_input(image, options)
+    if options.image_size < DISPLAY_SIZE:  # same field of view, sharper
+        view = eval_image(image, dataclasses.replace(options, image_size=DISPLAY_SIZE))
+    return inputs.numpy(), view.numpy()
+
+
+FLAT_CAM = 0.05  # a normalised Grad-CAM whose max - min is below this shows nothing
 
 
 def grad_cam(network, inputs: np.ndarray, class_index: int) -> np.ndarray:
-    """Grad-CAM (Selvaraju et al.) of ``class_index`` at the last 4-D feature map:
-    ReLU(sum_c mean(d p / d A_c) * A_c), normalised to 0..1, at feature-map resolution."""
+    """Grad-CAM (Selvaraju et al. 2017) of ``class_index`` at the last 4-D feature map A:
+    ReLU(sum_c mean_xy(d logit / d A_c) * A_c), normalised to 0..1, at feature-map
+    resolution. The logit (the head's input to its sigmoid), not the probability: a
+    saturated sigmoid would scale every gradient towards 0. All zeros when no location
+    raises the logit."""
     import keras
     import tensorflow as tf
 
-    from chexnet.model import last_conv_layer
+    from chexnet.model import head_layer, last_conv_layer
 
-    layer = last_conv_layer(network)
-    grad_model = keras.Model(network.inputs, [layer.output, network.output])
+    layer, head = last_conv_layer(network), head_layer(network)
+    grad_model = keras.Model(network.input, [layer.output, head.input])
     x = tf.convert_to_tensor(inputs[None])
     with tf.GradientTape() as tape:
-        fmap, probs = grad_model(x, training=False)
-        target = probs[:, class_index]
-    grads = tape.gradient(target, fmap)
+        fmap, features = grad_model(x, training=False)
+        fmap = tf.cast(fmap, tf.float32)
+        tape.watch(fmap)
+        kernel = tf.cast(head.kernel, tf.float32)[:, class_index]
+        logit = tf.reduce_sum(tf.cast(features, tf.float32) * kernel, axis=-1)
+        if head.use_bias:
+            logit += tf.cast(head.bias, tf.float32)[class_index]
+    grads = tape.gradient(logit, fmap)
     weights = tf.reduce_mean(grads, axis=(1, 2))  # [1, C]
     cam = tf.nn.relu(tf.reduce_sum(fmap * weights[:, None, None, :], axis=-1))[0].numpy()
     peak = cam.max()
     return cam / peak if peak > 0 else cam
 
 
-def save_overlay(path: str, crop: np.ndarray, cam: np.ndarray, title: str) -> None:
+def is_flat(cam: np.ndarray) -> bool:
+    """A map that points nowhere: all zeros, or (nearly) uniform, e.g. a 1x1 feature map."""
+    return bool(cam.max() - cam.min() < FLAT_CAM)
+
+
+def upsample(cam: np.ndarray, shape) -> np.ndarray:
+    """Bilinear resize of a [h, w] map to ``shape`` (the displayed image's [H, W])."""
+    import tensorflow as tf
+
+    return tf.image.resize(cam[..., None].astype(np.float32), tuple(shape[:2]),
+                           method="bilinear").numpy()[..., 0]
+
+
+OVERLAY_ALPHA = 0.6  # opacity of the colour where the map is 1; 0 where it is 0
+
+
+def overlay(view: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """uint8 RGB: the X-ray in grey with the map's colour (jet) blended in proportion to
+    the map, so where the map is 0 the X-ray's own grey levels show unchanged. A flat map
+    (`is_flat`) adds nothing."""
+    from matplotlib import colormaps
+
+    gray = view.astype(np.float64).mean(axis=-1, keepdims=True).repeat(3, axis=-1)
+    if is_flat(cam):
+        return np.round(gray).astype(np.uint8)
+    heat = np.clip(upsample(cam, view.shape), 0.0, 1.0).astype(np.float64)
+    colour = colormaps["jet"](heat)[..., :3] * 255.0
+    alpha = OVERLAY_ALPHA * heat[..., None]
+    return np.round(gray * (1 - alpha) + colour * alpha).astype(np.uint8)
+
+
+def cam_title(name: str, class_name: str, prob: float, flat: bool) -> str:
+    return f"{name}: {class_name} {prob:.3f}" + (
+        "\nGrad-CAM flat: no region stands out" if flat else "")
+
+
+def save_overlay(path: str, image: np.ndarray, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import tensorflow as tf
 
-    heat = tf.image.resize(cam[..., None], crop.shape[:2], method="bilinear").numpy()[..., 0]
-    fig, ax = plt.subplots(figsize=(5, 5.3))
-    ax.imshow(crop)
-    ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    fig, ax = plt.subplots(figsize=(5, 5.4))
+    ax.imshow(image, interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
@@ -112,9 +192,8 @@ def save_overlay(path: str, crop: np.ndarray, cam: np.ndarray, title: str) -> No
 
 
 def format_table(names: Sequence[str], probs: np.ndarray) -> str:
-    short = [os.path.basename(n) for n in names]
-    width = max(18, *(len(s) for s in short)) + 2
-    lines = ["class".ljust(20) + "".join(s.rjust(width) for s in short)]
+    width = max(18, *(len(s) for s in names)) + 2
+    lines = ["class".ljust(20) + "".join(s.rjust(width) for s in names)]
     for k, cls in enumerate(CLASS_NAMES):
         lines.append(
             cls.ljust(20) + "".join(f"{probs[i, k]:.4f}".rjust(width) for i in range(len(names)))
@@ -123,13 +202,15 @@ def format_table(names: Sequence[str], probs: np.ndarray) -> str:
 
 
 def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
-    """Probabilities [len(images), 14]; prints the table, writes CSV / heatmaps if asked."""
-    from chexnet import evaluate, input_pipeline
+    """Probabilities [len(images), 14]; prints the table and any warning (collapsed or
+    saturated predictions), writes CSV / Grad-CAM overlays if asked."""
+    from chexnet import evaluate, metrics
     from chexnet import model as model_lib
     from hooks import checkpoints, horovod_glue
 
     if not images:
         raise ConfigError("predict needs at least one IMAGE argument")
+    names, heat_files = output_names(images)
     ckpt = evaluate.find_checkpoint(config.checkpoint or config.model_dir)
     pixels = [read_image(p) for p in images]  # all readable before any work
     backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
@@ -138,31 +219,27 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
         checkpoints.restore(ckpt, network)
     except checkpoints.CheckpointError as err:
         raise model_lib.ModelError(str(err)) from None
-    options = input_pipeline.InputOptions(size, model_lib.preprocessing_for(backbone))
+    options = model_lib.input_options(ckpt.state)
     prepared = [prepare(im, options) for im in pixels]
     batch = np.stack([p[0] for p in prepared])
     probs = np.asarray(network.predict(batch, verbose=0), np.float64)
-    log(f"chexnet predict: {network.name} from {ckpt.path}")
-    log(format_table(images, probs))
+    log(f"chexnet predict: {network.name} from {ckpt.path} (input {options.view} {size} px, "
+        f"{options.preprocessing} normalisation)")
+    log(format_table(names, probs))
+    for warning in metrics.prediction_warnings(probs):
+        log(f"WARNING: {warning}")
     context = horovod_glue.Context()
     if config.output_csv:
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["Image Index"] + [f"prob_{c}" for c in CLASS_NAMES])
-                for name, row in zip(images, probs):
-                    w.writerow([os.path.basename(name)] + [f"{p:.6f}" for p in row])
-
-        horovod_glue.write_atomically(config.output_csv, write, context)
+        reports.write_predictions_csv(config.output_csv, names, probs, context)
     if config.heatmap_dir:
-        for path, (inputs, crop), row in zip(images, prepared, probs):
+        for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):
             k = int(np.argmax(row))
             cam = grad_cam(network, inputs, k)
-            out = os.path.join(
-                config.heatmap_dir, os.path.splitext(os.path.basename(path))[0] + "_gradcam.png"
-            )
-            title = f"{os.path.basename(path)}: {CLASS_NAMES[k]} {row[k]:.3f}"
-            horovod_glue.write_atomically(out, lambda p: save_overlay(p, crop, cam, title), context)
-            log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}")
+            out = os.path.join(config.heatmap_dir, heat_file)
+            flat = is_flat(cam)
+            title = cam_title(name, CLASS_NAMES[k], row[k], flat)
+            image = overlay(view, cam)
+            horovod_glue.write_atomically(out, lambda p: save_overlay(p, image, title), context)
+            log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}"
+                + (" (flat: no region stands out)" if flat else ""))
     return probs

@@ -8,19 +8,24 @@ resnet_main); scoring from ``chexnet.evaluate``.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 
 import numpy as np
 
-from chexnet import evaluate, input_pipeline, splits
+from chexnet import batchnorm, evaluate, input_pipeline, splits
+from chexnet import config as config_lib
 from chexnet import model as model_lib
-from chexnet.config import DEFAULT_LEARNING_RATE, ChexnetConfig
+from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES, NUM_CLASSES
 from hooks.errors import DataError
 
 
 def resolve_init(config: ChexnetConfig):
-    """The pre-training checkpoint to start from, or None; ModelError if unusable."""
+    """The pre-training checkpoint to start from, or None; ConfigError for random weights
+    without --allow_random_init, ModelError for an unusable checkpoint."""
+    config_lib.check_init(config)
     if config.pretrained_model_dir:
         ckpt = model_lib.find_pretrained_checkpoint(config.pretrained_model_dir,
                                                     config.init_checkpoint)
@@ -30,6 +35,31 @@ def resolve_init(config: ChexnetConfig):
         return None
     model_lib.check_pretrained_compatible(ckpt, config.backbone)
     return ckpt
+
+
+def init_kind(config: ChexnetConfig) -> str:
+    """Where the backbone's weights come from: checkpoint, imagenet, weights_file, none."""
+    if config.weights_file:
+        return "imagenet" if config.weights_file == config_lib.IMAGENET_WEIGHTS else "weights_file"
+    return "checkpoint" if config_lib.starts_from_weights(config) else "none"
+
+
+def peak_learning_rate(config: ChexnetConfig, init: model_lib.InitSource) -> tuple[float, str]:
+    """(peak learning rate, where it comes from). Without --learning_rate it follows the
+    optimizer: Adam gets CheXNet's 1e-3 (never the checkpoint's rate: that is an SGD rate,
+    e.g. 0.1 * batch / 256, which makes Adam's steps 100x too large); SGD gets the rate
+    recorded in the pre-training checkpoint (the 2018 advice), else 0.1 * batch / 256."""
+    from hooks import schedules
+
+    if config.learning_rate is not None:
+        return config.learning_rate, "--learning_rate"
+    if config.optimizer == "adam":
+        return config_lib.ADAM_LEARNING_RATE, "Adam default, as CheXNet"
+    if init.learning_rate:
+        return init.learning_rate, f"SGD: the rate recorded in {init.path}"
+    base = config_lib.SGD_BASE_LEARNING_RATE
+    return (schedules.scale_learning_rate(base, config.train_batch_size),
+            f"SGD default {base:g} * {config.train_batch_size} / 256")
 
 
 def warmup_steps(warmup_epochs: float, global_batch: int, steps_per_epoch: float) -> int:
@@ -60,13 +90,11 @@ def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):
     return weighted_bce
 
 
-def _datasets(config: ChexnetConfig, data: splits.Data, context):
-    """Training and validation pipelines of this rank; bad input fails on every rank."""
+def _datasets(config: ChexnetConfig, data: splits.Data, options, context):
+    """Training and validation pipelines of this rank (validation: (None, None) when the
+    split is empty); bad input fails on every rank."""
     from hooks import horovod_glue
 
-    options = input_pipeline.InputOptions(
-        config.image_size, model_lib.preprocessing_for(config.backbone), config.cache,
-        config.on_corrupt)
     train_split, val_split = data.splits["train"], data.splits["val"]
 
     def build():
@@ -74,6 +102,8 @@ def _datasets(config: ChexnetConfig, data: splits.Data, context):
             data.paths["train"], train_split.labels, options,
             batch_size=config.train_batch_size // context.size, rank=context.rank,
             size=context.size, seed=config.seed or 0)
+        if not len(val_split):
+            return train, (None, None)
         val = input_pipeline.eval_dataset(
             data.paths["val"], val_split.labels, options,
             batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
@@ -94,15 +124,18 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
                                       eval_batch_size=config.eval_batch_size)
     data = splits.load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + data.summary)
+    config_lib.check_learning_rate(config)
     pretrained = resolve_init(config)  # ModelError before any model is built
     train_split, val_split = data.splits["train"], data.splits["val"]
-    if len(train_split) == 0 or len(val_split) == 0:
-        raise DataError(f"train/val splits have {len(train_split)}/{len(val_split)} images; "
-                        "need both > 0")
+    if len(train_split) == 0:
+        raise DataError("the train split is empty")
     pos_w, neg_w = splits.class_weights(train_split.labels) if config.weighted_loss else (None,
                                                                                           None)
+    options = input_pipeline.InputOptions(
+        config.image_size, model_lib.preprocessing_for(config.backbone, init_kind(config)),
+        config.cache, config.on_corrupt, view=config.image_view)
     # Datasets first: missing/corrupt files fail here, before the model and any output.
-    (train_ds, train_info), (val_ds, val_info) = _datasets(config, data, context)
+    (train_ds, train_info), (val_ds, val_info) = _datasets(config, data, options, context)
 
     runtime.set_precision(config.precision)
     if config.seed is not None:
@@ -112,11 +145,13 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         weights_file=config.weights_file, weight_decay=config.weight_decay)
     steps_per_epoch = max(len(train_split) / config.train_batch_size, 1e-9)
     total_steps = schedules.run_steps(config.train_steps, config.train_epochs, steps_per_epoch)
-    peak_lr, lr_source = config.learning_rate, "--learning_rate"
-    if peak_lr is None and init.learning_rate:
-        peak_lr, lr_source = init.learning_rate, f"recorded in {init.path}"
-    if peak_lr is None:
-        peak_lr, lr_source = DEFAULT_LEARNING_RATE, "default"
+    peak_lr, lr_source = peak_learning_rate(config, init)
+    warnings = [w for w in [config_lib.learning_rate_warning(config.optimizer, peak_lr)] if w]
+    if init.kind == "none":
+        warnings.append("the backbone starts from RANDOM weights (--allow_random_init); "
+                        "CheXNet starts from ImageNet weights")
+    bn_batches = math.ceil(min(config.bn_stats_images, len(train_split))
+                           / config.train_batch_size)
     warm = min(warmup_steps(config.warmup_epochs, config.train_batch_size, steps_per_epoch),
                total_steps)
     schedule = schedules.ScaledSchedule(schedules.LinearWarmup(peak_lr, warm),
@@ -126,7 +161,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     trainer = horovod_glue.DistributedTrainer(network, context,
                                               fp16_allreduce=config.fp16_allreduce)
     trainer.compile(optimizer=optimizer, loss=make_loss(pos_w, neg_w), jit_compile=False)
-    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context)
+    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
+                                     log=chief_log)
     if resumed is not None:
         schedule.factor.assign(float(resumed.state.get("lr_factor", 1.0)))
     start = int(optimizer.iterations.numpy())
@@ -134,19 +170,33 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
               f"{init.describe()}; {context.size} rank(s), global batch "
               f"{config.train_batch_size}, {total_steps} steps, peak lr {peak_lr:.3g} "
               f"({lr_source}), warm-up {warm} steps, {config.optimizer}, "
-              f"{'weighted' if config.weighted_loss else 'unweighted'} BCE"
+              f"{'weighted' if config.weighted_loss else 'unweighted'} BCE; input "
+              f"{options.view} {config.image_size} px, {options.preprocessing} normalisation; "
+              + (f"batch-norm statistics recomputed from {bn_batches * config.train_batch_size}"
+                 " training images before each evaluation and checkpoint" if bn_batches else
+                 "batch-norm moving averages as trained (--bn_stats_images=0)")
               + (f"; resuming at step {start}" if resumed else ""))
+    for warning in warnings:
+        chief_log(f"WARNING: {warning}")
+    if val_ds is None:
+        chief_log("no validation images: no evaluation during training, no report; the "
+                  "last checkpoint is the result (run evaluate on it)")
     for info in (train_info, val_info):
-        if info.skipped:
+        if info is not None and info.skipped:
             chief_log(f"rank {context.rank}: skipped {len(info.skipped)} corrupt images")
 
     def validate() -> evaluation.Evaluation:
+        batchnorm.recompute(network, train_ds, bn_batches, context)
+        step = int(optimizer.iterations.numpy())
+        if val_ds is None:
+            return evaluation.Evaluation({}, 0, step)
         scored = evaluate.score(*evaluate.gather(network, val_ds, len(val_split), context),
                                 pos_w, neg_w)
-        step = int(optimizer.iterations.numpy())
         chief_log(f"eval at step {step}: mean AUROC {scored.auroc.mean_auroc:.4f} over "
                   f"{scored.auroc.num_defined} classes, loss {scored.values['loss']:.4f} "
                   f"({len(scored.labels)} images)")
+        for warning in scored.warnings:
+            chief_log(f"WARNING at step {step}: {warning}")
         return evaluation.Evaluation(scored.values, len(scored.labels), step, scored)
 
     steps_per_loop = min(config.steps_per_loop or max(1, round(steps_per_epoch)), total_steps)
@@ -154,6 +204,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         "task": "chexnet", "backbone": config.backbone, "image_size": config.image_size,
         "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES),
         "global_batch": config.train_batch_size, "init": init.describe(),
+        "preprocessing": options.preprocessing, "image_view": options.view,
         "lr_factor": float(schedule.factor.numpy())}
     t0 = time.perf_counter()
     result = loop.train(
@@ -164,16 +215,28 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         keep_checkpoints=config.keep_checkpoints, best_metric="mean_auroc", best_mode="max",
         log_every_n_steps=config.log_every_n_steps,
         extra_callbacks=[cb.ReduceOnPlateau(schedule, config.plateau_patience,
-                                            config.plateau_factor)])
+                                            config.plateau_factor)], log=chief_log,
+        faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
     scored = result.last_eval.details
     summary = {"mode": "train", "ranks": context.size, "global_batch": config.train_batch_size,
                "model": network.name, "init": init.describe(), "peak_learning_rate": peak_lr,
-               "final_step": result.final_step, "train_seconds": time.perf_counter() - t0,
-               "images_per_sec": result.images_per_sec, "val_images": len(scored.labels),
-               "mean_auroc": scored.auroc.mean_auroc}
+               "learning_rate_source": lr_source, "optimizer": config.optimizer,
+               "final_step": result.final_step,
+               "train_seconds": time.perf_counter() - t0,
+               "images_per_sec": result.images_per_sec,
+               "val_images": len(scored.labels) if scored else 0,
+               "mean_auroc": scored.auroc.mean_auroc if scored else None}
     best = checkpoints.best(config.model_dir, "mean_auroc", "max") if config.model_dir else None
     if best is not None:
         summary["best_checkpoint"] = best.path
+    elif config.model_dir:
+        last = checkpoints.latest(config.model_dir)
+        summary["last_checkpoint"] = last.path if last else None
+    if scored is None:
+        summary["warnings"] = warnings
+        chief_log("SUMMARY " + json.dumps(summary, sort_keys=True, default=float))
+        return summary
+    scored.warnings[:0] = warnings  # the run's own warnings head the report's
     title = f"{network.name} fine-tuned, val split, step {result.final_step}"
     evaluate.report(config.reports_to, scored, title, summary, context, chief_log)
     return summary

@@ -162,6 +162,15 @@ DISTRIBUTED_HELP = {
                            "2018 runs used.",
     "cycle_time_ms": "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = Horovod's.",
 }
+FAULTS_HELP = {
+    "on_nonfinite": "On a NaN/inf global loss or weights: stop (exit naming the step, no "
+                    "checkpoint of them) or rollback (back to the last good state, skipping "
+                    "the batches since, at most --max_rollbacks times).",
+    "max_rollbacks": "Rollbacks allowed with --on_nonfinite=rollback before the run stops.",
+    "stall_timeout_s": "A rank that makes no progress for this many seconds ends the job "
+                       "(exit 86) naming the stalled rank; 0 disables. Waits for rank 0's "
+                       "checkpoint writes do not count.",
+}
 SCHEDULE_HELP = {
     "base_learning_rate": "Learning rate per 256 images; the peak is "
                           "base_learning_rate * train_batch_size / 256.",
@@ -213,6 +222,14 @@ def define_distributed(flag_values=FLAGS):
     define_fields(DistributedConfig, DISTRIBUTED_HELP, flag_values)
     _non_negative("fusion_threshold_mb", flag_values)
     _positive("cycle_time_ms", flag_values, allow_none=True)
+
+
+def define_faults(config_cls, flag_values=FLAGS):
+    """What a run does on divergence and stalls (fields of the entry point's config)."""
+    define_fields(config_cls, FAULTS_HELP, flag_values,
+                  enums={"on_nonfinite": ("stop", "rollback")})
+    _non_negative("max_rollbacks", flag_values)
+    _non_negative("stall_timeout_s", flag_values)
 
 
 def define_schedule(config_cls, flag_values=FLAGS):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from hooks import checkpoints, evaluation, horovod_glue
+from hooks import checkpoints, evaluation, horovod_glue, watchdog
 
 
 def _step(model) -> int:
@@ -85,7 +85,7 @@ class ProgressLogger(keras.callbacks.Callback):
             "loss", float("nan"))), "lr": current_learning_rate(self.model.optimizer),
             "images_per_sec": rate, "images_per_sec_per_rank": rate / self.context.size}
         extra = " ".join(f"{k} {float(v):.4f}" for k, v in (logs or {}).items()
-                         if k != "loss" and np.ndim(v) == 0)
+                         if k not in ("loss", "stop_request") and np.ndim(v) == 0)
         print(f"step {step:>7}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3e}"
               f" {extra} | {record['images_per_sec_per_rank']:.1f} img/s/rank"
               f" {rate:.1f} img/s total", file=self.stream, flush=True)
@@ -145,6 +145,8 @@ class PeriodicEvaluation(keras.callbacks.Callback):
         step = _step(self.model)
         if step // self.every == self._last_period and step < self.total:
             return
+        if self.model.stop_training and step < self.total:
+            return  # stopping early mid-loop (preemption): checkpoint now, evaluate later
         self._last_period = step // self.every
         self.last = self.evaluate()
         if logs is not None:
@@ -198,15 +200,37 @@ class CheckpointSaver(keras.callbacks.Callback):
         self.evaluation = evaluation
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.context.is_chief:
-            return
-        logs = logs or {}
+        # Every rank: the others wait in a barrier while rank 0 writes, so a long write
+        # on a slow file system is not mistaken for a stall (see hooks.watchdog).
+        if self.context.is_chief:
+            watchdog.chief_writing(True)
+            try:
+                self._save(logs or {})
+                failed = 0
+            except checkpoints.CheckpointError as err:
+                failed, error = 1, err
+            finally:
+                watchdog.chief_writing(False)
+        else:
+            watchdog.waiting_for_chief(True)
+            failed = 0
+        # A failed write (full disk) must end every rank, not leave them in the next step.
+        failed = int(horovod_glue.allreduce_sum([np.int64(failed)], self.context)[0])
+        watchdog.waiting_for_chief(False)
+        if failed:
+            if self.context.is_chief:
+                raise error
+            raise checkpoints.CheckpointError("rank 0 could not write a checkpoint (its "
+                                              "error names the folder)")
+
+    def _save(self, logs):
         step = _step(self.model)
         last = self.evaluation.last if self.evaluation is not None else None
         state = dict(self.state(), epoch=step / self.steps_per_epoch,
                      learning_rate=current_learning_rate(self.model.optimizer),
                      metrics=dict(last.metrics) if last else {},
                      best_metric=self.best_metric, best_mode=self.best_mode,
-                     train_loss=float(logs.get("loss", float("nan"))))
+                     train_loss=float(logs.get("loss", float("nan"))),
+                     network=checkpoints.describe(self.network))
         checkpoints.save(self.model_dir, step, self.network, self.model.optimizer, state,
                          keep=self.keep)

@@ -21,16 +21,28 @@ def quiet_startup(environ=None) -> None:
 
 
 def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) -> None:
-    """Configure threads (before TF starts its pools), run the cheap checks, start Horovod,
-    then `run(config, context)`. A `UserError` ends the process with one line, no
-    traceback; any other exception is a bug and keeps its traceback."""
-    from hooks import horovod_glue, runtime
+    """Configure threads (before TF starts its pools), run the cheap checks, start Horovod
+    and the stall watchdog, then `run(config, context)`.
+
+    Exit status: 0 done; 1 a `UserError` (bad flags or files, a diverged run), one line, no
+    traceback; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written, rerun to resume);
+    86 a stalled rank (hooks.watchdog). Anything else is a bug and keeps its traceback."""
+    from hooks import faults, horovod_glue, runtime, watchdog
     from hooks.errors import UserError
 
     runtime.configure(perf)
     try:
         validate(config)
         context = horovod_glue.init(dist.fusion_threshold_mb, dist.cycle_time_ms)
+        model_dir = getattr(config, "model_dir", None)
+        watchdog.start(getattr(config, "stall_timeout_s", 0), context.rank, context.size,
+                       horovod_glue.hostnames(context),
+                       os.path.join(model_dir, ".stall") if model_dir else None)
         run(config, context)
     except UserError as err:
         sys.exit(f"{prog}: error: {err}")
+    except faults.Preempted as err:
+        print(f"{prog}: preempted: {err} (exit {faults.PREEMPTED_EXIT_CODE})", flush=True)
+        sys.exit(faults.PREEMPTED_EXIT_CODE)
+    finally:
+        watchdog.stop()

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hooks import horovod_glue
+from hooks import horovod_glue, watchdog
 
 # Compiled step functions per network, so periodic evaluation traces once, not every time.
 _STEPS = weakref.WeakKeyDictionary()
@@ -52,9 +52,11 @@ def evaluate(network: keras.Model, dataset: tf.data.Dataset,
     step = _cached_step(network, ("evaluate",) + tuple(id(m) for m in metrics), make)
 
     seen = 0
+    watchdog.beat(phase="evaluation (first batch: graph tracing)", slow=True)
     for x, y in dataset:
         step(x, y)
         seen += int(tf.shape(y)[0])
+        watchdog.beat(phase="evaluation")
     total = int(horovod_glue.allreduce_sum([np.int64(seen)], context)[0])
     results = horovod_glue.global_metric_results(metrics, context)
     return {k: float(keras.ops.convert_to_numpy(v)) for k, v in results.items()}, total
@@ -72,12 +74,14 @@ def predict(network: keras.Model, dataset: tf.data.Dataset,
     step = _cached_step(network, ("predict", activation), make)
 
     columns = None
+    watchdog.beat(phase="prediction (first batch: graph tracing)", slow=True)
     for batch in dataset:
         x, rest = batch[0], batch[1:]
         row = [np.asarray(step(x), dtype=np.float32)] + [np.asarray(r) for r in rest]
         columns = [[] for _ in row] if columns is None else columns
         for column, value in zip(columns, row):
             column.append(value)
+        watchdog.beat(phase="prediction")
     if columns is None:  # an empty shard: zero rows of the right shapes, for allgather
         specs = dataset.element_spec
         empty = [tf.zeros((0,) + tuple(spec.shape[1:]), spec.dtype) for spec in specs]

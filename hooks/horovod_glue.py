@@ -8,6 +8,7 @@ Code below this module takes a `Context` instead of calling Horovod for rank/siz
 import dataclasses
 import os
 import pathlib
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
@@ -50,7 +51,12 @@ def check_global_batches(context: "Context", **batches: int) -> None:
 
 def init(fusion_threshold_mb: float | None = None,
          cycle_time_ms: float | None = None) -> Context:
-    """Initialise Horovod once; fusion settings must reach the environment before init."""
+    """Initialise Horovod once; fusion settings must reach the environment before init.
+
+    Gloo's own collective timeout (30 s by default) would kill a job whose rank 0 takes
+    longer to write a checkpoint: it is set to a week unless the user set it, and stalls
+    are bounded by `hooks.watchdog` (--stall_timeout_s) instead."""
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(7 * 24 * 3600))
     if fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
     if cycle_time_ms is not None:
@@ -58,7 +64,44 @@ def init(fusion_threshold_mb: float | None = None,
     hvd = _hvd()
     if not hvd.is_initialized():
         hvd.init()
-    return Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    context = Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    # Where the ranks landed (a collective): the one place a job log shows hosts.
+    line = describe_placement(placement(context))
+    if context.is_chief:
+        print(line, flush=True)
+    return context
+
+
+def placement(context: Context) -> list[tuple]:
+    """(rank, host, local_rank, local_size) of every rank, in rank order (a collective)."""
+    me = (context.rank, socket.gethostname(), context.local_rank, context.local_size)
+    return [me] if context.size == 1 else list(_hvd().allgather_object(me))
+
+
+def describe_placement(ranks: Sequence[tuple], max_hosts: int = 8) -> str:
+    """One line naming each host's ranks and local_size, plus a warning line when Horovod's
+    local ranks disagree with the host names (per-node work would then be done twice or
+    not at all, e.g. when every container of a job has the same hostname)."""
+    hosts: dict[str, list] = {}
+    for rank, host, local_rank, local_size in ranks:
+        hosts.setdefault(host, []).append((local_rank, rank, local_size))
+    parts, wrong = [], []
+    for host, members in hosts.items():
+        members.sort()
+        if ([m[0] for m in members] != list(range(len(members)))
+                or any(m[2] != len(members) for m in members)):
+            wrong.append(host)
+        parts.append(f"{host} rank {','.join(str(m[1]) for m in members)} "
+                     f"local_size {members[0][2]}")
+    more = f"; ... ({len(parts) - max_hosts} more)" if len(parts) > max_hosts else ""
+    line = (f"horovod: {len(ranks)} rank(s) on {len(hosts)} host(s): "
+            + "; ".join(parts[:max_hosts]) + more)
+    if wrong:
+        odd = [r for r in ranks if r[1] in wrong]
+        line += (f"\nhorovod: warning: local ranks do not match host names on "
+                 f"{', '.join(wrong[:max_hosts])}: (rank, host, local_rank, local_size) "
+                 f"{odd[:max_hosts]}{' ...' if len(odd) > max_hosts else ''}")
+    return line
 
 
 # ---------------------------------------------------------------- collectives
@@ -173,6 +216,24 @@ def _to_python(value):
     return array.item() if array.ndim == 0 else array.tolist()
 
 
+class RequestFlag(keras.metrics.Metric):
+    """A flag a rank raises between steps (`request()`); reported with each step's metrics
+    as the number of ranks that raised it, so every rank learns of it at the same step."""
+
+    def __init__(self, name="stop_request"):
+        super().__init__(name=name)
+        self.value = self.add_variable(shape=(), initializer="zeros", name="value")
+
+    def update_state(self, *args, **kwargs):
+        pass
+
+    def result(self):
+        return self.value
+
+    def request(self) -> None:
+        self.value.assign(1.0)
+
+
 class DistributedTrainer(keras.Model):
     """Wraps a Keras model so that `fit` averages gradients across Horovod ranks.
 
@@ -190,11 +251,12 @@ class DistributedTrainer(keras.Model):
         self.exact_metrics = exact_metrics
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.train_metrics = list(metrics)
+        self.stop_request = RequestFlag()  # raised by hooks.faults.Preemption
 
     @property
     def metrics(self):
-        # Listed here so fit() resets them at each epoch.
-        return [self.loss_tracker] + self.train_metrics
+        # Listed here so fit() resets them at each epoch (and sums them over ranks).
+        return [self.loss_tracker] + self.train_metrics + [self.stop_request]
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
@@ -234,20 +296,32 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
     if not context.is_chief:
         return False
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     # Keep the whole suffix (".weights.h5", ".keras"): Keras picks the format by it.
     suffix = "".join(pathlib.Path(path).suffixes)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-",
-                               suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-",
+                                   suffix=suffix)
+        os.close(fd)
         write(tmp)
+        with open(tmp, "rb+") as f:  # durable before it replaces the old file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
         raise
     return True
+
+
+def hostnames(context: Context) -> list[str]:
+    """Every rank's host name, in rank order (a collective)."""
+    return [host for _, host, _, _ in placement(context)]
 
 
 def chief_only(callbacks: Iterable[keras.callbacks.Callback],

@@ -50,6 +50,9 @@ class RunConfig:
     poly_rate: float = 0.0
     precision: str = "float32"
     fp16_allreduce: bool = False
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
+    stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
     use_synthetic_data: bool = False
     tfds_data_dir: str | None = None
     num_parallel_calls: int | None = None
@@ -108,9 +111,12 @@ def validate(config: RunConfig) -> None:
                   "train_and_eval": ("train", "validation")}[config.mode]
         for split in splits:
             _check_tfrecords(config.data_dir, split)
-    if config.mode == "eval":
-        from hooks import checkpoints  # imports Keras: only when it is needed
+    from hooks import checkpoints  # imports Keras: only when it is needed
 
+    checkpoints.check_model_dir(config.model_dir, writable=config.mode != "eval")
+    if config.on_nonfinite not in ("stop", "rollback"):
+        raise ConfigError(f"--on_nonfinite={config.on_nonfinite} is not stop or rollback")
+    if config.mode == "eval":
         if not checkpoints.latest(config.model_dir):
             raise ConfigError(f"--mode=eval needs a checkpoint in "
                               f"--model_dir={config.model_dir}")

@@ -211,7 +211,8 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     trainer.compile(optimizer=optimizer,
                     loss=build_loss(config.label_smoothing, config.num_label_classes),
                     jit_compile=False)  # Horovod ops cannot be XLA-compiled
-    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context)
+    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
+                                     log=chief_log)
     start = int(optimizer.iterations.numpy())
     chief_log(f"resnet_main: {network.name} ({network.count_params():,} parameters), "
               f"{context.size} rank(s), global batch {config.train_batch_size} "
@@ -235,7 +236,7 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
                "model": network.name, "precision": config.precision, "start_step": start}
     try:
         last_eval = _train_or_evaluate(config, context, trainer, evaluate, extra_callbacks,
-                                       summary)
+                                       summary, chief_log)
     except tf.errors.OpError as err:
         problem = input_pipeline.read_error(err, files, context.rank)
         if problem is None:
@@ -254,7 +255,7 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
 
 
 def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_callbacks,
-                       summary: dict) -> evaluation.Evaluation | None:
+                       summary: dict, chief_log) -> evaluation.Evaluation | None:
     """The mode's work; adds the training figures to `summary`, returns the last
     evaluation (None when nothing was evaluated)."""
     if config.mode == "eval":
@@ -271,7 +272,8 @@ def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_call
                                           global_batch=config.train_batch_size),
             keep_checkpoints=config.keep_checkpoints, best_metric="top_1",
             log_every_n_steps=config.log_every_n_steps, json_progress=config.json_progress,
-            extra_callbacks=extra_callbacks)
+            extra_callbacks=extra_callbacks, log=chief_log,
+            faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
         last_eval = result.last_eval
         summary.update(final_step=result.final_step, train_seconds=result.wall_seconds,
                        images_per_sec=result.images_per_sec,

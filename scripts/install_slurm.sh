@@ -6,7 +6,7 @@
 # Installs slurmctld slurmd slurm-client munge (SLURM 22.05 on Debian 12) and, for
 # `srun --mpi=pmix`, libpmix2 plus Debian's OpenMPI (openmpi-bin, libopenmpi-dev) which
 # Horovod's MPI build and `LAUNCHER=mpirun` use. The packages' own systemd services are not
-# used: tests/slurm_cluster.py starts munged/slurmctld/slurmd by hand with a generated
+# used: slurm/cluster.py starts munged/slurmctld/slurmd by hand with a generated
 # slurm.conf in a temporary folder. Needs root and apt-get (Debian/Ubuntu).
 set -euo pipefail
 

@@ -17,6 +17,7 @@
 # environment by default) or edited at the top of the batch script.
 
 hr_log() { echo "[hpc-resnet] $*"; }
+HR_PREEMPTED=75  # exit status of a rank stopped by SIGTERM/SIGUSR1 after its checkpoint
 hr_die() { echo "[hpc-resnet] error: $*" >&2; exit 2; }
 
 hr_setup() {
@@ -120,8 +121,29 @@ hr_launch() {
   esac
   cmd+=("$PYTHON" "$@")
   hr_log "command: ${cmd[*]}"
-  local rc=0
-  "${cmd[@]}" || rc=$?
+  # Preemption: SLURM signals the batch shell (USR1 ahead of the time limit, from --signal
+  # in the batch scripts; TERM on scancel or preemption). Forward USR1 to the launcher, which
+  # passes it to every rank (srun and mpirun forward USR1; TERM would make mpirun kill the
+  # ranks at once): the ranks stop at one agreed step, rank 0 checkpoints there, they exit
+  # 75. After the time-limit notice the job requeues itself and resumes at that step; after
+  # TERM, SLURM decides (a preemption with PreemptMode=REQUEUE requeues, scancel cancels).
+  local rc=0 child
+  HR_SIGNAL=
+  "${cmd[@]}" &
+  child=$!
+  trap 'HR_SIGNAL=USR1; hr_log "USR1: asking the ranks to checkpoint and stop"; kill -USR1 "$child" 2>/dev/null' USR1
+  trap 'HR_SIGNAL=TERM; hr_log "TERM: asking the ranks to checkpoint and stop"; kill -USR1 "$child" 2>/dev/null' TERM
+  while :; do
+    rc=0
+    wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break  # wait returned early for a trapped signal
+  done
+  trap - USR1 TERM
   hr_log "finished rc=$rc job ${SLURM_JOB_ID:-<no SLURM>} date $(date -u +%FT%TZ)"
+  if [ -n "${SLURM_JOB_ID:-}" ] && [ "${REQUEUE_ON_PREEMPT:-1}" = 1 ] && {
+       [ "$HR_SIGNAL" = USR1 ] || { [ "$rc" = "$HR_PREEMPTED" ] && [ "$HR_SIGNAL" != TERM ]; }; }; then
+    hr_log "stopped with a checkpoint: requeueing job $SLURM_JOB_ID (it resumes there)"
+    scontrol requeue "$SLURM_JOB_ID" && return 0
+  fi
   return "$rc"
 }

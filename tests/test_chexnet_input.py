@@ -86,7 +86,7 @@ def test_cache_gives_same_batches(six_images, tmp_path):
 
 def test_training_batches(six_images):
     paths, labels = six_images
-    ds, info = ip.train_dataset(paths, labels, _options(), batch_size=4, seed=7)
+    ds, info = ip.train_dataset(paths, labels, _options(view="crop"), batch_size=4, seed=7)
     assert info.num_examples == 6
     batches = [(x.numpy(), y.numpy()) for x, y in ds.take(3)]  # repeats past the 6 images
     for x, y in batches:
@@ -94,7 +94,8 @@ def test_training_batches(six_images):
         assert -2.2 < x.min() < x.max() < 2.7  # torch-normalised range
     seen = np.concatenate([y for _, y in batches])[:6]  # first epoch: each image once
     np.testing.assert_array_equal(seen.sum(0), labels.sum(0))
-    again = next(iter(ip.train_dataset(paths, labels, _options(), batch_size=4, seed=7)[0]))
+    again = next(iter(ip.train_dataset(paths, labels, _options(view="crop"), batch_size=4,
+                                       seed=7)[0]))
     np.testing.assert_array_equal(again[0].numpy(), batches[0][0])  # reproducible
 
 
@@ -126,14 +127,47 @@ def test_rgba_decodes_like_grayscale(six_images, tmp_path):
     assert 0 <= x.min() and x.max() <= 255 and x.std() > 10  # a real picture, not blank
 
 
-def test_eval_image_is_resize_then_centre_crop():
-    """The view predict shares with evaluation, against PIL's own resize + crop."""
+def test_eval_image_crop_view_is_resize_then_centre_crop():
+    """The ImageNet-style view (an option), against PIL's own resize + crop."""
     image = np.random.default_rng(1).integers(0, 256, (80, 64, 3), dtype=np.uint8)
-    out = ip.eval_image(image, _options(image_size=28)).numpy()  # resize_to 32
+    out = ip.eval_image(image, _options(image_size=28, view="crop")).numpy()  # resize_to 32
     assert out.shape == (28, 28, 3) and out.dtype == np.uint8
     reference = np.asarray(Image.fromarray(image).resize((32, 40), Image.BILINEAR))
     crop = reference[6:34, 2:30].astype(float)
     assert np.abs(out.astype(float) - crop).mean() < 12  # antialias filters differ slightly
+
+
+def test_whole_view_keeps_the_borders_and_only_flips(six_images):
+    """Default view (CheXNet): the whole image resized, nothing cropped; in training the
+    only augmentation is a horizontal flip of exactly that image."""
+    path = six_images[0][0]
+    pixels = np.asarray(Image.open(path).convert("RGB"))  # 48 x 40, bright band at 8:20
+    out = ip.eval_image(pixels, _options(image_size=20)).numpy()
+    reference = np.asarray(Image.fromarray(pixels).resize((20, 20), Image.BILINEAR), float)
+    assert out.shape == (20, 20, 3) and np.abs(out - reference).mean() < 12
+    # The corners survive (a crop view would drop them): rows 0 and 19 are not the band.
+    assert out[:3, :, 0].mean() < 200 and out[3:8, 5:15, 0].mean() > 200
+    options = _options(image_size=20, preprocessing="none")
+    expected = ip.eval_image(pixels, options).numpy().astype(np.float32)
+    ds, _ = ip.train_dataset([path], np.zeros((1, 14)), options, batch_size=1, seed=3)
+    views = [x.numpy()[0] for x, _ in ds.take(12)]
+    flipped = [np.array_equal(v, expected[:, ::-1]) for v in views]
+    assert all(f or np.array_equal(v, expected) for f, v in zip(flipped, views))
+    assert 0 < sum(flipped) < len(views)  # both orientations occur
+
+
+def test_sixteen_bit_png_decodes_to_its_high_byte(tmp_path):
+    """16-bit PNGs (as DICOM exports often are) keep their contrast: value >> 8, where PIL's
+    convert("RGB") clips everything above 255 to white."""
+    values = np.random.default_rng(2).integers(0, 65536, (24, 20), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "x16.png")
+    import tensorflow as tf
+
+    decoded = ip.decode(tf.io.read_file(str(tmp_path / "x16.png"))).numpy()
+    assert decoded.dtype == np.uint8 and decoded.shape == (24, 20, 3)
+    np.testing.assert_array_equal(decoded[..., 1], (values >> 8).astype(np.uint8))
+    clipped = np.asarray(Image.open(tmp_path / "x16.png").convert("RGB"))
+    assert (clipped == 255).mean() > 0.9  # the bug predict had
 
 
 @pytest.mark.parametrize("mode,module", [("torch", "densenet"), ("caffe", "resnet50"),
@@ -148,3 +182,21 @@ def test_preprocessing_matches_keras_applications(mode, module):
                                atol=1e-4)
     with pytest.raises(ValueError, match="unknown preprocessing"):
         ip.preprocess_images(x, "inception")
+
+
+@pytest.mark.parametrize("view", ["whole", "crop"])
+def test_predict_feeds_exactly_what_evaluation_feeds(six_images, tmp_path, view):
+    """`predict` reads and prepares an image with the evaluation pipeline's own functions:
+    the same float input, bit for bit, for 8-bit, RGBA and 16-bit PNGs."""
+    from chexnet import predict
+
+    paths = [six_images[0][0], six_images[0][5]]
+    pixels = np.asarray(Image.open(paths[0]).convert("L"), np.uint16)
+    Image.fromarray(pixels * 257).save(tmp_path / "x16.png")
+    paths.append(str(tmp_path / "x16.png"))
+    options = _options(image_size=24, view=view)
+    (batch, _, _), = list(ip.eval_dataset(paths, np.zeros((3, 14)), options, batch_size=3)[0])
+    for path, expected in zip(paths, batch.numpy()):
+        np.testing.assert_array_equal(predict.prepare(predict.read_image(path), options)[0],
+                                      expected)
+    np.testing.assert_array_equal(batch[2].numpy(), batch[0].numpy())  # 16-bit == 8-bit

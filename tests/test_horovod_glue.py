@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hooks import horovod_glue
+from hooks.errors import UserError
 from tests.conftest import python_cmd, run_cmd
 
 
@@ -65,7 +66,7 @@ def test_write_atomically_only_on_chief_and_keeps_old_file_on_failure(tmp_path):
     def broken(path):
         open(path, "w").write("half")
         raise OSError("disk full")
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"cannot write .*report.txt: disk full"):
         horovod_glue.write_atomically(str(target), broken, horovod_glue.Context())
     assert target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]

@@ -80,10 +80,10 @@ def _xray_sample(folder, n=12):
 def test_chexnet_run_finetunes_and_reports(tmp_path):
     csv_path = _xray_sample(tmp_path / "x")
     common = dict(csv=str(csv_path), image_dir=str(tmp_path / "x"), backbone="resnet18",
-                  image_size=32, split_fractions=(0.5, 0.5, 0.0), eval_batch_size=4,
-                  model_dir=str(tmp_path / "run"), seed=0)
+                  image_size=32, allow_random_init=True, split_fractions=(0.5, 0.5, 0.0),
+                  eval_batch_size=4, model_dir=str(tmp_path / "run"), seed=0)
     summary = chexnet_train.run(ChexnetConfig(mode="train", train_batch_size=2, train_steps=2,
-                                              steps_per_loop=1, **common), Context(), **QUIET)
+                                              bn_stats_images=4, **common), Context(), **QUIET)
     assert (summary["final_step"], summary["val_images"]) == (2, 6)
     assert _state(tmp_path / "run", 2)["task"] == "chexnet"
     report = tmp_path / "run" / "report"

@@ -1,15 +1,15 @@
 """The project's batch scripts on a real single-node SLURM, and the same script under mpirun.
 
-`pytest -m slurm` brings up munged + slurmctld + slurmd on this machine (tests/slurm_cluster.py,
+`pytest -m slurm` brings up munged + slurmctld + slurmd on this machine (slurm/cluster.py,
 Debian packages installed by scripts/install_slurm.sh when missing), then:
   * `sbatch --wait slurm/imagenet_resnet50.sbatch` on a tiny synthetic config with 2 tasks:
     the job is COMPLETED and its log shows 2 ranks and the final SUMMARY;
-  * a second job is requeued (`scontrol requeue`) once it has written checkpoints, and
-    finishes from its checkpoint (the restarted run says "resuming ... at step S", S > 0).
+  * a second job gets the time-limit notice (USR1 to the batch shell) once it has written
+    checkpoints: its ranks stop at one step with a checkpoint, it requeues itself and the
+    restarted run resumes at exactly that step and finishes.
 `pytest -m distributed -k outside_slurm` runs the same script with LAUNCHER=mpirun NP=2.
 Every wait is bounded; the daemons are stopped by their pid files at the end.
 """
-import json
 import os
 import re
 import subprocess
@@ -18,28 +18,11 @@ import time
 
 import pytest
 
+from slurm.cluster import ClusterError, SlurmCluster
 from tests.conftest import ROOT, child_env
-from tests.slurm_cluster import ClusterError, SlurmCluster
+from tests.slurm_jobs import JOB_TIMEOUT, TINY, job_env, read, sbatch, summary
 
 SCRIPT = ROOT / "slurm" / "imagenet_resnet50.sbatch"
-JOB_TIMEOUT = 300  # s, per job: two TF start-ups of 2 ranks on 2 shared cores fit easily
-
-# A tiny synthetic run; every knob is an environment variable of the batch script.
-TINY = {"SYNTHETIC": "1", "DEPTH": "18", "IMAGE_SIZE": "32", "BATCH": "8",
-        "NUM_TRAIN_IMAGES": "80", "MODE": "train", "ITERATIONS_PER_LOOP": "2",
-        "EXTRA_FLAGS": "--num_label_classes=10 --log_every_n_steps=2 --keep_checkpoints=20",
-        "PYTHON": sys.executable,
-        "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _summary(log_text):
-    lines = [line for line in log_text.splitlines() if line.startswith("SUMMARY ")]
-    assert lines, f"no SUMMARY line in the log:\n{log_text[-3000:]}"
-    return json.loads(lines[-1][len("SUMMARY "):])
-
-
-def _read(path):
-    return path.read_text(errors="replace") if path.exists() else f"<no log at {path}>"
 
 
 @pytest.fixture(scope="module")
@@ -58,33 +41,12 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def _job_env(cluster, **extra):
-    env = {k: v for k, v in TINY.items() if v}
-    env.update(extra)
-    return cluster.env(base=child_env(**env))
-
-
-def _sbatch(cluster, out_dir, name, env, wait):
-    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--output={out_dir}/%x-%j.out",
-           f"--chdir={out_dir}", "--time=10", *(["--wait"] if wait else []), str(SCRIPT)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=JOB_TIMEOUT if wait else 30)
-    except subprocess.TimeoutExpired:
-        logs = "\n".join(_read(p)[-3000:] for p in out_dir.glob(f"{name}-*.out"))
-        pytest.fail(f"{' '.join(cmd)} did not return in {JOB_TIMEOUT}s\n{logs}")
-    match = re.search(r"^(\d+)", proc.stdout.strip())
-    assert match, (f"sbatch printed no job id (rc {proc.returncode}): {proc.stdout}{proc.stderr}"
-                   f"\n{cluster.log_tail('slurmctld')}")
-    return match.group(1), proc
-
-
 @pytest.mark.slurm
 def test_sbatch_wait_runs_two_ranks_to_completion(cluster, tmp_path):
     steps = 4
-    env = _job_env(cluster, TRAIN_STEPS=steps, MODEL_DIR=tmp_path / "model")
-    job_id, proc = _sbatch(cluster, tmp_path, "hr-tiny", env, wait=True)
-    log = _read(tmp_path / f"hr-tiny-{job_id}.out")
+    env = job_env(cluster, TRAIN_STEPS=steps, MODEL_DIR=tmp_path / "model")
+    job_id, proc = sbatch(cluster, tmp_path, "hr-tiny", env, wait=True)
+    log = read(tmp_path / f"hr-tiny-{job_id}.out")
     info = cluster.job_info(job_id)
     assert proc.returncode == 0 and info.get("JobState") == "COMPLETED", (
         f"job {job_id}: sbatch --wait rc {proc.returncode}, JobState {info.get('JobState')}, "
@@ -92,18 +54,18 @@ def test_sbatch_wait_runs_two_ranks_to_completion(cluster, tmp_path):
     assert info.get("ExitCode") == "0:0"
     assert "[hpc-resnet] launcher srun nodes 1 ranks 2 " in log
     assert "2 rank(s)" in log and "starting from step 0" in log
-    summary = _summary(log)
-    assert summary["ranks"] == 2
-    assert summary["final_step"] == steps and summary["start_step"] == 0
+    result = summary(log)
+    assert result["ranks"] == 2
+    assert result["final_step"] == steps and result["start_step"] == 0
     assert sorted(p.name for p in (tmp_path / "model").glob("ckpt-*"))[-1] == f"ckpt-{steps:09d}"
 
 
 @pytest.mark.slurm
-def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
+def test_time_limit_notice_checkpoints_requeues_and_resumes_at_that_step(cluster, tmp_path):
     steps = 24
     model_dir = tmp_path / "model"
-    env = _job_env(cluster, TRAIN_STEPS=steps, MODEL_DIR=model_dir)
-    job_id, proc = _sbatch(cluster, tmp_path, "hr-requeue", env, wait=False)
+    env = job_env(cluster, TRAIN_STEPS=steps, MODEL_DIR=model_dir)
+    job_id, proc = sbatch(cluster, tmp_path, "hr-requeue", env, wait=False)
     assert proc.returncode == 0, proc.stderr
     log_path = tmp_path / f"hr-requeue-{job_id}.out"
 
@@ -116,33 +78,37 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
         state = cluster.job_info(job_id).get("JobState")
         if state not in ("PENDING", "CONFIGURING", "RUNNING"):
             pytest.fail(f"job {job_id} ended ({state}) before writing 2 checkpoints\n"
-                        f"{_read(log_path)[-5000:]}")
+                        f"{read(log_path)[-5000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"job {job_id}: no 2 checkpoints in {model_dir} after {JOB_TIMEOUT}s"
-                        f" (state {state})\n{_read(log_path)[-5000:]}")
+                        f" (state {state})\n{read(log_path)[-5000:]}")
         time.sleep(0.5)
-    assert "SUMMARY" not in _read(log_path), "the job finished before it could be requeued"
-    cluster.run("scontrol", "requeue", job_id)
+    assert "SUMMARY" not in read(log_path), "the job finished before it could be requeued"
+    # The time-limit notice (#SBATCH --signal=B:USR1@300), sent now: the script forwards it,
+    # the ranks checkpoint at one step and exit 75, and the script requeues the job.
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
     try:
         info = cluster.wait_job(job_id, timeout=JOB_TIMEOUT)
     except ClusterError as exc:
-        pytest.fail(f"{exc}\n--- job log\n{_read(log_path)[-5000:]}")
-    log = _read(log_path)
+        pytest.fail(f"{exc}\n--- job log\n{read(log_path)[-5000:]}")
+    log = read(log_path)
     assert info["JobState"] == "COMPLETED", f"{info}\n--- job log\n{log[-5000:]}"
     assert info.get("Restarts") == "1"
     # Both attempts append to the one per-job log (--open-mode=append).
     first, sep, second = log.partition("restart_count 1")
     assert sep, f"no restarted attempt in the log:\n{log[-5000:]}"
-    assert "starting from step 0" in first and "DUE TO JOB REQUEUE" in first
+    assert "starting from step 0" in first and "requeueing job" in first
+    stopped = {int(s) for s in re.findall(r"preempted: stopped by SIGUSR1 at step (\d+)", first)}
+    assert len(stopped) == 1, f"ranks did not agree on one step:\n{first[-5000:]}"
     match = re.search(r"2 rank\(s\).*resuming from (\S+) at step (\d+)", second)
     assert match, f"the requeued attempt did not resume:\n{second[-5000:]}"
     resumed_at = int(match.group(2))
-    assert 0 < resumed_at < steps
+    assert {resumed_at} == stopped and 0 < resumed_at < steps  # no step lost
     assert os.path.basename(match.group(1)) == f"ckpt-{resumed_at:09d}"
-    summary = _summary(second)
-    assert summary["ranks"] == 2
-    assert summary["start_step"] == resumed_at and summary["final_step"] == steps
+    result = summary(second)
+    assert result["ranks"] == 2
+    assert result["start_step"] == resumed_at and result["final_step"] == steps
 
 
 @pytest.mark.distributed
@@ -161,8 +127,8 @@ def test_batch_script_runs_outside_slurm_with_mpirun(tmp_path):
     assert proc.returncode == 0, out[-6000:]
     assert "[hpc-resnet] launcher mpirun nodes 1 ranks 2 " in out
     assert "--map-by socket --bind-to socket" in out
-    summary = _summary(proc.stdout)
-    assert summary["ranks"] == 2 and summary["final_step"] == steps
+    result = summary(proc.stdout)
+    assert result["ranks"] == 2 and result["final_step"] == steps
 
 
 @pytest.mark.slurm

@@ -1,18 +1,20 @@
-"""Bring up (and tear down) a real single-node SLURM on this machine, for tests and demos.
+"""Bring up (and tear down) a real SLURM on this machine, for tests and demos.
 
-    cluster = SlurmCluster(Path("/tmp/slurm-x")).start()   # munged, slurmctld, slurmd
-    subprocess.run(["sbatch", "--wait", ...], env=cluster.env())
+    cluster = SlurmCluster(Path("/var/tmp/slurm-x")).start()   # munged, slurmctld, slurmd
+    cluster.run("sbatch", "--wait", ...)
     cluster.stop()
 
-Everything lives in one folder: a generated munge key and socket, slurm.conf for this host's
-short name with the real core count (`nproc`), state/spool/log/pid files. The daemons run as
-root with proctrack/linuxproc + task/none (no cgroups, no systemd) and ports picked free, so
-two clusters (two test runs) do not collide. `stop()` ends the daemons by their pid files.
+Everything lives in one folder: a generated munge key and socket, slurm.conf, state/spool/
+log/pid files. By default the one compute node is this host (its short name, the real core
+count); slurm/virtual_cluster.py subclasses this with several nodes, each in its own network
+namespace. The daemons run as root with proctrack/linuxproc + task/none (no cgroups, no
+systemd); `start()` is idempotent (it starts only what is not running) and `stop()` ends the
+daemons by their pid files.
 
 Packages: Debian's slurmctld slurmd slurm-client munge (scripts/install_slurm.sh). Every
 start-up step is bounded and raises ClusterError with the daemon's log tail on failure.
 
-Run by hand:  python -m tests.slurm_cluster up DIR   /   python -m tests.slurm_cluster down DIR
+Run by hand:  python -m slurm.cluster up DIR   /   python -m slurm.cluster down DIR
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = ROOT / "scripts" / "install_slurm.sh"
@@ -34,11 +37,16 @@ class ClusterError(RuntimeError):
     """The cluster could not be brought up; the message says why (with log tails)."""
 
 
+class Node(NamedTuple):
+    name: str
+    addr: str
+
+
 def missing_binaries():
-    return [b for b in BINARIES if _which(b) is None]
+    return [b for b in BINARIES if which(b) is None]
 
 
-def _which(name):
+def which(name):
     # Daemons live in /usr/sbin, which a non-login PATH may lack.
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/local/sbin"
     return shutil.which(name, path=path)
@@ -69,14 +77,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _tail(path, n=4000):
+def tail(path, n=4000):
     try:
         return Path(path).read_text(errors="replace")[-n:]
     except OSError:
         return f"<no log at {path}>"
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -91,20 +99,47 @@ def _pid_alive(pid):
         return False
 
 
-class SlurmCluster:
-    """One controller + one compute node (this host) in `root`."""
+def stop_pid(pid, timeout=20):
+    """SIGTERM, wait up to `timeout` s, then SIGKILL; False when it was not running."""
+    if not pid or not pid_alive(pid):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return True
 
-    def __init__(self, root: Path, cpus: int | None = None, partition: str = "debug"):
+
+class SlurmCluster:
+    """One controller (on the first node) + one slurmd per node, all files in `root`.
+
+    Subclasses place daemons and client commands elsewhere through `prefix(node)`.
+    """
+
+    # (slurmctld, slurmd) ports; None: pick free ones, so two clusters do not collide.
+    ports = None
+
+    def __init__(self, root: Path, cpus: int | None = None, partition: str = "debug",
+                 nodes: list[Node] | None = None):
         self.root = Path(root)
-        self.host = socket.gethostname().split(".")[0]
-        self.cpus = cpus or os.cpu_count() or 1
+        self.nodes = nodes or [Node(socket.gethostname().split(".")[0], "127.0.0.1")]
+        self.host = self.nodes[0].name  # the controller's node; clients run there too
+        self.cpus = cpus or os.cpu_count() or 1  # per node
         self.partition = partition
         self.conf = self.root / "etc" / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
-        self.logs = {name: self.root / "log" / f"{name}.log"
-                     for name in ("munged", "slurmctld", "slurmd")}
-        self.pidfiles = {name: self.root / "run" / f"{name}.pid"
-                         for name in ("munged", "slurmctld", "slurmd")}
+        names = ["munged", "slurmctld"] + [f"slurmd-{n.name}" for n in self.nodes]
+        self.logs = {name: self.root / "log" / f"{name}.log" for name in names}
+        self.pidfiles = {name: self.root / "run" / f"{name}.pid" for name in names}
+
+    def prefix(self, node: str | None) -> list[str]:
+        """Command prefix that runs a program on `node` (None: munged, on the host)."""
+        return []
 
     # ------------------------------------------------------------------ environment
     def env(self, base=None, **extra):
@@ -113,13 +148,21 @@ class SlurmCluster:
         for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             del env[key]  # an outer allocation's variables must not leak into ours
         env["SLURM_CONF"] = str(self.conf)
+        # Ranks share this machine's cores (with each other and whatever else runs): an MPI
+        # rank waiting in a collective should yield its core, not spin (a 2-rank job here
+        # used 50 instead of 78 CPU-seconds).
+        env["OMPI_MCA_mpi_yield_when_idle"] = "1"
         env["PATH"] = env.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def run(self, *cmd, timeout=30, check=True):
-        proc = subprocess.run([str(c) for c in cmd], env=self.env(), capture_output=True,
-                              text=True, timeout=timeout)
+    def command(self, *cmd, node=None):
+        """`cmd` as run on `node` (default: the controller's node, where clients run)."""
+        return self.prefix(node or self.host) + [str(c) for c in cmd]
+
+    def run(self, *cmd, timeout=30, check=True, env=None, node=None):
+        proc = subprocess.run(self.command(*cmd, node=node), env=env or self.env(),
+                              capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise ClusterError(f"{' '.join(map(str, cmd))} exited {proc.returncode}: "
                                f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -131,18 +174,22 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
             os.chmod(self.root / sub, 0o755)
         os.chmod(self.root, 0o755)
+        for node in self.nodes:
+            (self.root / "spool" / f"slurmd-{node.name}").mkdir(exist_ok=True)
         key = self.root / "munge" / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o400)
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        ctld_port, slurmd_port = self.ports or (_free_port(), _free_port())
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()
-        r = self.root
+        r, ctld = self.root, self.nodes[0]
+        node_lines = "".join(f"NodeName={n.name} NodeAddr={n.addr} NodeHostname={n.name} "
+                             f"CPUs={self.cpus} State=UNKNOWN\n" for n in self.nodes)
         self.conf.write_text(f"""\
-# Generated by tests/slurm_cluster.py: a single-node test cluster.
+# Generated by slurm/cluster.py ({type(self).__name__}): a test cluster on one machine.
 ClusterName=hpcresnet
-SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldHost={ctld.name}({ctld.addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -155,9 +202,9 @@ AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/slurmd-%n
 SlurmctldPidFile={self.pidfiles['slurmctld']}
-SlurmdPidFile={self.pidfiles['slurmd']}
+SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={self.logs['slurmctld']}
-SlurmdLogFile={self.logs['slurmd']}
+SlurmdLogFile={r}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -172,19 +219,26 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-MinJobAge=600
+# sbatch --wait polls every 2 s when MinJobAge <= 4 (with more, its poll grows to 32 s);
+# records of finished jobs stay at least this long.
+MinJobAge=4
 KillWait=5
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MessageTimeout=20
-NodeName={self.host} NodeAddr=127.0.0.1 NodeHostname={self.host} CPUs={self.cpus} State=UNKNOWN
-PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-""")  # noqa: E501
+{node_lines}\
+PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+""")
         return self.conf
 
     # ------------------------------------------------------------------ daemons
     def _start_daemon(self, name, cmd, ready, timeout):
+        if self.alive(name):  # idempotent: a running daemon stays as it is
+            return self.pid(name)
+        # A dead daemon's pid file would read as "died during start-up" until the new one
+        # writes its own.
+        self.pidfiles[name].unlink(missing_ok=True)
         log = self.logs[name]
         out = open(self.root / "log" / f"{name}.stdout", "ab")
         try:
@@ -201,7 +255,7 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid = self.pid(name)
-            if pid and not _pid_alive(pid):
+            if pid and not pid_alive(pid):
                 raise ClusterError(f"{name} (pid {pid}) died during start-up\n"
                                    f"{self.log_tail(name)}")
             if pid and ready():
@@ -211,8 +265,8 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
 
     def log_tail(self, name, n=3000):
         stdout = self.root / "log" / f"{name}.stdout"
-        return (f"--- {self.logs[name]} (tail)\n{_tail(self.logs[name], n)}\n"
-                f"--- {stdout} (tail)\n{_tail(stdout, 1000)}")
+        return (f"--- {self.logs[name]} (tail)\n{tail(self.logs[name], n)}\n"
+                f"--- {stdout} (tail)\n{tail(stdout, 1000)}")
 
     def pid(self, name):
         try:
@@ -220,69 +274,81 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
         except (OSError, ValueError, IndexError):
             return None
 
+    def alive(self, name):
+        pid = self.pid(name)
+        return bool(pid) and pid_alive(pid)
+
     def _ctld_up(self):
         return self.run("scontrol", "ping", timeout=15, check=False).stdout.count("UP") > 0
 
-    def node_state(self):
-        proc = self.run("sinfo", "-h", "-N", "-n", self.host, "-o", "%T", timeout=15,
-                        check=False)
-        return proc.stdout.strip().lower()
+    def node_states(self):
+        """{node name: state} as sinfo reports it (lower case, e.g. 'idle', 'down*')."""
+        proc = self.run("sinfo", "-h", "-N", "-o", "%N %T", timeout=15, check=False)
+        return dict(line.lower().split()[:2] for line in proc.stdout.splitlines()
+                    if len(line.split()) >= 2)
+
+    def node_state(self, node=None):
+        return self.node_states().get(node or self.host, "")
 
     def start(self, timeout=60):
         ensure_installed()
-        self.write_config()
+        if not self.alive("slurmctld"):  # a running controller keeps its config and ports
+            self.write_config()
         self._start_daemon(
             "munged",
-            [_which("munged"), "--force", f"--socket={self.munge_socket}",
-             f"--key-file={self.root / 'munge' / 'munge.key'}",
-             f"--pid-file={self.pidfiles['munged']}", f"--log-file={self.logs['munged']}",
-             f"--seed-file={self.root / 'munge' / 'munged.seed'}"],
+            self.prefix(None) + [
+                which("munged"), "--force", f"--socket={self.munge_socket}",
+                f"--key-file={self.root / 'munge' / 'munge.key'}",
+                f"--pid-file={self.pidfiles['munged']}", f"--log-file={self.logs['munged']}",
+                f"--seed-file={self.root / 'munge' / 'munged.seed'}"],
             ready=self.munge_socket.exists, timeout=timeout)
-        self._start_daemon("slurmctld", [_which("slurmctld"), "-c", "-i", "-f", self.conf],
+        self._start_daemon("slurmctld",
+                           self.prefix(self.host) + [which("slurmctld"), "-c", "-i", "-f",
+                                                     self.conf],
                            ready=self._ctld_up, timeout=timeout)
-        self._start_daemon("slurmd", [_which("slurmd"), "-N", self.host, "-f", self.conf],
-                           ready=lambda: True, timeout=timeout)
+        for node in self.nodes:
+            self._start_daemon(f"slurmd-{node.name}",
+                               self.prefix(node.name) + [which("slurmd"), "-N", node.name,
+                                                         "-f", self.conf],
+                               ready=lambda: True, timeout=timeout)
         self.wait_idle(timeout)
         return self
 
     def wait_idle(self, timeout=60):
+        """Until every node is idle; nodes left down or drained (by an earlier run, a kill)
+        are resumed."""
         deadline = time.monotonic() + timeout
-        state = ""
+        states = {}
         while time.monotonic() < deadline:
-            state = self.node_state()
-            if state.startswith("idle"):
+            states = self.node_states()
+            if all(states.get(n.name, "").startswith("idle") for n in self.nodes):
                 return
-            if self.pid("slurmd") and not _pid_alive(self.pid("slurmd")):
+            dead = [n.name for n in self.nodes if not self.alive(f"slurmd-{n.name}")]
+            if dead:
                 break
-            if "down" in state or "drain" in state:  # left over from an unclean state
-                self.run("scontrol", "update", f"nodename={self.host}", "state=resume",
-                         check=False)
+            for name, state in states.items():
+                if "down" in state or "drain" in state:
+                    self.run("scontrol", "update", f"nodename={name}", "state=resume",
+                             check=False)
             time.sleep(0.5)
-        raise ClusterError(f"node {self.host} not idle after {timeout}s (state '{state}')\n"
-                           f"{self.log_tail('slurmd')}\n{self.log_tail('slurmctld')}")
+        logs = "\n".join(self.log_tail(f"slurmd-{n.name}", 1500) for n in self.nodes
+                         if not states.get(n.name, "").startswith("idle"))
+        raise ClusterError(f"nodes not idle after {timeout}s ({states})\n{logs}\n"
+                           f"{self.log_tail('slurmctld')}")
 
     def stop(self, timeout=20):
-        """Cancel jobs, then stop slurmd, slurmctld, munged by their pid files (bounded)."""
+        """Cancel jobs, then stop each slurmd, slurmctld, munged by their pid files (bounded)."""
         if self._ctld_up_quiet():
             self.run("scancel", "--full", "--quiet", "-u", "root", timeout=15, check=False)
-        for name in ("slurmd", "slurmctld", "munged"):
-            pid = self.pid(name)
-            if not pid or not _pid_alive(pid):
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        for node in self.nodes:
+            stop_pid(self.pid(f"slurmd-{node.name}"), timeout)
+        stop_pid(self.pid("slurmctld"), timeout)
+        stop_pid(self.pid("munged"), timeout)
 
     def _ctld_up_quiet(self):
         try:
-            return self.pid("slurmctld") and _pid_alive(self.pid("slurmctld")) and self._ctld_up()
-        except (subprocess.TimeoutExpired, OSError):
+            return self.alive("slurmctld") and self._ctld_up()
+        except (subprocess.TimeoutExpired, OSError, ClusterError):
             return False
 
     # ------------------------------------------------------------------ jobs

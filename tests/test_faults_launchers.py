@@ -1,0 +1,143 @@
+"""Faults across real launchers (slow): a stopped rank under mpirun and horovodrun --gloo
+ends the job within --stall_timeout_s + 30 s naming it; SIGTERM to one rank stops both at
+an agreed step with a checkpoint and exit 75, and the rerun resumes there; a diverging
+learning rate exits non-zero naming the step with no non-finite checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from hooks import faults, watchdog
+from tests.conftest import ROOT, child_env, horovodrun_cmd, mpirun_cmd, python_cmd, run_cmd
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+TINY = ["resnet_main.py", "--use_synthetic_data", "--mode=train", "--resnet_depth=18",
+        "--image_size=32", "--train_batch_size=4", "--num_label_classes=5",
+        "--num_train_images=400", "--iterations_per_loop=2", "--log_every_n_steps=1",
+        "--warmup_epochs=0"]
+
+
+def _rank_pids(model_dir):
+    """{rank: pid} of the resnet_main processes writing to model_dir."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            if "resnet_main.py" not in cmdline or str(model_dir) not in cmdline:
+                continue
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read()
+                       .decode(errors="replace").split("\0") if "=" in kv)
+        except OSError:
+            continue
+        rank = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+        if rank is not None and "python" in cmdline.split("\0")[0]:
+            found[int(rank)] = int(pid)
+    return found
+
+
+def _start(cmd):
+    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_checkpoint(proc, model_dir, seconds=480):
+    deadline = time.time() + seconds
+    while not list(model_dir.glob("ckpt-*")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_a_stopped_rank_ends_the_job_naming_it(launcher, tmp_path):
+    model_dir = tmp_path / "run"
+    timeout = 20
+    args = [*TINY, "--train_steps=100000", f"--model_dir={model_dir}",
+            f"--stall_timeout_s={timeout}"]
+    cmd = horovodrun_cmd(2, *args) if launcher == "horovodrun" else mpirun_cmd(2, *args)
+    proc = _start(cmd)
+    try:
+        _wait_for_checkpoint(proc, model_dir)
+        pids = _rank_pids(model_dir)
+        assert sorted(pids) == [0, 1], pids
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, _ = proc.communicate(timeout=timeout + 90)
+        took = time.monotonic() - stopped
+    finally:
+        _kill_group(proc)
+    print(f"\n{launcher}: job ended {took:.1f} s after SIGSTOP (timeout {timeout} s)")
+    assert proc.returncode != 0
+    assert took < timeout + 30, f"the job took {took:.0f} s to end"
+    line = next(l for l in out.splitlines() if "stall: rank 0 of 2" in l)
+    assert "stalled rank(s): 1 (" in line and f"exit {watchdog.STALL_EXIT_CODE}" in line
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_then_resumes(tmp_path):
+    model_dir = tmp_path / "run"
+    args = [*TINY, "--train_steps=100000", f"--model_dir={model_dir}"]
+    proc = _start(horovodrun_cmd(2, *args))
+    try:
+        _wait_for_checkpoint(proc, model_dir)
+        os.kill(_rank_pids(model_dir)[1], signal.SIGTERM)  # as SLURM signals a task
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        _kill_group(proc)
+    print(f"\nhorovodrun: both ranks stopped {took:.1f} s after SIGTERM")
+    assert took < 30, f"took {took:.0f} s to stop"
+    assert proc.returncode != 0  # horovodrun reports the ranks' exit 75 as a failure
+    lines = [l for l in out.splitlines() if "preempted: stopped by" in l]
+    assert len(lines) == 2, out[-3000:]  # both ranks, the same step
+    steps = {int(l.split(" at step ")[1].split(";")[0]) for l in lines}
+    assert len(steps) == 1 and f"exit {faults.PREEMPTED_EXIT_CODE}" in lines[0]
+    (stop,) = steps
+    assert (model_dir / f"ckpt-{stop:09d}").is_dir()
+
+    rerun = run_cmd(python_cmd(*TINY, f"--train_steps={stop + 1}", f"--model_dir={model_dir}"))
+    assert f"resuming from {model_dir / f'ckpt-{stop:09d}'} at step {stop}" in rerun.stdout
+    summary = json.loads(rerun.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
+    assert (summary["start_step"], summary["final_step"]) == (stop, stop + 1)
+
+
+def test_single_process_sigterm_exits_75(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = _start(python_cmd(*TINY, "--train_steps=100000", f"--model_dir={model_dir}"))
+    try:
+        _wait_for_checkpoint(proc, model_dir)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == faults.PREEMPTED_EXIT_CODE, out[-2000:]
+
+
+def test_divergence_exits_naming_the_step_and_keeps_checkpoints_finite(tmp_path):
+    model_dir = tmp_path / "run"
+    args = [*TINY, "--train_steps=8", f"--model_dir={model_dir}"]
+    proc = run_cmd(python_cmd(*args, "--base_learning_rate=1e12"), check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("resnet_main: error: training diverged:") and "at step" in last
+    assert "Traceback" not in proc.stderr
+    step = int(last.split(" at step ")[1].split(";")[0])
+    saved = sorted(int(p.name.split("-")[1]) for p in model_dir.glob("ckpt-*"))
+    assert all(s < step for s in saved)
+    # A saner learning rate resumes from the newest good checkpoint and finishes.
+    rerun = run_cmd(python_cmd(*args, "--base_learning_rate=0.1"))
+    assert (f"at step {saved[-1]}" if saved else "starting from step 0") in rerun.stdout
