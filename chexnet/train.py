@@ -60,8 +60,9 @@ def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):
     return weighted_bce
 
 
-def _datasets(config: ChexnetConfig, data: splits.Data, context):
-    """Training and validation pipelines of this rank; bad input fails on every rank."""
+def _inputs(config: ChexnetConfig, data: splits.Data):
+    """(train(context, first_step), val(context)): this rank's training and validation
+    pipelines (and their DatasetInfo) in a given world."""
     from hooks import horovod_glue
 
     options = input_pipeline.InputOptions(
@@ -69,17 +70,19 @@ def _datasets(config: ChexnetConfig, data: splits.Data, context):
         config.on_corrupt)
     train_split, val_split = data.splits["train"], data.splits["val"]
 
-    def build():
-        train = input_pipeline.train_dataset(
+    def train(context, first_step=0):
+        return input_pipeline.train_dataset(
             data.paths["train"], train_split.labels, options,
-            batch_size=config.train_batch_size // context.size, rank=context.rank,
-            size=context.size, seed=config.seed or 0)
-        val = input_pipeline.eval_dataset(
+            batch_size=horovod_glue.rank_batch(config.train_batch_size, context),
+            rank=context.rank,
+            size=context.size, seed=config.seed or 0, first_step=first_step)
+
+    def val(context):
+        return input_pipeline.eval_dataset(
             data.paths["val"], val_split.labels, options,
             batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
             size=context.size)
-        return train, val
-    return horovod_glue.all_ranks_ok(build, context)
+    return train, val
 
 
 def run(config: ChexnetConfig, context, log=print) -> dict:
@@ -90,8 +93,9 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     from hooks import checkpoints, evaluation, horovod_glue, loop, runtime, schedules
 
     chief_log = log if context.is_chief else (lambda *a, **k: None)
-    horovod_glue.check_global_batches(context, train_batch_size=config.train_batch_size,
-                                      eval_batch_size=config.eval_batch_size)
+    if not config.elastic:  # elastic: any world size (uneven shares, weighted gradients)
+        horovod_glue.check_global_batches(context, train_batch_size=config.train_batch_size,
+                                          eval_batch_size=config.eval_batch_size)
     data = splits.load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + data.summary)
     pretrained = resolve_init(config)  # ModelError before any model is built
@@ -101,8 +105,17 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
                         "need both > 0")
     pos_w, neg_w = splits.class_weights(train_split.labels) if config.weighted_loss else (None,
                                                                                           None)
-    # Datasets first: missing/corrupt files fail here, before the model and any output.
-    (train_ds, train_info), (val_ds, val_info) = _datasets(config, data, context)
+    # Datasets first: missing/corrupt files fail here (on every rank), before the model and
+    # any output. Elastic: the loop makes them for each world (no collective before it).
+    train_input, val_input = _inputs(config, data)
+    val_for = [None, None]  # (context, validation pipeline)
+    if not config.elastic:
+        (train_ds, train_info), (val_ds, val_info) = horovod_glue.all_ranks_ok(
+            lambda: (train_input(context), val_input(context)), context)
+        val_for = [context, val_ds]
+        for info in (train_info, val_info):
+            if info.skipped:
+                chief_log(f"rank {context.rank}: skipped {len(info.skipped)} corrupt images")
 
     runtime.set_precision(config.precision)
     if config.seed is not None:
@@ -126,8 +139,10 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     trainer = horovod_glue.DistributedTrainer(network, context,
                                               fp16_allreduce=config.fp16_allreduce)
     trainer.compile(optimizer=optimizer, loss=make_loss(pos_w, neg_w), jit_compile=False)
+    # From here on the world is trainer.context: an elastic reset replaces it.
+    chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
     resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
-                                     log=chief_log)
+                                     log=chief_log, elastic=config.elastic)
     if resumed is not None:
         schedule.factor.assign(float(resumed.state.get("lr_factor", 1.0)))
     start = int(optimizer.iterations.numpy())
@@ -137,12 +152,12 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
               f"({lr_source}), warm-up {warm} steps, {config.optimizer}, "
               f"{'weighted' if config.weighted_loss else 'unweighted'} BCE"
               + (f"; resuming at step {start}" if resumed else ""))
-    for info in (train_info, val_info):
-        if info.skipped:
-            chief_log(f"rank {context.rank}: skipped {len(info.skipped)} corrupt images")
 
     def validate() -> evaluation.Evaluation:
-        scored = evaluate.score(*evaluate.gather(network, val_ds, len(val_split), context),
+        world = trainer.context
+        if val_for[0] != world:
+            val_for[:] = [world, horovod_glue.all_ranks_ok(lambda: val_input(world), world)[0]]
+        scored = evaluate.score(*evaluate.gather(network, val_for[1], len(val_split), world),
                                 pos_w, neg_w)
         step = int(optimizer.iterations.numpy())
         chief_log(f"eval at step {step}: mean AUROC {scored.auroc.mean_auroc:.4f} over "
@@ -158,7 +173,11 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         "lr_factor": float(schedule.factor.numpy())}
     t0 = time.perf_counter()
     result = loop.train(
-        trainer, train_ds, context=context, total_steps=total_steps,
+        trainer, None if config.elastic else train_ds, context=context,
+        make_dataset=(lambda world, step: train_input(world, step)[0]) if config.elastic
+        else None,
+        elastic_commit_steps=config.elastic_commit_steps if config.elastic else None,
+        state_variables=[schedule.factor], total_steps=total_steps,
         steps_per_loop=steps_per_loop, global_batch=config.train_batch_size,
         steps_per_epoch=steps_per_epoch, evaluate=validate, eval_every_steps=steps_per_loop,
         model_dir=config.model_dir, checkpoint_state=state,
@@ -168,11 +187,14 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
                                             config.plateau_factor)], log=chief_log,
         faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
     scored = result.last_eval.details
+    context = result.context
     summary = {"mode": "train", "ranks": context.size, "global_batch": config.train_batch_size,
                "model": network.name, "init": init.describe(), "peak_learning_rate": peak_lr,
                "final_step": result.final_step, "train_seconds": time.perf_counter() - t0,
                "images_per_sec": result.images_per_sec, "val_images": len(scored.labels),
                "mean_auroc": scored.auroc.mean_auroc}
+    summary.update({k: v for k, v in result.practices.items()
+                    if k in ("world_size_changes", "elastic_seconds_lost")})
     best = checkpoints.best(config.model_dir, "mean_auroc", "max") if config.model_dir else None
     if best is not None:
         summary["best_checkpoint"] = best.path
