@@ -87,6 +87,7 @@ def define_flags(flag_values=FLAGS):
     flags.define_precision(RunConfig, fv)
     flags.define_distributed(fv)
     flags.define_faults(RunConfig, fv)
+    flags.define_elastic(RunConfig, fv)
     flags.define_schedule(RunConfig, fv)
     flags.define_fields(RunConfig, HELP, fv, enums={
         "architecture": config_lib.ARCHITECTURES, "lr_schedule": config_lib.LR_SCHEDULES})

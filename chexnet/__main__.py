@@ -95,6 +95,7 @@ def define_flags(flag_values=FLAGS):
     flags.define_precision(ChexnetConfig, fv)
     flags.define_distributed(fv)
     flags.define_faults(ChexnetConfig, fv)
+    flags.define_elastic(ChexnetConfig, fv)
     flags.define_fields(ChexnetConfig, HELP, fv, enums={
         "on_corrupt": config_lib.ON_CORRUPT, "eval_split": config_lib.EVAL_SPLITS,
         "optimizer": config_lib.OPTIMIZERS, "image_view": config_lib.IMAGE_VIEWS})

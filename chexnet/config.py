@@ -77,6 +77,8 @@ class ChexnetConfig:
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3
     stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
+    elastic: bool = False
+    elastic_commit_steps: int = 10
     seed: int | None = None
     # outputs
     model_dir: str | None = None

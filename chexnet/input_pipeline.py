@@ -235,7 +235,8 @@ def _cache(ds, options: InputOptions, kind: str, rank: int, size: int):
 
 
 def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
-                  batch_size: int, rank: int = 0, size: int = 1, seed: int = 0):
+                  batch_size: int, rank: int = 0, size: int = 1, seed: int = 0,
+                  first_step: int = 0, reshuffle: bool = True):
     """This rank's training pipeline of (image float32 [b, s, s, 3], labels float32
     [b, K]) batches, repeated forever (drive it with steps), and its `DatasetInfo`.
 
@@ -245,6 +246,11 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     rank) with drop_remainder. With `options.cache` the resized uint8 images are cached
     before the random view; the cached order is one fixed shuffle, reshuffled each epoch
     through a 2048-image buffer.
+    `first_step` (an elastic restart): the shard's share of the epoch done in `first_step`
+    batches is skipped (before decoding unless cached), so the epoch goes on from the same
+    position. `reshuffle=False`: every iterator of the pipeline yields the same batches
+    (with reshuffling, iterators share one shuffle-seed generator, so a second iterator's
+    order would depend on how far the first one's prefetching has run).
     """
     import tensorflow as tf
 
@@ -267,13 +273,15 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
 
     files = tf.data.Dataset.from_tensor_slices((shard_paths, shard_labels))
     cached = options.cache is not None
-    ds = files.shuffle(len(shard_paths), seed=stream_seed, reshuffle_each_iteration=not cached)
+    skip = first_step * batch_size % len(shard_paths)
+    ds = files.shuffle(len(shard_paths), seed=stream_seed,
+                       reshuffle_each_iteration=reshuffle and not cached)
     if cached:
         ds = _cache(ds.map(load, num_parallel_calls=autotune), options, "train", rank, size)
         ds = ds.shuffle(min(len(shard_paths), 2048), seed=stream_seed,
-                        reshuffle_each_iteration=True).repeat()
+                        reshuffle_each_iteration=reshuffle).repeat().skip(skip)
     else:
-        ds = ds.repeat().map(load, num_parallel_calls=autotune)
+        ds = ds.repeat().skip(skip).map(load, num_parallel_calls=autotune)
     if options.on_corrupt == "skip":
         ds = ds.ignore_errors(log_warning=True)
     randoms = tf.data.Dataset.random(seed=stream_seed).batch(2)  # a [2] int64 seed per image

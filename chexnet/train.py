@@ -8,6 +8,7 @@ resnet_main); scoring from ``chexnet.evaluate``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -90,26 +91,32 @@ def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):
     return weighted_bce
 
 
-def _datasets(config: ChexnetConfig, data: splits.Data, options, context):
-    """Training and validation pipelines of this rank (validation: (None, None) when the
-    split is empty); bad input fails on every rank."""
+def _inputs(config: ChexnetConfig, data: splits.Data, options):
+    """(train(context, first_step, statistics), val(context)): this rank's training and
+    validation pipelines and their DatasetInfo in a given world (val: (None, None) for an
+    empty split). `statistics`: the training images in one fixed order, for the batch-norm
+    statistics pass (files already checked by the training pipeline; not cached: a second
+    writer of the training pipeline's cache file would fail)."""
     from hooks import horovod_glue
 
     train_split, val_split = data.splits["train"], data.splits["val"]
 
-    def build():
-        train = input_pipeline.train_dataset(
-            data.paths["train"], train_split.labels, options,
-            batch_size=config.train_batch_size // context.size, rank=context.rank,
-            size=context.size, seed=config.seed or 0)
+    def train(context, first_step=0, statistics=False):
+        return input_pipeline.train_dataset(
+            data.paths["train"], train_split.labels,
+            dataclasses.replace(options, verify=False, cache=None) if statistics else options,
+            batch_size=horovod_glue.rank_batch(config.train_batch_size, context),
+            rank=context.rank, size=context.size, seed=config.seed or 0,
+            first_step=first_step, reshuffle=not statistics)
+
+    def val(context):
         if not len(val_split):
-            return train, (None, None)
-        val = input_pipeline.eval_dataset(
+            return None, None
+        return input_pipeline.eval_dataset(
             data.paths["val"], val_split.labels, options,
             batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
             size=context.size)
-        return train, val
-    return horovod_glue.all_ranks_ok(build, context)
+    return train, val
 
 
 def run(config: ChexnetConfig, context, log=print) -> dict:
@@ -120,8 +127,9 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     from hooks import checkpoints, evaluation, horovod_glue, loop, runtime, schedules
 
     chief_log = log if context.is_chief else (lambda *a, **k: None)
-    horovod_glue.check_global_batches(context, train_batch_size=config.train_batch_size,
-                                      eval_batch_size=config.eval_batch_size)
+    if not config.elastic:  # elastic: any world size (uneven shares, weighted gradients)
+        horovod_glue.check_global_batches(context, train_batch_size=config.train_batch_size,
+                                          eval_batch_size=config.eval_batch_size)
     data = splits.load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + data.summary)
     config_lib.check_learning_rate(config)
@@ -134,8 +142,26 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     options = input_pipeline.InputOptions(
         config.image_size, model_lib.preprocessing_for(config.backbone, init_kind(config)),
         config.cache, config.on_corrupt, view=config.image_view)
+    train_input, val_input = _inputs(config, data, options)
+    pipelines = {}  # this world's {"context", "train", "val"}: an elastic reset replaces it
+
+    def pipelines_for(world) -> dict:
+        """This rank's pipelines in `world`, made once per world (bad input fails on every
+        rank)."""
+        if pipelines.get("context") != world:
+            (train, train_info), (val, val_info) = horovod_glue.all_ranks_ok(
+                lambda: (train_input(world), val_input(world)), world)
+            pipelines.update(context=world, train=train, val=val,
+                             statistics=train_input(world, statistics=True)[0])
+            for info in (train_info, val_info):
+                if info is not None and info.skipped:
+                    chief_log(f"rank {world.rank}: skipped {len(info.skipped)} corrupt images")
+        return pipelines
+
     # Datasets first: missing/corrupt files fail here, before the model and any output.
-    (train_ds, train_info), (val_ds, val_info) = _datasets(config, data, options, context)
+    # Elastic: made in the loop for each world (no collective before it).
+    if not config.elastic:
+        pipelines_for(context)
 
     runtime.set_precision(config.precision)
     if config.seed is not None:
@@ -161,8 +187,10 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     trainer = horovod_glue.DistributedTrainer(network, context,
                                               fp16_allreduce=config.fp16_allreduce)
     trainer.compile(optimizer=optimizer, loss=make_loss(pos_w, neg_w), jit_compile=False)
+    # From here on the world is trainer.context: an elastic reset replaces it.
+    chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
     resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
-                                     log=chief_log)
+                                     log=chief_log, elastic=config.elastic)
     if resumed is not None:
         schedule.factor.assign(float(resumed.state.get("lr_factor", 1.0)))
     start = int(optimizer.iterations.numpy())
@@ -178,19 +206,20 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
               + (f"; resuming at step {start}" if resumed else ""))
     for warning in warnings:
         chief_log(f"WARNING: {warning}")
-    if val_ds is None:
+    if not len(val_split):
         chief_log("no validation images: no evaluation during training, no report; the "
                   "last checkpoint is the result (run evaluate on it)")
-    for info in (train_info, val_info):
-        if info is not None and info.skipped:
-            chief_log(f"rank {context.rank}: skipped {len(info.skipped)} corrupt images")
 
     def validate() -> evaluation.Evaluation:
-        batchnorm.recompute(network, train_ds, bn_batches, context)
+        world = trainer.context
+        inputs = pipelines_for(world)
+        # Its own pipeline: the training iterator's prefetching must not change which
+        # images the statistics see (a seeded run gives the same weights every time).
+        batchnorm.recompute(network, inputs["statistics"], bn_batches, world)
         step = int(optimizer.iterations.numpy())
-        if val_ds is None:
+        if inputs["val"] is None:
             return evaluation.Evaluation({}, 0, step)
-        scored = evaluate.score(*evaluate.gather(network, val_ds, len(val_split), context),
+        scored = evaluate.score(*evaluate.gather(network, inputs["val"], len(val_split), world),
                                 pos_w, neg_w)
         chief_log(f"eval at step {step}: mean AUROC {scored.auroc.mean_auroc:.4f} over "
                   f"{scored.auroc.num_defined} classes, loss {scored.values['loss']:.4f} "
@@ -208,7 +237,11 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         "lr_factor": float(schedule.factor.numpy())}
     t0 = time.perf_counter()
     result = loop.train(
-        trainer, train_ds, context=context, total_steps=total_steps,
+        trainer, None if config.elastic else pipelines["train"], context=context,
+        make_dataset=(lambda world, step: train_input(world, step)[0]) if config.elastic
+        else None,
+        elastic_commit_steps=config.elastic_commit_steps if config.elastic else None,
+        state_variables=[schedule.factor], total_steps=total_steps,
         steps_per_loop=steps_per_loop, global_batch=config.train_batch_size,
         steps_per_epoch=steps_per_epoch, evaluate=validate, eval_every_steps=steps_per_loop,
         model_dir=config.model_dir, checkpoint_state=state,
@@ -218,6 +251,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
                                             config.plateau_factor)], log=chief_log,
         faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
     scored = result.last_eval.details
+    context = result.context
     summary = {"mode": "train", "ranks": context.size, "global_batch": config.train_batch_size,
                "model": network.name, "init": init.describe(), "peak_learning_rate": peak_lr,
                "learning_rate_source": lr_source, "optimizer": config.optimizer,
@@ -226,6 +260,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
                "images_per_sec": result.images_per_sec,
                "val_images": len(scored.labels) if scored else 0,
                "mean_auroc": scored.auroc.mean_auroc if scored else None}
+    summary.update({k: v for k, v in result.practices.items()
+                    if k in ("world_size_changes", "elastic_seconds_lost")})
     best = checkpoints.best(config.model_dir, "mean_auroc", "max") if config.model_dir else None
     if best is not None:
         summary["best_checkpoint"] = best.path

@@ -8,6 +8,7 @@ from flags.core import (  # noqa: F401
     PerformanceConfig,
     define_base,
     define_distributed,
+    define_elastic,
     define_faults,
     define_fields,
     define_performance,

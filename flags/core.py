@@ -1,4 +1,4 @@
-"""Flag groups (base, performance, distributed, schedule) in the tensorflow/models style.
+"""Flag groups (base, performance, distributed, faults, elastic, schedule), tensorflow/models style.
 
 Each `define_*` registers only its own group on `flag_values` (default: absl's global FLAGS),
 so an entry point takes only what it needs and tests can parse into a fresh FlagValues.
@@ -93,6 +93,8 @@ def _divisible_by_world(name, flag_values):
         # training batch of an evaluation) must not stop the run; run() checks what it uses.
         if not flag_values[name].present:
             return True
+        if os.environ.get("HOROVOD_ELASTIC", "") not in ("", "0"):
+            return True  # elastic: the world changes; any size works (hooks.elastic)
         size = launcher_world_size()
         if value is not None and value > 0 and value % size:
             raise flags.ValidationError(
@@ -171,6 +173,15 @@ FAULTS_HELP = {
                        "(exit 86) naming the stalled rank; 0 disables. Waits for rank 0's "
                        "checkpoint writes do not count.",
 }
+ELASTIC_HELP = {
+    "elastic": "Elastic training under horovodrun --gloo --min-np N --max-np M "
+               "--host-discovery-script S: workers may leave or join; the others go back to "
+               "the last commit and continue with the new world (docs/elastic.md). The global "
+               "batch stays the same: every world size must divide it.",
+    "elastic_commit_steps": "With --elastic: commit the training state to memory every N "
+                            "steps (and at each checkpoint); a lost worker costs at most the "
+                            "steps since the last commit.",
+}
 SCHEDULE_HELP = {
     "base_learning_rate": "Learning rate per 256 images; the peak is "
                           "base_learning_rate * train_batch_size / 256.",
@@ -230,6 +241,12 @@ def define_faults(config_cls, flag_values=FLAGS):
                   enums={"on_nonfinite": ("stop", "rollback")})
     _non_negative("max_rollbacks", flag_values)
     _non_negative("stall_timeout_s", flag_values)
+
+
+def define_elastic(config_cls, flag_values=FLAGS):
+    """Elastic Horovod (fields of the entry point's config)."""
+    define_fields(config_cls, ELASTIC_HELP, flag_values)
+    _positive("elastic_commit_steps", flag_values)
 
 
 def define_schedule(config_cls, flag_values=FLAGS):

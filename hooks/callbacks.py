@@ -141,6 +141,14 @@ class PeriodicEvaluation(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._last_period = _step(self.model) // self.every
 
+    # What an elastic reset restores and broadcasts (hooks.elastic): every rank must agree
+    # on whether the final weights still need an evaluation.
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = state["last"]
+
     def on_epoch_end(self, epoch, logs=None):
         step = _step(self.model)
         if step // self.every == self._last_period and step < self.total:
@@ -166,6 +174,13 @@ class ReduceOnPlateau(keras.callbacks.Callback):
         self.min_delta = min_delta
         self.best = math.inf
         self.wait = 0
+
+    # Every rank must take the same decisions after an elastic reset (hooks.elastic).
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait = state["best"], state["wait"]
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}

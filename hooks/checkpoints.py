@@ -302,8 +302,10 @@ def move_aside(path: str, reason: str) -> str:
 
 def restore_latest(model_dir: str | None, network: keras.Model,
                    optimizer: keras.optimizers.Optimizer | None,
-                   warn: Callable[[str], None] = print) -> Checkpoint | None:
-    """Restore the newest checkpoint in model_dir that loads (call on rank 0 only).
+                   warn: Callable[[str], None] = print,
+                   move_damaged: bool = True) -> Checkpoint | None:
+    """Restore the newest checkpoint in model_dir that loads (call on rank 0 only, or with
+    `move_damaged=False` on others: they skip damaged ones and leave them in place).
 
     Each one that does not (any damage: truncated, missing part, bad JSON, non-finite) is
     named in a one-line warning and moved aside; None when model_dir holds no checkpoint
@@ -322,12 +324,13 @@ def restore_latest(model_dir: str | None, network: keras.Model,
             return found._replace(step=step)
         except _Damaged as err:
             reason = str(err)
-            target = move_aside(path, reason)
+            target = move_aside(path, reason) if move_damaged else path
             moved.append(target)
-            warn(f"warning: checkpoint {path} cannot be used ({reason}); moved to "
-                 f"{target}, trying the previous one")
+            warn(f"warning: checkpoint {path} cannot be used ({reason}); "
+                 + (f"moved to {target}, " if move_damaged else "")
+                 + "trying the previous one")
     if moved:
         raise CheckpointError(f"no usable checkpoint in {model_dir}: all {len(moved)} were "
-                              f"damaged and moved aside (first: {moved[0]}); refusing to "
-                              "restart from step 0 over them")
+                              f"damaged{' and moved aside' if move_damaged else ''} (first: "
+                              f"{moved[0]}); refusing to restart from step 0 over them")
     return None

@@ -27,17 +27,20 @@ def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) 
     Exit status: 0 done; 1 a `UserError` (bad flags or files, a diverged run), one line, no
     traceback; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written, rerun to resume);
     86 a stalled rank (hooks.watchdog). Anything else is a bug and keeps its traceback."""
-    from hooks import faults, horovod_glue, runtime, watchdog
+    from hooks import elastic, faults, horovod_glue, runtime, watchdog
     from hooks.errors import UserError
 
     runtime.configure(perf)
     try:
         validate(config)
+        elastic.check_launch(getattr(config, "elastic", False))
         context = horovod_glue.init(dist.fusion_threshold_mb, dist.cycle_time_ms)
         model_dir = getattr(config, "model_dir", None)
+        # Elastic: no collective before the first sync (a joining worker runs this while
+        # the others wait there); the loop gives the watchdog the host names after it.
+        hosts = None if getattr(config, "elastic", False) else horovod_glue.hostnames(context)
         watchdog.start(getattr(config, "stall_timeout_s", 0), context.rank, context.size,
-                       horovod_glue.hostnames(context),
-                       os.path.join(model_dir, ".stall") if model_dir else None)
+                       hosts, os.path.join(model_dir, ".stall") if model_dir else None)
         run(config, context)
     except UserError as err:
         sys.exit(f"{prog}: error: {err}")

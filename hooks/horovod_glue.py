@@ -49,6 +49,16 @@ def check_global_batches(context: "Context", **batches: int) -> None:
                               f"{context.size} ranks of this launch")
 
 
+def rank_batch(global_batch: int, context: Context) -> int:
+    """This rank's share of a global batch: global // size, one more on the first
+    global % size ranks (an elastic world need not divide the batch; `DistributedTrainer.
+    gradient_weight` then keeps the update that of the whole global batch)."""
+    if global_batch < context.size:
+        raise ConfigError(f"the global batch {global_batch} is smaller than the "
+                          f"{context.size} ranks")
+    return global_batch // context.size + (context.rank < global_batch % context.size)
+
+
 def init(fusion_threshold_mb: float | None = None,
          cycle_time_ms: float | None = None) -> Context:
     """Initialise Horovod once; fusion settings must reach the environment before init.
@@ -64,7 +74,7 @@ def init(fusion_threshold_mb: float | None = None,
     hvd = _hvd()
     if not hvd.is_initialized():
         hvd.init()
-    context = Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    context = _current_context()
     # Where the ranks landed (a collective): the one place a job log shows hosts.
     line = describe_placement(placement(context))
     if context.is_chief:
@@ -104,6 +114,20 @@ def describe_placement(ranks: Sequence[tuple], max_hosts: int = 8) -> str:
     return line
 
 
+def _current_context() -> Context:
+    hvd = _hvd()
+    return Context(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+
+def reinit() -> Context:
+    """Shut Horovod down and start it again (an elastic reset: in an elastic job `init`
+    waits for the driver's new assignment); returns the new world's Context."""
+    hvd = _hvd()
+    hvd.shutdown()
+    hvd.init()
+    return _current_context()
+
+
 # ---------------------------------------------------------------- collectives
 def allreduce_gradients(grads: Sequence[tf.Tensor | None], context: Context,
                         fp16_compression: bool = False) -> list[tf.Tensor | None]:
@@ -135,6 +159,13 @@ def allgather(array: np.ndarray, context: Context) -> np.ndarray:
     if context.size == 1:
         return np.asarray(array)
     return _hvd().allgather(tf.convert_to_tensor(array)).numpy()
+
+
+def allgather_object(obj, context: Context) -> list:
+    """Every rank's picklable `obj`, in rank order."""
+    if context.size == 1:
+        return [obj]
+    return list(_hvd().allgather_object(obj))
 
 
 def broadcast_object(obj, context: Context, root_rank: int = 0):
@@ -239,6 +270,11 @@ class DistributedTrainer(keras.Model):
 
     The wrapped `network` is what gets saved and exported. Metrics passed in are updated
     on each rank and reported exactly over all ranks (see `global_metric_results`).
+
+    `gradient_weight`: each rank's gradient is multiplied by it before the average. With
+    per-rank batches n_r of a global batch B (`rank_batch`), n_r * size / B makes the
+    averaged gradient exactly the mean over the B examples; 1.0 (equal batches) changes
+    nothing. Read when the train step is traced: reset `train_function` after a change.
     """
 
     def __init__(self, network: keras.Model, context: Context,
@@ -252,6 +288,7 @@ class DistributedTrainer(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.train_metrics = list(metrics)
         self.stop_request = RequestFlag()  # raised by hooks.faults.Preemption
+        self.gradient_weight = 1.0
 
     @property
     def metrics(self):
@@ -276,6 +313,8 @@ class DistributedTrainer(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
+        if self.gradient_weight != 1.0:
+            grads = [None if g is None else g * self.gradient_weight for g in grads]
         grads = allreduce_gradients(grads, self.context, self.fp16_allreduce)
         self.optimizer.apply_gradients(zip(grads, variables))
         self.loss_tracker.update_state(loss, sample_weight=tf.shape(y_pred)[0])
@@ -322,6 +361,15 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
 def hostnames(context: Context) -> list[str]:
     """Every rank's host name, in rank order (a collective)."""
     return [host for _, host, _, _ in placement(context)]
+
+
+def chief_logger(log: Callable, context_of: Callable[[], Context]) -> Callable:
+    """`log` on rank 0 only, asked at each call (an elastic reset can make another rank
+    rank 0)."""
+    def chief_log(*args, **kwargs):
+        if context_of().is_chief:
+            log(*args, **kwargs)
+    return chief_log
 
 
 def chief_only(callbacks: Iterable[keras.callbacks.Callback],

@@ -96,6 +96,14 @@ class Watchdog:
         self._waiting_for_chief = waiting
         self.beat()
 
+    def world_changed(self, rank: int, size: int, hosts: Sequence[str]) -> None:
+        """An elastic reset gave this process another rank in a world of another size: name
+        ranks and hosts of the new world from now on (workers that Horovod removed are not
+        stalls: they are gone from `hosts`)."""
+        with self._lock:
+            self.rank, self.size, self.hosts = rank, size, list(hosts)
+        self.beat(phase="the first step after an elastic reset (graph tracing)", slow=True)
+
     # ------------------------------------------------------------ the thread
     def _touch_chief_alive(self) -> None:
         if not self.stall_dir:
@@ -190,6 +198,11 @@ def stop() -> None:
 def beat(step: int | None = None, phase: str | None = None, slow: bool = False) -> None:
     if _current is not None:
         _current.beat(step, phase, slow)
+
+
+def world_changed(rank: int, size: int, hosts: Sequence[str]) -> None:
+    if _current is not None:
+        _current.world_changed(rank, size, hosts)
 
 
 def chief_writing(writing: bool) -> None:

@@ -53,6 +53,8 @@ class RunConfig:
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3
     stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
+    elastic: bool = False
+    elastic_commit_steps: int = 10
     use_synthetic_data: bool = False
     tfds_data_dir: str | None = None
     num_parallel_calls: int | None = None
@@ -120,5 +122,8 @@ def validate(config: RunConfig) -> None:
         if not checkpoints.latest(config.model_dir):
             raise ConfigError(f"--mode=eval needs a checkpoint in "
                               f"--model_dir={config.model_dir}")
+    if config.elastic and config.collapsed_ensemble:
+        raise ConfigError("--collapsed_ensemble does not work with --elastic yet (its "
+                          "evaluation shards are made once, for the world at start)")
     if config.weights_file and not os.path.isfile(config.weights_file):
         raise ConfigError(f"--weights_file={config.weights_file} does not exist")

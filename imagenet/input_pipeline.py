@@ -265,12 +265,15 @@ def _with_seeds(ds, seed: int | None, rank: int):
 
 def _finalize(ds, parse, *, is_training: bool, shuffle_buffer: int, seed: int | None,
               rank: int, num_parallel_calls, per_rank_batch: int,
-              drop_remainder: bool | None, deterministic: bool):
-    """The tail shared by every source: shuffle + repeat + seeds (training), parallel
+              drop_remainder: bool | None, deterministic: bool, skip: int = 0):
+    """The tail shared by every source: shuffle + repeat + seeds (training), `skip`
+    records before any decoding (an elastic restart's position), parallel
     parse/preprocess, batch (training drops the remainder by default), prefetch."""
     if is_training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = _with_seeds(ds.repeat(), seed, rank)
+        if skip:
+            ds = ds.skip(skip)
     ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
     if drop_remainder is None:
         drop_remainder = is_training
@@ -285,14 +288,16 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
                      shuffle_buffer: int = 1024, seed: int | None = None,
                      cache: bool = False, num_parallel_calls=AUTOTUNE,
                      drop_remainder: bool | None = None,
-                     include_background_label: bool = False) -> tf.data.Dataset:
+                     include_background_label: bool = False,
+                     skip: int = 0) -> tf.data.Dataset:
     """Per-rank batches from TPU-style `train-*` / `validation-*` TFRecords in data_dir.
 
     Training: shuffled files, parallel interleaved reads, record shuffle, repeat forever,
     random crop + flip, drop_remainder (default). Evaluation: one pass, center crop, the
     last partial batch kept (default), every record read by exactly one rank.
     `seed` makes shuffling and augmentation reproducible (and the order deterministic);
-    `cache` keeps the raw records of this rank in memory after the first pass.
+    `cache` keeps the raw records of this rank in memory after the first pass; `skip`
+    (training) drops that many of this rank's records first, undecoded.
     Records hold labels 1..1000; they become 0..999, or stay 1..1000 with
     `include_background_label` (1001 classes, the reference's convention).
     """
@@ -334,15 +339,15 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
     return _finalize(records, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
                      seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,
                      per_rank_batch=per_rank_batch, drop_remainder=drop_remainder,
-                     deterministic=deterministic)
+                     deterministic=deterministic, skip=skip)
 
 
 def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch: int,
                  image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
                  shuffle_buffer: int = 1024, seed: int | None = None,
                  num_parallel_calls=AUTOTUNE, drop_remainder: bool | None = None,
-                 name: str = "imagenet2012",
-                 include_background_label: bool = False) -> tf.data.Dataset:
+                 name: str = "imagenet2012", include_background_label: bool = False,
+                 skip: int = 0) -> tf.data.Dataset:
     """Per-rank batches from an already prepared TFDS `imagenet2012` (never downloads).
 
     Each rank reads tfds.even_splits(split, n=size)[rank]: disjoint, and together the
@@ -371,7 +376,7 @@ def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch
     return _finalize(ds, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
                      seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,
                      per_rank_batch=per_rank_batch, drop_remainder=drop_remainder,
-                     deterministic=deterministic)
+                     deterministic=deterministic, skip=skip)
 
 
 def synthetic_dataset(*, per_rank_batch: int, image_size: int, num_classes: int,

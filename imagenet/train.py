@@ -140,15 +140,21 @@ def tfrecord_files(config: RunConfig, context: horovod_glue.Context) -> list[str
                                                context.size)]
 
 
-def train_dataset(config: RunConfig, context: horovod_glue.Context):
-    per_rank = config.train_batch_size // context.size
+def train_dataset(config: RunConfig, context: horovod_glue.Context, first_step: int = 0):
+    """This rank's training batches (its share of the global batch); from `first_step` on
+    (an elastic restart): each rank skips, undecoded, its share of the epoch already done
+    (first_step global batches), so the epoch goes on from the same position in the new
+    world's shards."""
+    per_rank = horovod_glue.rank_batch(config.train_batch_size, context)
     if config.use_synthetic_data:
         return input_pipeline.synthetic_dataset(
             per_rank_batch=per_rank, image_size=config.image_size,
             num_classes=config.num_label_classes, dtype=_dtype(config),
             seed=context.rank + (config.seed or 0))
+    shard = max(1, config.num_train_images // context.size)
     kwargs = dict(_source_kwargs(config, context), is_training=True, per_rank_batch=per_rank,
-                  seed=None if config.seed is None else config.seed)
+                  seed=None if config.seed is None else config.seed,
+                  skip=first_step * per_rank % shard)
     if config.tfds_data_dir:
         return input_pipeline.tfds_dataset(config.tfds_data_dir, **kwargs)
     return input_pipeline.tfrecord_dataset(config.data_dir, cache=config.use_cache, **kwargs)
@@ -186,15 +192,18 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
             "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
     if config.mode == "train" and config.eval_after_training:
         used += ("eval_batch_size",)
-    horovod_glue.check_global_batches(context, **{n: getattr(config, n) for n in used})
+    if not config.elastic:  # elastic: any world size (uneven shares, weighted gradients)
+        horovod_glue.check_global_batches(context, **{n: getattr(config, n) for n in used})
     files = tfrecord_files(config, context)
-    # Every rank checks the head of its own shards; one bad shard stops every rank.
-    horovod_glue.all_ranks_ok(lambda: input_pipeline.check_records(
-        files, config.num_label_classes, config.include_background_label), context)
+    check = lambda: input_pipeline.check_records(  # noqa: E731
+        files, config.num_label_classes, config.include_background_label)
+    # Every rank checks the head of its own shards; one bad shard stops every rank
+    # (elastic: no collective before the loop, so each rank stops on its own).
+    horovod_glue.all_ranks_ok(check, context) if not config.elastic else check()
     runtime.set_precision(config.precision)
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
-    chief_log = log if context.is_chief else (lambda *a, **k: None)
+    chief_log = horovod_glue.chief_logger(log, lambda: context)
 
     learning_rate, preset = build_learning_rate(config)
     lars = uses_lars(config, preset)
@@ -211,21 +220,24 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     trainer.compile(optimizer=optimizer,
                     loss=build_loss(config.label_smoothing, config.num_label_classes),
                     jit_compile=False)  # Horovod ops cannot be XLA-compiled
+    # From here on the world is trainer.context: an elastic reset replaces it.
+    chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
     resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
-                                     log=chief_log)
+                                     log=chief_log, elastic=config.elastic)
     start = int(optimizer.iterations.numpy())
     chief_log(f"resnet_main: {network.name} ({network.count_params():,} parameters), "
               f"{context.size} rank(s), global batch {config.train_batch_size} "
-              f"({config.train_batch_size // context.size} per rank), precision "
-              f"{config.precision}, "
+              f"({horovod_glue.rank_batch(config.train_batch_size, context)} per rank), "
+              f"precision {config.precision}, "
               + (f"resuming from {resumed.path} at step {start}" if resumed
                  else "starting from step 0"))
 
     metrics = eval_metrics(config.num_label_classes)
 
     def evaluate() -> evaluation.Evaluation:
-        values, count = evaluation.evaluate(network, eval_dataset(config, context), metrics,
-                                            context)
+        world = trainer.context
+        values, count = evaluation.evaluate(network, eval_dataset(config, world), metrics,
+                                            world)
         step = int(optimizer.iterations.numpy())
         chief_log(f"eval at step {step}: top_1 {values['top_1']:.4f} top_5 "
                   f"{values['top_5']:.4f} loss {values['loss']:.4f} ({count} images)")
@@ -262,7 +274,11 @@ def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_call
         last_eval = evaluate()
     else:
         result = loop.train(
-            trainer, train_dataset(config, context), context=context,
+            trainer, None if config.elastic else train_dataset(config, context),
+            make_dataset=(lambda world, step: train_dataset(config, world, step))
+            if config.elastic else None,
+            elastic_commit_steps=config.elastic_commit_steps if config.elastic else None,
+            context=context,
             total_steps=config.total_steps,
             steps_per_loop=min(config.iterations_per_loop, config.total_steps),
             global_batch=config.train_batch_size, steps_per_epoch=config.steps_per_epoch,
@@ -275,8 +291,9 @@ def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_call
             extra_callbacks=extra_callbacks, log=chief_log,
             faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
         last_eval = result.last_eval
-        summary.update(final_step=result.final_step, train_seconds=result.wall_seconds,
-                       images_per_sec=result.images_per_sec,
+        context = result.context
+        summary.update(ranks=context.size, final_step=result.final_step,
+                       train_seconds=result.wall_seconds, images_per_sec=result.images_per_sec,
                        images_per_sec_per_rank=result.images_per_sec / context.size)
         summary.update(result.practices)
         if config.reference_images_per_sec and math.isfinite(result.images_per_sec):

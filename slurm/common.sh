@@ -5,7 +5,8 @@
 # What it does, in one place for all scripts:
 #   * decides where it runs: inside a SLURM allocation (SLURM_JOB_ID set) or on a plain
 #     machine (bash slurm/X.sbatch), and which launcher: srun (default in SLURM), mpirun
-#     (default outside), or none (one process, for debugging);
+#     (default outside), none (one process, for debugging), or horovodrun (ELASTIC=1:
+#     elastic Horovod over the allocation's usable nodes, docs/elastic.md);
 #   * loads MODULES, activates VENV / picks PYTHON, puts the project on PYTHONPATH;
 #   * derives the per-rank thread counts from the CPUs each task owns (SLURM_CPUS_PER_TASK,
 #     else the node's CPUs / tasks per node): OMP_NUM_THREADS, TF's intra/inter-op pools,
@@ -23,8 +24,16 @@ hr_die() { echo "[hpc-resnet] error: $*" >&2; exit 2; }
 hr_setup() {
   # ---- where am I -------------------------------------------------------------------
   if [ -n "${SLURM_JOB_ID:-}" ]; then IN_SLURM=1; else IN_SLURM=0; fi
+  ELASTIC=${ELASTIC:-0}
+  [ "$ELASTIC" = 1 ] && LAUNCHER=${LAUNCHER:-horovodrun}
   if [ "$IN_SLURM" = 1 ]; then LAUNCHER=${LAUNCHER:-srun}; else LAUNCHER=${LAUNCHER:-mpirun}; fi
-  case "$LAUNCHER" in srun|mpirun|none) ;; *) hr_die "LAUNCHER must be srun, mpirun or none, not '$LAUNCHER'";; esac
+  case "$LAUNCHER" in srun|mpirun|none|horovodrun) ;; *) hr_die "LAUNCHER must be srun, mpirun, none or horovodrun, not '$LAUNCHER'";; esac
+  if [ "$ELASTIC" = 1 ] && [ "$LAUNCHER" != horovodrun ]; then
+    hr_die "ELASTIC=1 runs under horovodrun (LAUNCHER=horovodrun), not '$LAUNCHER'"
+  fi
+  if [ "$LAUNCHER" = horovodrun ] && [ "$IN_SLURM" = 0 ] && [ -z "${DISCOVERY_SCRIPT:-}" ]; then
+    hr_die "ELASTIC=1 outside SLURM needs DISCOVERY_SCRIPT (a script printing host:slots lines)"
+  fi
   if [ "$LAUNCHER" = srun ] && [ "$IN_SLURM" = 0 ]; then
     hr_die "LAUNCHER=srun needs a SLURM allocation; outside SLURM use LAUNCHER=mpirun NP=2 bash $0"
   fi
@@ -117,9 +126,21 @@ hr_launch() {
       # shellcheck disable=SC2206
       cmd+=(${MPIRUN_FLAGS:-})
       ;;
+    horovodrun)
+      # Elastic: horovodrun starts the ranks (over ssh) on the hosts the discovery script
+      # lists, re-forms the job when one fails or comes back, from MIN_NP to MAX_NP ranks.
+      export ELASTIC_SLOTS=$TASKS_PER_NODE
+      cmd=(horovodrun --gloo -np "$NP" --min-np "${MIN_NP:-$TASKS_PER_NODE}"
+           --max-np "${MAX_NP:-$NP}" --slots-per-host "$TASKS_PER_NODE"
+           --host-discovery-script "${DISCOVERY_SCRIPT:-$PROJECT_DIR/slurm/elastic_discover.sh}")
+      [ -n "${HOROVOD_NIC:-}" ] && cmd+=(--network-interface "$HOROVOD_NIC")
+      # shellcheck disable=SC2206
+      cmd+=(${HOROVODRUN_FLAGS:-})
+      ;;
     none) ;;
   esac
   cmd+=("$PYTHON" "$@")
+  [ "$LAUNCHER" = horovodrun ] && cmd+=(--elastic)
   hr_log "command: ${cmd[*]}"
   # Preemption: SLURM signals the batch shell (USR1 ahead of the time limit, from --signal
   # in the batch scripts; TERM on scancel or preemption). Forward USR1 to the launcher, which

@@ -1,7 +1,9 @@
 """Shared test helpers: launching real multi-process jobs and locating sample data."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,53 @@ def mpirun_cmd(np_, *args):
         passthrough += ["-x", var]
     return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", np_, *passthrough,
             "--bind-to", "none", sys.executable, *args]
+
+
+def start_group(cmd, output=None):
+    """Start a launcher in its own process group (so `kill_group` ends all it started);
+    output to `output` (an open file: nothing blocks on a full pipe) or a pipe."""
+    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(),
+                            stdout=output or subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill_group(proc):
+    """SIGKILL a process group started by `start_group` (stopped members too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for_checkpoint(proc, model_dir, seconds=480):
+    """Until model_dir holds a checkpoint; fails if the job ends or time runs out."""
+    # 480 s: a loaded 2-core machine (load 10) took over 240 s to reach the first one
+    deadline = time.time() + seconds
+    while not list(model_dir.glob("ckpt-*")):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "job ended"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+
+
+def rank_pids(program, model_dir):
+    """{rank: pid} of the `program` processes writing to model_dir (the rank their launcher
+    gave them at start)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            if program not in cmdline or str(model_dir) not in cmdline:
+                continue
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read()
+                       .decode(errors="replace").split("\0") if "=" in kv)
+        except OSError:
+            continue
+        rank = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+        if rank is not None and "python" in cmdline.split("\0")[0]:
+            found[int(rank)] = int(pid)
+    return found
 
 
 def pytest_collection_modifyitems(items):

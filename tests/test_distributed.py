@@ -1,4 +1,6 @@
-"""Gradient averaging across real launchers: 2 ranks x B/2 == 1 process x B."""
+"""Gradient averaging across real launchers: 2 ranks x B/2 == 1 process x B, and 2 ranks
+x (4 + 3) == 1 process x 7 (uneven shares, weighted gradients: elastic worlds)."""
+import functools
 import shutil
 
 import numpy as np
@@ -22,9 +24,12 @@ def _initial(path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    run_cmd(python_cmd("-m", "tests.workers.grad_avg", out, GLOBAL_BATCH))
-    return _weights(out / "weights-rank0.npz")
+    @functools.cache
+    def single_process(global_batch):
+        out = tmp_path_factory.mktemp(f"single{global_batch}")
+        run_cmd(python_cmd("-m", "tests.workers.grad_avg", out, global_batch))
+        return _weights(out / "weights-rank0.npz")
+    return single_process
 
 
 def _check_two_ranks(out, reference):
@@ -48,7 +53,13 @@ def _check_two_ranks(out, reference):
 @pytest.mark.distributed
 def test_horovodrun_gloo_matches_single_process(tmp_path, reference):
     run_cmd(horovodrun_cmd(2, "-m", "tests.workers.grad_avg", tmp_path, GLOBAL_BATCH))
-    _check_two_ranks(tmp_path, reference)
+    _check_two_ranks(tmp_path, reference(GLOBAL_BATCH))
+
+
+@pytest.mark.distributed
+def test_uneven_shares_match_single_process(tmp_path, reference):
+    run_cmd(horovodrun_cmd(2, "-m", "tests.workers.grad_avg", tmp_path, 7))
+    _check_two_ranks(tmp_path, reference(7))
 
 
 @pytest.mark.distributed
@@ -57,7 +68,7 @@ def test_mpirun_matches_single_process(tmp_path, reference):
         pytest.fail("mpirun not found: `make setup` installs OpenMPI (as root) before "
                     "building Horovod with MPI")
     run_cmd(mpirun_cmd(2, "-m", "tests.workers.grad_avg", tmp_path, GLOBAL_BATCH))
-    _check_two_ranks(tmp_path, reference)
+    _check_two_ranks(tmp_path, reference(GLOBAL_BATCH))
 
 
 @pytest.mark.distributed
@@ -66,7 +77,7 @@ def test_fp16_allreduce_stays_within_tolerance_of_float32(tmp_path, reference):
     weights after 3 steps differ from the float32 single process: by 1.9e-4 when measured
     here (weights moved by >= 0.057), allowed 1e-3; the loss by 7e-6 relative, allowed 1e-3."""
     run_cmd(horovodrun_cmd(2, "-m", "tests.workers.grad_avg", tmp_path, GLOBAL_BATCH, "fp16"))
-    ref_weights, ref_loss, _ = reference
+    ref_weights, ref_loss, _ = reference(GLOBAL_BATCH)
     (w0, loss0, size0), (w1, _, _) = (_weights(tmp_path / f"weights-rank{r}.npz")
                                       for r in (0, 1))
     assert size0 == 2

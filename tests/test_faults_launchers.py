@@ -5,13 +5,21 @@ learning rate exits non-zero naming the step with no non-finite checkpoint."""
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from hooks import faults, watchdog
-from tests.conftest import ROOT, child_env, horovodrun_cmd, mpirun_cmd, python_cmd, run_cmd
+from tests.conftest import (
+    horovodrun_cmd,
+    kill_group,
+    mpirun_cmd,
+    python_cmd,
+    rank_pids,
+    run_cmd,
+    start_group,
+    wait_for_checkpoint,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -21,47 +29,6 @@ TINY = ["resnet_main.py", "--use_synthetic_data", "--mode=train", "--resnet_dept
         "--warmup_epochs=0"]
 
 
-def _rank_pids(model_dir):
-    """{rank: pid} of the resnet_main processes writing to model_dir."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-            if "resnet_main.py" not in cmdline or str(model_dir) not in cmdline:
-                continue
-            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read()
-                       .decode(errors="replace").split("\0") if "=" in kv)
-        except OSError:
-            continue
-        rank = env.get("HOROVOD_RANK", env.get("OMPI_COMM_WORLD_RANK"))
-        if rank is not None and "python" in cmdline.split("\0")[0]:
-            found[int(rank)] = int(pid)
-    return found
-
-
-def _start(cmd):
-    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _wait_for_checkpoint(proc, model_dir, seconds=480):
-    deadline = time.time() + seconds
-    while not list(model_dir.glob("ckpt-*")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.2)
-
-
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGCONT)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_a_stopped_rank_ends_the_job_naming_it(launcher, tmp_path):
     model_dir = tmp_path / "run"
@@ -69,17 +36,17 @@ def test_a_stopped_rank_ends_the_job_naming_it(launcher, tmp_path):
     args = [*TINY, "--train_steps=100000", f"--model_dir={model_dir}",
             f"--stall_timeout_s={timeout}"]
     cmd = horovodrun_cmd(2, *args) if launcher == "horovodrun" else mpirun_cmd(2, *args)
-    proc = _start(cmd)
+    proc = start_group(cmd)
     try:
-        _wait_for_checkpoint(proc, model_dir)
-        pids = _rank_pids(model_dir)
+        wait_for_checkpoint(proc, model_dir)
+        pids = rank_pids("resnet_main.py", model_dir)
         assert sorted(pids) == [0, 1], pids
         os.kill(pids[1], signal.SIGSTOP)
         stopped = time.monotonic()
         out, _ = proc.communicate(timeout=timeout + 90)
         took = time.monotonic() - stopped
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     print(f"\n{launcher}: job ended {took:.1f} s after SIGSTOP (timeout {timeout} s)")
     assert proc.returncode != 0
     assert took < timeout + 30, f"the job took {took:.0f} s to end"
@@ -90,15 +57,16 @@ def test_a_stopped_rank_ends_the_job_naming_it(launcher, tmp_path):
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_then_resumes(tmp_path):
     model_dir = tmp_path / "run"
     args = [*TINY, "--train_steps=100000", f"--model_dir={model_dir}"]
-    proc = _start(horovodrun_cmd(2, *args))
+    proc = start_group(horovodrun_cmd(2, *args))
     try:
-        _wait_for_checkpoint(proc, model_dir)
-        os.kill(_rank_pids(model_dir)[1], signal.SIGTERM)  # as SLURM signals a task
+        wait_for_checkpoint(proc, model_dir)
+        # as SLURM signals a task
+        os.kill(rank_pids("resnet_main.py", model_dir)[1], signal.SIGTERM)
         t0 = time.monotonic()
         out, _ = proc.communicate(timeout=120)
         took = time.monotonic() - t0
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     print(f"\nhorovodrun: both ranks stopped {took:.1f} s after SIGTERM")
     assert took < 30, f"took {took:.0f} s to stop"
     assert proc.returncode != 0  # horovodrun reports the ranks' exit 75 as a failure
@@ -117,13 +85,13 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_then_resumes(tmp_path)
 
 def test_single_process_sigterm_exits_75(tmp_path):
     model_dir = tmp_path / "run"
-    proc = _start(python_cmd(*TINY, "--train_steps=100000", f"--model_dir={model_dir}"))
+    proc = start_group(python_cmd(*TINY, "--train_steps=100000", f"--model_dir={model_dir}"))
     try:
-        _wait_for_checkpoint(proc, model_dir)
+        wait_for_checkpoint(proc, model_dir)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert proc.returncode == faults.PREEMPTED_EXIT_CODE, out[-2000:]
 
 

@@ -1,4 +1,6 @@
-"""Train a small BN-free model for 3 SGD steps on a fixed global batch, split over ranks.
+"""Train a small BN-free model for 3 SGD steps on a fixed global batch, split over ranks
+(unevenly when the ranks do not divide it: each gradient weighted by its share, as elastic
+runs do).
 
 Run with 1 process (no launcher) or under horovodrun/mpirun; every rank writes its final
 weights (and the initial ones after the broadcast, as init_<i>) to
@@ -21,10 +23,12 @@ def main(out_dir, global_batch, steps=3, fp16_allreduce=False):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(global_batch * steps, 6)).astype("float32")
     y = rng.integers(0, 3, size=(global_batch * steps,))
-    per_rank = global_batch // ctx.size
+    per_rank = horovod_glue.rank_batch(global_batch, ctx)
+    first = sum(horovod_glue.rank_batch(global_batch, horovod_glue.Context(r, ctx.size))
+                for r in range(ctx.rank))
     # Step s uses global rows [s*B, (s+1)*B); this rank takes its contiguous slice of them.
-    rows = np.concatenate([np.arange(s * global_batch + ctx.rank * per_rank,
-                                     s * global_batch + (ctx.rank + 1) * per_rank)
+    rows = np.concatenate([np.arange(s * global_batch + first,
+                                     s * global_batch + first + per_rank)
                            for s in range(steps)])
     keras.utils.set_random_seed(1 + ctx.rank)  # different init per rank: broadcast must fix it
     net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"),
@@ -33,6 +37,7 @@ def main(out_dir, global_batch, steps=3, fp16_allreduce=False):
         net, ctx, metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
         fp16_allreduce=fp16_allreduce)
     optimizer = keras.optimizers.SGD(learning_rate=0.5, momentum=0.9)
+    trainer.gradient_weight = per_rank * ctx.size / global_batch
     trainer.compile(optimizer=optimizer,
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     jit_compile=False)

@@ -1,0 +1,371 @@
+"""Elastic training (hooks/elastic.py, docs/elastic.md).
+
+In-process (fast): a reset after a simulated worker failure or host change goes back to the
+last commit and ends with exactly the weights of an uninterrupted run; what the state holds;
+the launch check. Under `horovodrun --gloo --min-np 1 --max-np 2 --host-discovery-script`
+(slow): two workers as two host names of this machine (`localhost`, `127.0.0.1`); kill -9 of
+one and the run finishes on the survivor; a host added mid-run joins with identical weights;
+the same for `chexnet train` (losing rank 0)."""
+import json
+import os
+import re
+import signal
+import time
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hooks import callbacks as cb
+from hooks import checkpoints, elastic, horovod_glue, loop
+from hooks.errors import ConfigError
+from hooks.horovod_glue import Context, DistributedTrainer
+from tests.conftest import BIN, kill_group, rank_pids, start_group, wait_for_checkpoint
+from tests.test_loop import _xray_sample
+
+TOTAL, COMMIT = 12, 2
+
+
+def _trainer():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    net = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="tiny")
+    trainer = DistributedTrainer(net, Context())
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return trainer
+
+
+def _batches(context, step):
+    """Global step s always reads the same batch: the position is the step."""
+    def batch(s):
+        x = tf.random.stateless_normal([2, 3], seed=tf.stack([s, tf.constant(7, tf.int64)]))
+        return x, tf.cast(x[:, 0] > 0, tf.int32)
+    return tf.data.Dataset.range(step, 10**6).map(batch)
+
+
+class _Once(keras.callbacks.Callback):
+    """Calls `action()` once, after global step `at`."""
+
+    def __init__(self, at, action):
+        super().__init__()
+        self.at, self.action, self.done = at, action, False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.done and int(self.model.optimizer.iterations.numpy()) == self.at:
+            self.done = True
+            self.action()
+
+
+def _train(trainer, extra=(), commit=COMMIT, **kwargs):
+    lines = []
+    result = loop.train(trainer, make_dataset=_batches, context=Context(), total_steps=TOTAL,
+                        steps_per_loop=4, global_batch=2, steps_per_epoch=4,
+                        elastic_commit_steps=commit, extra_callbacks=list(extra),
+                        log=lines.append, **kwargs)
+    return result, lines
+
+
+@pytest.fixture(autouse=True)
+def _no_horovod_restart(monkeypatch):
+    """In-process, a reset re-forms the same 1-rank world without restarting Horovod (an
+    MPI-enabled Horovod cannot initialise again after its shutdown in one process; the
+    real restart runs under horovodrun below)."""
+    monkeypatch.setattr(horovod_glue, "reinit", Context)
+
+
+def _fail():
+    raise tf.errors.UnknownError(None, None, "HorovodGroupedAllreduce: Gloo read error: "
+                                             "Connection reset by peer")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    trainer = _trainer()
+    result, lines = _train(trainer)
+    assert result.final_step == TOTAL and result.practices["world_size_changes"] == []
+    assert any("identical on 1 rank(s)" in line for line in lines)
+    return [v.numpy() for v in trainer.network.trainable_variables]
+
+
+def test_a_failure_goes_back_to_the_last_commit_and_redoes_the_steps(uninterrupted):
+    trainer = _trainer()
+    result, lines = _train(trainer, [_Once(5, _fail)])
+    (change,) = result.practices["world_size_changes"]
+    # Committed at step 4, failed after step 5: step 5 is done again, from the same batch.
+    assert {k: change[k] for k in ("step", "old_size", "new_size", "steps_redone", "reason")} \
+        == {"step": 4, "old_size": 1, "new_size": 1, "steps_redone": 1,
+            "reason": "a worker failed"}
+    assert change["seconds_lost"] > 0
+    assert result.practices["elastic_seconds_lost"] == change["seconds_lost"]
+    assert result.final_step == TOTAL
+    assert any(line.startswith("elastic: world size 1 -> 1 at step 4 (a worker failed; 1 "
+                               "steps redone)") for line in lines)
+    for got, want in zip(trainer.network.trainable_variables, uninterrupted):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_a_host_change_resets_at_the_next_commit_and_loses_nothing(uninterrupted):
+    from horovod.common.elastic import notification_manager
+    from horovod.runner.elastic.worker import HostUpdateResult
+
+    trainer = _trainer()
+    # What the driver's message does in a real job: every rank raises at the next commit.
+    notify = _Once(5, lambda: notification_manager.handle_hosts_updated(
+        int(time.time()), HostUpdateResult.added))
+    result, _ = _train(trainer, [notify])
+    (change,) = result.practices["world_size_changes"]
+    assert (change["step"], change["steps_redone"], change["reason"]) == (
+        6, 0, "hosts added or changed")
+    for got, want in zip(trainer.network.trainable_variables, uninterrupted):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_other_errors_are_not_taken_for_a_lost_worker():
+    def bug():
+        raise tf.errors.InvalidArgumentError(None, None, "a shape mismatch")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shape mismatch"):
+        _train(_trainer(), [_Once(3, bug)])
+    with pytest.raises(ValueError, match="boom"):
+        _train(_trainer(), [_Once(3, lambda: (_ for _ in ()).throw(ValueError("boom")))])
+
+
+def test_state_restores_variables_and_callback_state():
+    trainer = _trainer()
+    factor = keras.Variable(1.0)
+    plateau = cb.ReduceOnPlateau(type("S", (), {"factor": factor})(), patience=1, factor=0.5)
+    state = elastic.TrainingState(trainer, [factor], {"plateau": plateau})
+    kernel = trainer.network.trainable_variables[0]
+    before = kernel.numpy().copy()
+    kernel.assign(before + 1)
+    factor.assign(0.25)
+    trainer.optimizer.iterations.assign(9)
+    plateau.best, plateau.wait = 0.5, 3
+    state.restore()  # back to the state at construction (its first save)
+    np.testing.assert_array_equal(kernel.numpy(), before)
+    assert (float(factor.numpy()), int(trainer.optimizer.iterations.numpy())) == (1.0, 0)
+    assert (plateau.best, plateau.wait) == (float("inf"), 0)
+    plateau.best = 0.5
+    state.commit()
+    plateau.best = 0.1
+    state.restore()
+    assert plateau.best == 0.5 and state.committed_step == 0
+
+
+def test_elastic_launch_needs_the_flag():
+    elastic.check_launch(True, {"HOROVOD_ELASTIC": "1"})
+    elastic.check_launch(False, {})
+    with pytest.raises(ConfigError, match="pass --elastic"):
+        elastic.check_launch(False, {"HOROVOD_ELASTIC": "1"})
+
+
+def test_any_world_size_takes_shares_of_the_same_global_batch():
+    shares = [horovod_glue.rank_batch(7, Context(r, 3)) for r in range(3)]
+    assert shares == [3, 2, 2]
+    assert [horovod_glue.rank_batch(8, Context(r, 2)) for r in range(2)] == [4, 4]
+    with pytest.raises(ConfigError, match=r"elastic: the world now has 3 ranks: the global "
+                                          r"batch 2 is smaller than the 3 ranks"):
+        loop._dataset_for(_batches, Context(0, 3), 0, global_batch=2)
+
+
+def test_gradient_weight_scales_the_update():
+    """A rank's gradient times n_r * size / B: with SGD (no momentum) the step scales."""
+    steps = []
+    for weight in (1.0, 0.5):
+        trainer = _trainer()
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1),
+                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        trainer.gradient_weight = weight
+        kernel = trainer.network.trainable_variables[0]
+        before = kernel.numpy().copy()
+        trainer.fit(_batches(Context(), 0).take(1), shuffle=False, verbose=0)
+        steps.append(kernel.numpy() - before)
+    np.testing.assert_allclose(steps[1], steps[0] * 0.5, rtol=1e-5)
+    assert np.abs(steps[0]).max() > 0
+
+
+def test_non_chief_restores_the_newest_usable_checkpoint_without_moving_any(tmp_path):
+    trainer = _trainer()
+    trainer.optimizer.build(trainer.network.trainable_variables)
+    for step in (2, 4):
+        trainer.optimizer.iterations.assign(step)
+        checkpoints.save(str(tmp_path), step, trainer.network, trainer.optimizer,
+                         {"network": checkpoints.describe(trainer.network)})
+    (tmp_path / "ckpt-000000004" / checkpoints.OPTIMIZER).write_bytes(b"damaged")
+    other = _trainer()
+    found = loop.restore_and_sync(str(tmp_path), other, other.optimizer, Context(1, 2),
+                                  elastic=True)
+    assert found.step == 2 and int(other.optimizer.iterations.numpy()) == 2
+    assert (tmp_path / "ckpt-000000004").is_dir()  # left for rank 0 to move aside
+
+
+def test_elastic_with_collapsed_ensemble_is_refused():
+    from imagenet.config import RunConfig, validate
+    with pytest.raises(ConfigError, match="--collapsed_ensemble"):
+        validate(RunConfig(use_synthetic_data=True, elastic=True, collapsed_ensemble=True))
+
+
+# ---------------------------------------------------------------- under horovodrun
+TINY = ["resnet_main.py", "--use_synthetic_data", "--mode=train", "--resnet_depth=18",
+        "--image_size=32", "--train_batch_size=4", "--num_label_classes=5",
+        "--num_train_images=400", "--iterations_per_loop=4", "--log_every_n_steps=1",
+        "--warmup_epochs=0", "--elastic", "--elastic_commit_steps=2", "--stall_timeout_s=120"]
+HOSTS = ("localhost", "127.0.0.1")  # two names of this machine: two "hosts" for Horovod
+
+
+def _elastic_cmd(discovery, np_, *args):
+    import sys
+    return [BIN / "horovodrun", "--gloo", "-np", np_, "--min-np", "1", "--max-np", "2",
+            "--network-interface", "lo", "--host-discovery-script", discovery,
+            sys.executable, *args]
+
+
+def _discovery(tmp_path, hosts):
+    """A discovery script printing `host:1` for each line of a file the test edits."""
+    listing = tmp_path / "hosts.txt"
+    listing.write_text("".join(f"{h}:1\n" for h in hosts))
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\ncat {listing}\n")
+    script.chmod(0o755)
+    return script, listing
+
+
+def _run(cmd, log_path, during, timeout=600):
+    """Start the job, call `during(proc)`, wait for it to end; (rc, output)."""
+    with open(log_path, "w") as output:
+        proc = start_group(cmd, output)
+        try:
+            during(proc)
+            proc.wait(timeout=timeout)
+        finally:
+            kill_group(proc)
+    return proc.returncode, log_path.read_text()
+
+
+def _summary(out):
+    line = next(l for l in out.splitlines() if "SUMMARY {" in l)
+    return json.loads(line.split("SUMMARY ", 1)[1])
+
+
+def _finite_weights(model_dir, step):
+    values = []
+    with h5py.File(model_dir / f"ckpt-{step:09d}" / checkpoints.WEIGHTS) as f:
+        f.visititems(lambda name, obj: values.append(obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    assert values and checkpoints.non_finite(values) == 0
+
+
+def _kill_one(program, model_dir, rank):
+    def during(proc):
+        wait_for_checkpoint(proc, model_dir, seconds=400)
+        pids = rank_pids(program, model_dir)
+        assert sorted(pids) == [0, 1], pids
+        os.kill(pids[rank], signal.SIGKILL)
+    return during
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resnet_main_survives_a_killed_worker(tmp_path):
+    model_dir = tmp_path / "run"
+    discovery, _ = _discovery(tmp_path, HOSTS)
+    steps = 30
+    rc, out = _run(_elastic_cmd(discovery, 2, *TINY, f"--train_steps={steps}",
+                                f"--model_dir={model_dir}"), tmp_path / "log.txt",
+                   _kill_one("resnet_main.py", model_dir, rank=1))
+    assert rc == 0, out[-5000:]
+    summary = _summary(out)
+    (change,) = summary["world_size_changes"]
+    print(f"\nkill -9 of rank 1: {change['seconds_lost']:.1f} s lost, "
+          f"{change['steps_redone']} steps redone, reset at step {change['step']}")
+    assert (summary["final_step"], summary["ranks"]) == (steps, 1)
+    assert (change["old_size"], change["new_size"], change["reason"]) == (
+        2, 1, "a worker failed")
+    assert 0 < change["step"] < steps and change["seconds_lost"] > 0
+    assert f"elastic: world size 2 -> 1 at step {change['step']}" in out
+    _finite_weights(model_dir, steps)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resnet_main_grows_when_a_host_is_added(tmp_path):
+    model_dir = tmp_path / "run"
+    discovery, listing = _discovery(tmp_path, HOSTS[:1])
+    steps = 40
+
+    def add_host(proc):
+        # After the first checkpoint: the worker has registered with the driver, which
+        # ignores hosts added before that (Horovod 0.28).
+        wait_for_checkpoint(proc, model_dir, seconds=400)
+        listing.write_text("".join(f"{h}:1\n" for h in HOSTS))
+    rc, out = _run(_elastic_cmd(discovery, 1, *TINY, f"--train_steps={steps}",
+                                f"--model_dir={model_dir}"), tmp_path / "log.txt", add_host)
+    assert rc == 0, out[-5000:]
+    summary = _summary(out)
+    (change,) = summary["world_size_changes"]
+    print(f"\nhost added: {change['seconds_lost']:.1f} s lost (the joiner's start-up), "
+          f"joined at step {change['step']}")
+    assert (change["old_size"], change["new_size"], change["steps_redone"]) == (1, 2, 0)
+    assert (summary["final_step"], summary["ranks"]) == (steps, 2)
+    digests = re.search(r"elastic: final trainable weights \+ optimizer state sha256 by "
+                        r"rank: (\w+) (\w+) \(identical on 2 rank\(s\)\)", out)
+    assert digests and digests.group(1) == digests.group(2), out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_chexnet_train_survives_losing_rank_0(tmp_path):
+    csv_path = _xray_sample(tmp_path / "x")
+    model_dir = tmp_path / "run"
+    discovery, _ = _discovery(tmp_path, HOSTS)
+    steps = 16
+    args = ["-m", "chexnet", "train", f"--csv={csv_path}", f"--image_dir={tmp_path / 'x'}",
+            "--backbone=resnet18", "--image_size=32", "--split_fractions=0.5,0.5,0.0",
+            "--train_batch_size=2", "--eval_batch_size=2", f"--train_steps={steps}",
+            "--steps_per_loop=4", "--log_every_n_steps=1", "--seed=0", "--elastic",
+            "--elastic_commit_steps=2", f"--model_dir={model_dir}", "--stall_timeout_s=120"]
+    rc, out = _run(_elastic_cmd(discovery, 2, *args), tmp_path / "log.txt",
+                   _kill_one("chexnet", model_dir, rank=0))
+    assert rc == 0, out[-5000:]
+    summary = _summary(out)
+    (change,) = summary["world_size_changes"]
+    print(f"\nchexnet, kill -9 of rank 0: {change['seconds_lost']:.1f} s lost")
+    assert (summary["final_step"], summary["ranks"], summary["val_images"]) == (steps, 1, 6)
+    assert (change["old_size"], change["new_size"]) == (2, 1)
+    # The survivor became rank 0: it wrote the last checkpoint and the report.
+    assert checkpoints.latest(str(model_dir)).step == steps
+    assert (model_dir / "report" / "auroc.csv").is_file()
+    _finite_weights(model_dir, steps)
+
+
+@pytest.mark.slow
+def test_slurm_discovery_lists_the_usable_nodes_of_the_allocation(tmp_path):
+    import subprocess
+
+    from tests.conftest import ROOT, child_env
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/sh\nprintf "node1\\nnode2\\nnode3\\nnode4\\n"\n')
+    states = tmp_path / "states"
+    (fake / "sinfo").write_text(f"#!/bin/sh\ncat {states}\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    exclude = tmp_path / "exclude"
+    exclude.write_text("node4\n")  # left out by hand
+
+    def discover(cache_s):
+        env = child_env(PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-4]",
+                        SLURM_JOB_ID="77", ELASTIC_SLOTS=2, ELASTIC_EXCLUDE=exclude,
+                        ELASTIC_CACHE=tmp_path / "cache", ELASTIC_CACHE_S=cache_s)
+        return subprocess.run(["bash", ROOT / "slurm" / "elastic_discover.sh"], env=env,
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+
+    # node2 stopped responding (the * suffix), node3 is drained.
+    states.write_text("node1 alloc\nnode2 alloc*\nnode3 drain\nnode4 mix\n")
+    assert discover(60) == "node1:2\n"
+    states.write_text("node1 alloc\nnode2 alloc\nnode3 mix\nnode4 mix\n")
+    assert discover(60) == "node1:2\n"  # the cached answer (Horovod asks every second)
+    assert discover(0) == "node1:2\nnode2:2\nnode3:2\n"  # node2 and node3 are back
