@@ -173,7 +173,9 @@ def define_distributed(flag_values=FLAGS):
                        "0 disables fusion; unset = the environment's value, else Horovod's "
                        "128 MiB, which is what the 2018 runs used.", flag_values=flag_values)
     flags.DEFINE_float("cycle_time_ms", None,
-                       "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = Horovod's.",
+                       "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = the "
+                       "environment's value, else 10 (Horovod's own 1 ms takes CPU from "
+                       "compute on small nodes).",
                        flag_values=flag_values)
     flags.DEFINE_boolean("fp16_allreduce", False,
                          "Compress gradients to float16 for the allreduce.",

@@ -45,13 +45,25 @@ def check_global_batches(context: "Context", **batches: int) -> None:
                               f"{context.size} ranks of this launch")
 
 
+# Horovod's 1 ms cycle wakes its background thread 1000 times a second to negotiate with
+# the other ranks, which takes CPU from the compute threads on small CPU nodes; with one
+# grouped allreduce per step, 10 ms costs at most a few cycles per step
+# (docs/benchmarks.md, "Processes vs threads").
+DEFAULT_CYCLE_TIME_MS = 10.0
+
+
 def init(fusion_threshold_mb: Optional[float] = None,
          cycle_time_ms: Optional[float] = None) -> Context:
-    """Initialise Horovod once; fusion settings must reach the environment before init."""
+    """Initialise Horovod once; fusion settings must reach the environment before init.
+
+    The cycle time is `cycle_time_ms`, else HOROVOD_CYCLE_TIME, else DEFAULT_CYCLE_TIME_MS.
+    """
     if fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
     if cycle_time_ms is not None:
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
+    else:
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", str(DEFAULT_CYCLE_TIME_MS))
     hvd = _hvd()
     if not hvd.is_initialized():
         hvd.init()
