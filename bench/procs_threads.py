@@ -41,6 +41,7 @@ CASES = {
                           env={"HOROVOD_CYCLE_TIME": "50"}),
     "2x2_default": dict(ranks=2, intra=0, launcher="gloo", env=H1),  # no thread flags
     "2x1_ours": dict(ranks=2, intra=1, launcher="gloo"),  # resnet_main's defaults now
+    "1x1_half": dict(ranks=1, intra=1, half_batch=True),  # a 2x1 rank's batch, alone
 }
 DEFAULT_CASES = "1x1,1x2,2x1,2x1_ours"
 
@@ -70,8 +71,11 @@ def main():
     print(f"fp32 limit measured now: {peak:.1f} GFLOP/CPU-s; ResNet-50 at {args.image_size} px: "
           f"{gflop:.2f} GFLOP per training image", flush=True)
 
-    jobs = {n: Job(**CASES[n], image_size=args.image_size, global_batch=args.global_batch,
-                   steps=args.steps) for n in names}
+    jobs = {}
+    for n in names:
+        case = dict(CASES[n])
+        batch = args.global_batch // 2 if case.pop("half_batch", False) else args.global_batch
+        jobs[n] = Job(**case, image_size=args.image_size, global_batch=batch, steps=args.steps)
     results = {n: [] for n in names}
     for r in range(args.rounds):
         for name, job in jobs.items():
@@ -108,7 +112,8 @@ def main():
                       f"(target 85%)")
     path = write_json("procs_threads", {"args": vars(args), "peak_gflop_per_cpu_s": peak,
                                         "gflop_per_image": gflop,
-                                        "cases": {n: dataclasses.asdict(j) for n, j in jobs.items()},
+                                        "cases": {n: dataclasses.asdict(j)
+                                                  for n, j in jobs.items()},
                                         "rounds": results, "summary": table, "ratios": ratios},
                       args.out)
     print(f"wrote {path}")

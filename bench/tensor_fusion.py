@@ -6,9 +6,10 @@
 HOROVOD_FUSION_THRESHOLD 0 (fusion off), 64 MiB (Horovod's default in 2018) and 128 MiB
 (today's default), under horovodrun --gloo and mpirun. Rank 0 records a Horovod timeline of
 the timed steps only (HOROVOD_TIMELINE=DYNAMIC); per step it gives the allreduce calls
-(collective operations actually run: the overlapping activities of fused tensors count once), the tensors reduced, and the
-seconds spent in the collective (GLOO_/MPI_ALLREDUCE), in fusion-buffer copies and in
-negotiation (which includes waiting for the other rank). Also 1 rank with no launcher vs
+(collective operations actually run: the overlapping activities of fused tensors count
+once), the tensors reduced, and the seconds spent in the collective (GLOO_/MPI_ALLREDUCE),
+in fusion-buffer copies and in negotiation (which includes waiting for the other rank).
+Cycle time: resnet_main's default (10 ms) unless --cycle_time_ms. Also 1 rank with no launcher vs
 1 rank under horovodrun / mpirun (Horovod initialised, size 1: its background thread only).
 Rounds interleave the cases. Writes runs/bench/tensor_fusion.json.
 """
@@ -124,7 +125,7 @@ def main():
             if job.timeline:
                 res["timeline"] = timeline_stats(job.timeline, job.steps)
             results[name].append(res)
-            extra = (" {allreduce_calls:.0f} allreduce/step, collective {collective_s:.3f} s/step"
+            extra = (" {allreduce_calls:.1f} allreduce/step, collective {collective_s:.3f} s/step"
                      .format(**res["timeline"]) if job.timeline else "")
             print(f"round {r + 1} {name:<28} {res['images_per_cpu_sec']:6.2f} img/CPU-s "
                   f"{res['images_per_sec']:6.2f} img/s wall{extra}", flush=True)
@@ -141,7 +142,7 @@ def main():
             row["timeline"] = {k: summary([x["timeline"][k] for x in rs])
                                for k in rs[0]["timeline"]}
             t = {k: v["median"] for k, v in row["timeline"].items()}
-            tl = (f"{t['allreduce_calls']:>5.0f} {t['tensors']:>7.0f} {t['collective_s']:>12.3f} "
+            tl = (f"{t['allreduce_calls']:>5.1f} {t['tensors']:>7.0f} {t['collective_s']:>12.3f} "
                   f"{t['memcpy_s']:>8.3f} {t['negotiate_s']:>11.3f}")
         table[name] = row
         print(f"{name:<28} {fmt(row['images_per_cpu_sec']):>18} {fmt(row['images_per_sec']):>18} "

@@ -378,17 +378,21 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_float("overlap", None, "phi in [0, 1]: share of the backward pass that "
                        "hides allreduce bandwidth time.", flag_values=fv)
     flags.DEFINE_boolean("hierarchical", None, "Reduce inside each node first.", flag_values=fv)
+    flags.DEFINE_float("local_bandwidth_gbps", None, "B_local: bandwidth between the ranks of "
+                       "one node in Gb/s.", flag_values=fv)
+    flags.DEFINE_float("local_latency_us", None, "alpha_local in microseconds.", flag_values=fv)
     flags.DEFINE_float("gradient_mb", None, "S in MB (default ResNet-50 fp32: "
                        f"{RESNET50_GRADIENT_BYTES / 1e6:.1f}).", flag_values=fv)
     for name in ("per_node_batch", "epochs", "node_images_per_sec", "bandwidth_gbps",
-                 "gradient_mb", "global_batch"):
+                 "gradient_mb", "global_batch", "local_bandwidth_gbps"):
         flags.register_validator(name, lambda v: v is None or (math.isfinite(v) and v > 0),
                                  message=f"--{name} must be > 0", flag_values=fv)
     for name in ("ranks_per_node", "messages_per_step"):
         flags.register_validator(name, lambda v: v is None or v >= 1,
                                  message=f"--{name} must be >= 1", flag_values=fv)
-    flags.register_validator("latency_us", lambda v: v is None or v >= 0,
-                             message="--latency_us must be >= 0", flag_values=fv)
+    for name in ("latency_us", "local_latency_us"):
+        flags.register_validator(name, lambda v: v is None or v >= 0,
+                                 message=f"--{name} must be >= 0", flag_values=fv)
     flags.register_validator("overlap", lambda v: v is None or 0 <= v <= 1,
                              message="--overlap must be in [0, 1]", flag_values=fv)
     flags.register_validator("nodes", lambda v: all(x.isdigit() and int(x) >= 1 for x in v),
@@ -405,6 +409,10 @@ def system_from_flags(fv) -> System:
                  "latency_sec": None if fv.latency_us is None else fv.latency_us * 1e-6,
                  "messages_per_step": fv.messages_per_step, "overlap": fv.overlap,
                  "hierarchical": fv.hierarchical,
+                 "local_bytes_per_sec": (fv.local_bandwidth_gbps
+                                         and fv.local_bandwidth_gbps * 1e9 / 8),
+                 "local_latency_sec": None if fv.local_latency_us is None
+                 else fv.local_latency_us * 1e-6,
                  "gradient_bytes": fv.gradient_mb and fv.gradient_mb * 1e6}
     return dataclasses.replace(system, **{k: v for k, v in overrides.items() if v is not None})
 
