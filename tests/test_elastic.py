@@ -325,7 +325,8 @@ def test_chexnet_train_survives_losing_rank_0(tmp_path):
             "--backbone=resnet18", "--image_size=32", "--split_fractions=0.5,0.5,0.0",
             "--train_batch_size=2", "--eval_batch_size=2", f"--train_steps={steps}",
             "--steps_per_loop=4", "--log_every_n_steps=1", "--seed=0", "--elastic",
-            "--elastic_commit_steps=2", f"--model_dir={model_dir}", "--stall_timeout_s=120"]
+            "--elastic_commit_steps=2", f"--model_dir={model_dir}", "--stall_timeout_s=120",
+            "--allow_random_init"]
     rc, out = _run(_elastic_cmd(discovery, 2, *args), tmp_path / "log.txt",
                    _kill_one("chexnet", model_dir, rank=0))
     assert rc == 0, out[-5000:]
