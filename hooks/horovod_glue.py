@@ -85,17 +85,23 @@ def init(fusion_threshold_mb: float | None = None,
     if not hvd.is_initialized():
         hvd.init()
     context = _current_context()
-    # Where the ranks landed (a collective): the one place a job log shows hosts.
-    line = describe_placement(placement(context))
-    if context.is_chief:
-        print(line, flush=True)
+    # Where the ranks landed (a collective): the one place a job log shows hosts. Not in an
+    # elastic job (HOROVOD_ELASTIC, set by horovodrun): a joining worker's init would wait
+    # for ranks that are mid-training; hooks.elastic prints it after each sync instead.
+    if os.environ.get("HOROVOD_ELASTIC", "") in ("", "0"):
+        line = describe_placement(placement(context))
+        if context.is_chief:
+            print(line, flush=True)
     return context
 
 
 def placement(context: Context) -> list[tuple]:
     """(rank, host, local_rank, local_size) of every rank, in rank order (a collective)."""
     me = (context.rank, socket.gethostname(), context.local_rank, context.local_size)
-    return [me] if context.size == 1 else list(_hvd().allgather_object(me))
+    # Its own op name: Horovod's default is the type ("tuple"), shared with other
+    # allgathers of tuples of another size, and an elastic joiner's fresh response cache
+    # then disagreed with the others' (a Gloo size mismatch right after a join).
+    return [me] if context.size == 1 else list(_hvd().allgather_object(me, name="placement"))
 
 
 def describe_placement(ranks: Sequence[tuple], max_hosts: int = 8) -> str:

@@ -204,7 +204,7 @@ def train(trainer: horovod_glue.DistributedTrainer, dataset=None, *,
                                              stateful, log=chief_log)
 
             def body(ctx):
-                _new_world(trainer, ctx, guard, extra_callbacks)
+                _new_world(trainer, ctx, guard, extra_callbacks, chief_log)
                 step = int(trainer.optimizer.iterations.numpy())
                 data = _dataset_for(make_dataset, ctx, step, global_batch)
                 # The global batch stays the same: a rank's share may be one example more
@@ -243,10 +243,13 @@ def _last_evaluation(evaluation, evaluate) -> Evaluation | None:
     return evaluation.last if evaluation.last is not None else evaluate()
 
 
-def _new_world(trainer, context, guard, extra_callbacks) -> None:
-    """After an elastic (re)start: everything that depends on (rank, size) follows."""
-    watchdog.world_changed(context.rank, context.size, horovod_glue.hostnames(context))
+def _new_world(trainer, context, guard, extra_callbacks, log) -> None:
+    """After an elastic (re)start: everything that depends on (rank, size) follows, and
+    the log says where the ranks are (Horovod's init cannot in an elastic job)."""
+    ranks = horovod_glue.placement(context)
+    watchdog.world_changed(context.rank, context.size, [host for _, host, _, _ in ranks])
     trainer.context = context
+    log(horovod_glue.describe_placement(ranks))  # rank 0 of the new world
     trainer.train_function = None  # re-trace: the grouped allreduce is built for a world
     guard.good = None  # the synced state is the last good one
     for callback in extra_callbacks:

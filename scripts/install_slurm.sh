@@ -5,12 +5,13 @@
 #
 # Installs slurmctld slurmd slurm-client munge (SLURM 22.05 on Debian 12) and, for
 # `srun --mpi=pmix`, libpmix2 plus Debian's OpenMPI (openmpi-bin, libopenmpi-dev) which
-# Horovod's MPI build and `LAUNCHER=mpirun` use. The packages' own systemd services are not
+# Horovod's MPI build and `LAUNCHER=mpirun` use, and openssh-server (the virtual cluster's
+# nodes run sshd for horovodrun's remote workers). The packages' own services are not
 # used: slurm/cluster.py starts munged/slurmctld/slurmd by hand with a generated
 # slurm.conf in a temporary folder. Needs root and apt-get (Debian/Ubuntu).
 set -euo pipefail
 
-PKGS=(slurmctld slurmd slurm-client munge libpmix2 openmpi-bin libopenmpi-dev)
+PKGS=(slurmctld slurmd slurm-client munge libpmix2 openmpi-bin libopenmpi-dev openssh-server)
 log() { echo "[install_slurm] $*"; }
 
 missing=()

@@ -12,7 +12,10 @@ link: a veth pair into a bridge that lives in a "switch" namespace. Nothing is a
 host's own network namespace, so no traffic leaves the namespaces. The rest of the host's
 filesystem is shared by all nodes, as NFS is on a real cluster, so RUN_DIR and run folders
 must not be under /tmp. Each node runs its own slurmd; slurmctld runs on node1; munged
-(a unix socket in RUN_DIR) is shared. Run client commands (sbatch, squeue, ...) on a node,
+(a unix socket in RUN_DIR) is shared. When OpenSSH's server is installed every node also runs
+sshd, and root on any node can `ssh nodeN` (a key in RUN_DIR/ssh; each node's mount namespace
+puts a client config over /etc/ssh/ssh_config, so the host's ssh files are not touched):
+horovodrun starts its remote workers that way (elastic runs, docs/elastic.md). Run client commands (sbatch, squeue, ...) on a node,
 with `exec`: node1 doubles as the login node.
 
 Needs root, iproute2, util-linux (nsenter, unshare) and Debian's SLURM packages (installed
@@ -112,6 +115,12 @@ class VirtualCluster(SlurmCluster):
         self.switch = f"hrvc{tag}-switch"
         self.pidfiles.update({f"anchor-{n.name}": self.root / "run" / f"anchor-{n.name}.pid"
                               for n in self.nodes})
+        # sshd on every node when installed (horovodrun starts remote workers with ssh).
+        self.ssh = which("sshd") is not None and which("ssh") is not None
+        if self.ssh:
+            for n in self.nodes:
+                self.pidfiles[f"sshd-{n.name}"] = self.root / "run" / f"sshd-{n.name}.pid"
+                self.logs[f"sshd-{n.name}"] = self.root / "log" / f"sshd-{n.name}.log"
 
     @classmethod
     def load(cls, run_dir: Path) -> VirtualCluster:
@@ -164,6 +173,36 @@ class VirtualCluster(SlurmCluster):
             _sh("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
 
+    # ------------------------------------------------------------------ ssh
+    def _write_ssh_files(self):
+        """Keys and configs in RUN_DIR/ssh: one root key every node accepts, sshd's config,
+        and the client config each node's mount namespace puts over /etc/ssh/ssh_config
+        (the host's own ssh files and ~/.ssh are never touched)."""
+        folder = self.root / "ssh"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for key in ("host_ed25519", "id_ed25519"):
+            if not (folder / key).exists():
+                _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hrvc-{key}",
+                    "-f", folder / key)
+        (folder / "authorized_keys").write_text((folder / "id_ed25519.pub").read_text())
+        (folder / "sshd_config").write_text(
+            f"HostKey {folder / 'host_ed25519'}\n"
+            f"AuthorizedKeysFile {folder / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "PrintMotd no\nLogLevel ERROR\n")
+        (folder / "ssh_config").write_text(
+            f"Host *\n  IdentityFile {folder / 'id_ed25519'}\n  BatchMode yes\n"
+            "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n")
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+
+    def _start_sshd(self, node, timeout=20):
+        name, folder = f"sshd-{node.name}", self.root / "ssh"
+        self._start_daemon(name, self.prefix(node.name) + [
+            which("sshd"), "-f", folder / "sshd_config", "-E", self.logs[name],
+            "-o", f"ListenAddress={node.addr}", "-o", f"PidFile={self.pidfiles[name]}"],
+            ready=lambda: True, timeout=timeout)
+
     # ------------------------------------------------------------------ nodes
     def _start_anchor(self, node, timeout=20):
         """A `sleep` in the node's namespaces; daemons and `exec` join them via nsenter."""
@@ -175,8 +214,10 @@ class VirtualCluster(SlurmCluster):
         hosts = self.root / "etc" / "hosts"
         # Private /tmp (PMIx makes /tmp/spmix_appdir_* on each node) and /dev/shm, a shared
         # /etc/hosts naming the nodes; `ip netns exec` would remount /sys, nsenter does not.
+        ssh_config = (f"mount --bind {self.root / 'ssh' / 'ssh_config'} /etc/ssh/ssh_config && "
+                      if self.ssh and os.path.exists("/etc/ssh/ssh_config") else "")
         script = (f"mount --bind {folder / 'tmp'} /tmp && mount -t tmpfs tmpfs /dev/shm && "
-                  f"mount --bind {hosts} /etc/hosts && hostname {node.name} && "
+                  f"mount --bind {hosts} /etc/hosts && {ssh_config}hostname {node.name} && "
                   "exec sleep infinity")
         with open(self.root / "log" / f"anchor-{node.name}.log", "ab") as log:
             proc = subprocess.Popen(
@@ -225,8 +266,12 @@ class VirtualCluster(SlurmCluster):
         hosts = ["127.0.0.1 localhost"] + [f"{n.addr} {n.name}" for n in self.nodes]
         (self.root / "etc" / "hosts").write_text("\n".join(hosts) + "\n")
         self._make_network()
+        if self.ssh:
+            self._write_ssh_files()
         for node in self.nodes:
             self._start_anchor(node)
+            if self.ssh:
+                self._start_sshd(node)
         return self.start(timeout)
 
     def kill_node(self, node):

@@ -9,6 +9,8 @@ namespace, hostname, /tmp and slurmd; slurmctld on node1; munged shared), then:
     same two scripts on one node;
   * node2 is killed during a 2-node job: the job is requeued, restarts on node1 + node3 from
     its newest checkpoint and completes; `up` then brings node2 back;
+  * an elastic job (ELASTIC=1, horovodrun over ssh between the nodes) loses node2 and
+    finishes every step on node1 in the same allocation;
   * `down` removes every namespace, link and daemon (also after a failed `up`).
 Job files live in the cluster's run_dir under /var/tmp: each node has a private /tmp.
 Every wait is bounded; the fixture's finalizer runs `down` and removes the run_dir.
@@ -66,6 +68,9 @@ def cluster():
     if os.geteuid() != 0:
         pytest.fail("the multinode tests create namespaces and start SLURM daemons as root; "
                     "run them as root or deselect them with -m 'not multinode'")
+    if Path("/tmp") in SLURM_DIR.resolve().parents:
+        pytest.fail(f"the project is under /tmp ({SLURM_DIR.parent}), which each node of the "
+                    "virtual cluster has its own copy of: clone it elsewhere (e.g. /var/tmp)")
     before = _host_state()
     run_dir = Path(tempfile.mkdtemp(prefix="hr-vcluster-", dir=RUN_PARENT))
     vc = VirtualCluster(run_dir, nodes=3)
@@ -317,6 +322,52 @@ def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
     finally:
         cluster.run("scancel", job_id, check=False)
         cluster.up()  # brings node2 back (idempotent for the rest)
+    assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
+
+
+def test_elastic_job_loses_a_node_and_finishes_on_the_other(cluster):
+    """ELASTIC=1 on 2 nodes (sbatch --no-kill): horovodrun on node1 starts node2's rank over
+    ssh (each node runs sshd); node2 is killed mid-run; the rank on node1 goes back to the
+    last commit and finishes every step alone, in the same allocation (no requeue)."""
+    assert cluster.ssh, "no sshd: scripts/install_slurm.sh installs openssh-server"
+    steps = 12
+    folder = _jobs(cluster, "elastic")
+    model_dir = folder / "model"
+    env = job_env(cluster, IMAGENET, TRAIN_STEPS=str(steps), ITERATIONS_PER_LOOP="2",
+                  MODEL_DIR=model_dir, ELASTIC="1", MIN_NP="1", ELASTIC_CACHE_S="0",
+                  EXTRA_FLAGS=IMAGENET["EXTRA_FLAGS"] + " --elastic_commit_steps=1 "
+                  "--keep_checkpoints=20 --stall_timeout_s=300")
+    job_id, proc = sbatch(cluster, folder, "elastic", env, "--nodes=2", "--ntasks-per-node=1",
+                          "--no-kill", wait=False)
+    assert proc.returncode == 0, proc.stderr
+    log_path = folder / f"elastic-{job_id}.out"
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not list(model_dir.glob("ckpt-*")):
+            state = cluster.job_info(job_id).get("JobState")
+            assert state in ("PENDING", "CONFIGURING", "RUNNING"), (
+                f"job {job_id} ended ({state}) before a checkpoint\n{read(log_path)[-5000:]}")
+            assert time.monotonic() < deadline, f"no checkpoint in {JOB_TIMEOUT}s"
+            time.sleep(0.3)
+        cluster.kill_node("node2")
+        info = cluster.wait_job(job_id, timeout=JOB_TIMEOUT)
+        log = read(log_path)
+        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (
+            f"{info}\n{log[-6000:]}")
+        assert _placement(log)[0] == (2, 2, "node1 rank 0 local_size 1; node2 rank 1 "
+                                             "local_size 1"), log[-6000:]
+        result = summary(log)
+        assert (result["final_step"], result["ranks"]) == (steps, 1), log[-6000:]
+        (change,) = result["world_size_changes"]
+        assert (change["old_size"], change["new_size"]) == (2, 1)
+        assert 0 < change["step"] < steps
+        final = weights(model_dir / f"ckpt-{steps:09d}" / "model.weights.h5")
+        assert all(np.isfinite(w).all() for w in final.values())
+        print(f"elastic: node2 killed, world 2 -> 1 at step {change['step']}, "
+              f"{change['seconds_lost']:.1f} s lost")
+    finally:
+        cluster.run("scancel", job_id, check=False)
+        cluster.up()  # brings node2 back
     assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
 
 
