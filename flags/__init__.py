@@ -16,6 +16,7 @@ from flags.core import (  # noqa: F401
     fill,
     get_distributed_config,
     get_performance_config,
+    launcher_rank,
     launcher_world_size,
     positive,
 )

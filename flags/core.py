@@ -58,6 +58,23 @@ def launcher_world_size(environ=None) -> int:
     return 1
 
 
+_WORLD_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                    "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def launcher_rank(environ=None) -> int:
+    """This process's rank as announced by the launcher, 0 if none (before Horovod starts:
+    for messages that one rank should print). SLURM_PROCID counts only inside a step."""
+    env = os.environ if environ is None else environ
+    for var in _WORLD_RANK_VARS:
+        if var == "SLURM_PROCID" and "SLURM_STEP_ID" not in env:
+            continue
+        value = env.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 # ---------------------------------------------------------------- definitions
 def _positive(name, flag_values, allow_none=False):
     flags.register_validator(
@@ -157,9 +174,15 @@ FAULTS_HELP = {
 SCHEDULE_HELP = {
     "base_learning_rate": "Learning rate per 256 images; the peak is "
                           "base_learning_rate * train_batch_size / 256.",
-    "momentum": "SGD momentum.",
+    "momentum": "SGD (and LARS) momentum.",
     "weight_decay": "L2 weight decay on non-BN weights.",
-    "warmup_epochs": "Epochs of linear learning-rate warm-up.",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up from 0. Default: the reference's "
+                     "choice, 5 of 90 epochs stretched to the run length (--lr_schedule=tpu), "
+                     "5 (tpu_2018), or by global batch with --enable_lars (5/5/14/40 epochs "
+                     "below 16K/32K/64K/above).",
+    "nesterov": "Nesterov momentum for SGD, as the TPU reference (MomentumOptimizer with "
+                "use_nesterov=True); --nonesterov for classic momentum. LARS keeps classic "
+                "momentum, as the reference's LARSOptimizer.",
     "label_smoothing": "Label smoothing for the cross-entropy.",
 }
 

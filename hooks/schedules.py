@@ -10,9 +10,12 @@ Building blocks: `scale_learning_rate`, `to_steps`, `LinearWarmup`, `PolynomialD
 `StepDecay`, `PiecewiseConstant`, and `PhasedSchedule` of `Phase`s (warm-up + poly
 decay per phase, weight decay per phase, snapshot phases for collapsed ensembles).
 `preset(name, ...)` builds the reference schedules of DESIGN.md at any global batch.
+`TPUStepSchedule` / `tpu_milestones` and `TPULarsSchedule` / `lars_defaults` are
+tensorflow/tpu's resnet_main.py and lars_util.py schedules, formula for formula.
 """
 import bisect
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -25,8 +28,9 @@ from hooks.steps import round_half_up, run_steps, to_steps
 __all__ = [
     "PRESETS", "SERIALIZATION_PACKAGE", "LinearWarmup", "Phase", "PhasedSchedule",
     "PiecewiseConstant", "PolynomialDecay", "Preset", "ScaledSchedule", "StepDecay",
-    "phases_from_epochs", "preset", "round_half_up", "run_steps", "scale_learning_rate",
-    "step_decay", "to_steps",
+    "TPULarsSchedule", "TPUStepSchedule", "lars_defaults", "phases_from_epochs", "preset",
+    "round_half_up", "run_steps", "scale_learning_rate", "step_decay", "to_steps",
+    "tpu_milestones",
 ]
 
 # Registration namespace, so from_config/deserialize find these classes by name.
@@ -186,6 +190,123 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         after = (self.after if isinstance(self.after, float)
                  else keras.saving.serialize_keras_object(self.after))
         return {"after": after, "warmup_steps": self.warmup_steps, "start_lr": self.start_lr}
+
+
+# ---------------------------------------------------------------- the TPU reference's own
+# tensorflow/tpu models/official/resnet: resnet_main.py (learning_rate_schedule,
+# get_lr_schedule) and lars_util.py (poly_rate_schedule). Both count in fractional epochs,
+# epoch = step / (num_train_images / train_batch_size), as the reference does.
+def _epoch(step, steps_per_epoch):
+    return _float_step(step) / steps_per_epoch
+
+
+def _check_milestones(milestones):
+    out = []
+    for i, pair in enumerate(milestones):
+        if len(pair) != 2:
+            raise ValueError(f"milestones[{i}] must be (multiplier, start_epoch), got {pair!r}")
+        out.append((_check_number(f"milestones[{i}] multiplier", pair[0], minimum=0.0),
+                    _check_number(f"milestones[{i}] start_epoch", pair[1], minimum=0.0)))
+    if not out:
+        raise ValueError("milestones must not be empty, got []")
+    return out
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+class TPUStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """resnet_main.py's `learning_rate_schedule`: `milestones` are (multiplier, start epoch)
+    pairs; the first one ends the warm-up.
+
+    lr = peak * m0 * epoch / e0 while epoch < e0 (linear from 0), then peak * m_i from
+    epoch e_i on, applied in order (a later pair with the same start wins, as the
+    reference's chain of tf.where does). e0 = 0 means no warm-up.
+    """
+
+    def __init__(self, peak_lr, steps_per_epoch, milestones):
+        self.peak_lr = _check_number("peak_lr", peak_lr, minimum=0.0)
+        self.steps_per_epoch = _check_number("steps_per_epoch", steps_per_epoch, minimum=0.0,
+                                             strictly=True)
+        self.milestones = _check_milestones(milestones)
+
+    def __call__(self, step):
+        epoch = _epoch(step, self.steps_per_epoch)
+        first_mult, warmup = self.milestones[0]
+        result = self.peak_lr * first_mult * epoch / (warmup or 1.0)
+        for mult, start in self.milestones:
+            result = ops.where(ops.less(epoch, start), result, self.peak_lr * mult)
+        return _as_output(result)
+
+    def get_config(self):
+        return {"peak_lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch,
+                "milestones": [list(m) for m in self.milestones]}
+
+
+def tpu_milestones(train_steps, num_train_images, global_batch):
+    """resnet_main.py's `get_lr_schedule`: warm-up end and x0.1 / x0.01 / x0.001 at epochs
+    5, 30, 60, 80 of a 90-epoch run, stretched to this run's length and floored to whole
+    epochs (a 45-epoch run: 2, 15, 30, 40). The run's epochs count whole steps per epoch:
+    train_steps / floor(num_train_images / global_batch)."""
+    train_steps = _check_int("train_steps", train_steps, minimum=1)
+    num_train_images = _check_int("num_train_images", num_train_images, minimum=1)
+    global_batch = _check_int("global_batch", global_batch, minimum=1)
+    train_epochs = train_steps / max(1, num_train_images // global_batch)
+    return [(mult, float(math.floor(epoch / 90 * train_epochs)))
+            for mult, epoch in ((1.0, 5), (0.1, 30), (0.01, 60), (0.001, 80))]
+
+
+# lars_util.py: (global batch below which it applies, peak lr, warm-up epochs); above the
+# last bound: 35.6 and 40.
+_LARS_BY_BATCH = ((16384, 10.0, 5), (32768, 25.0, 5), (65536, 32.0, 14))
+LARS_END_LR = 1e-4  # tf.compat.v1.train.polynomial_decay's default end_learning_rate
+
+
+def lars_defaults(global_batch):
+    """(peak learning rate, warm-up epochs) that lars_util.py picks for a global batch."""
+    global_batch = _check_int("global_batch", global_batch, minimum=1)
+    for bound, peak, warmup in _LARS_BY_BATCH:
+        if global_batch < bound:
+            return peak, warmup
+    return 35.6, 40
+
+
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
+class TPULarsSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """lars_util.py's `poly_rate_schedule`, the learning rate of `--enable_lars`.
+
+    While epoch <= warmup_epochs: peak * epoch / warmup_epochs (linear from 0). After:
+    power-2 polynomial decay of tf.compat.v1.train.polynomial_decay from `peak_lr` to
+    `end_lr` over D = total_steps - warmup_steps + 1 steps, at decay step
+    max(1, step - warmup_steps); warmup_steps = floor(warmup_epochs * images / batch).
+    warmup_epochs = 0: no warm-up.
+    """
+
+    def __init__(self, peak_lr, steps_per_epoch, warmup_epochs, warmup_steps, total_steps,
+                 power=2.0, end_lr=LARS_END_LR):
+        self.peak_lr = _check_number("peak_lr", peak_lr, minimum=0.0)
+        self.steps_per_epoch = _check_number("steps_per_epoch", steps_per_epoch, minimum=0.0,
+                                             strictly=True)
+        self.warmup_epochs = _check_number("warmup_epochs", warmup_epochs, minimum=0.0)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps)
+        self.total_steps = _check_int("total_steps", total_steps, minimum=1)
+        self.power = _check_number("power", power, minimum=0.0, strictly=True)
+        self.end_lr = _check_number("end_lr", end_lr, minimum=0.0)
+
+    def __call__(self, step):
+        step_f = _float_step(step)
+        decay_span = float(max(1, self.total_steps - self.warmup_steps + 1))
+        decay_step = ops.minimum(ops.maximum(1.0, step_f - self.warmup_steps), decay_span)
+        poly = ((self.peak_lr - self.end_lr) * ops.power(1.0 - decay_step / decay_span,
+                                                         self.power) + self.end_lr)
+        if not self.warmup_epochs:
+            return _as_output(poly)
+        epoch = _epoch(step, self.steps_per_epoch)
+        warm = self.peak_lr * epoch / self.warmup_epochs
+        return _as_output(ops.where(ops.less_equal(epoch, self.warmup_epochs), warm, poly))
+
+    def get_config(self):
+        return {"peak_lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch,
+                "warmup_epochs": self.warmup_epochs, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "power": self.power, "end_lr": self.end_lr}
 
 
 # ---------------------------------------------------------------- phased schedules

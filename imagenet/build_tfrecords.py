@@ -16,7 +16,9 @@ Input layouts:
     not in synset order.
 
 `--synsets_file` has one synset per line, optionally followed by a short name
-("n01440764 tench"); line i (0-based) gets label i + 1, as in the TPU records.
+("n01440764 tench"). Labels number the synsets in sorted order from 1, as
+tensorflow/tpu's tools/datasets/imagenet_to_gcs.py does, whatever the file's order (an
+unsorted file is accepted with a warning; its order does not change the labels).
 
 Output: `<split>-00000-of-<N as %05d>` ... each record a tf.train.Example with
 `image/encoded` (JPEG), `image/format` ("JPEG"), `image/class/label` (1..1000),
@@ -25,9 +27,11 @@ Output: `<split>-00000-of-<N as %05d>` ... each record a tf.train.Example with
 
 Real ImageNet holds grayscale and CMYK JPEGs and a PNG named .JPEG: they are re-encoded
 as RGB JPEG (quality 95) and counted; a file PIL cannot decode is counted and skipped
-with a warning. Train file order is shuffled with a fixed seed so every shard mixes
-classes. Shards are written in parallel processes, each to a hidden temporary name that
-is renamed when complete, so readers never see a partial shard.
+with a warning. A shard is never written empty: fewer images than shards, or a shard whose
+images are all undecodable, is an error naming the shard. Train file order is shuffled
+with a fixed seed so every shard mixes classes. Shards are written in parallel processes,
+each to a hidden temporary name that is renamed when complete, so readers never see a
+partial shard.
 """
 import collections
 import concurrent.futures
@@ -76,6 +80,12 @@ class BuildStats:
 
 
 # ---------------------------------------------------------------- label files
+def synset_labels(synsets: Sequence[tuple[str, str]]) -> dict[str, tuple[int, str]]:
+    """synset -> (label, short name): 1 + the synset's position in sorted order, as
+    imagenet_to_gcs.py numbers them (so records agree whatever the file's order)."""
+    return {s: (i + 1, text) for i, (s, text) in enumerate(sorted(synsets))}
+
+
 def read_synsets(synsets_file: str) -> list[tuple[str, str]]:
     """Returns [(synset, short_name)] in file order; short_name is "" when absent."""
     out, seen = [], set()
@@ -157,8 +167,7 @@ def find_images(input_dir: str, split: str, synsets_file: str,
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
     if not os.path.isdir(input_dir):
         raise ValueError(f"input_dir {input_dir} is not a directory")
-    synsets = read_synsets(synsets_file)
-    index = {s: (i + 1, text) for i, (s, text) in enumerate(synsets)}
+    index = synset_labels(read_synsets(synsets_file))
     names = sorted(os.listdir(input_dir))
     subdirs = [n for n in names if os.path.isdir(os.path.join(input_dir, n))
                and not n.startswith(".")]
@@ -258,7 +267,8 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 
 def write_shard(output_path: str, entries: Sequence[ImageEntry]):
-    """Writes one shard atomically; returns (counts dict, records written, skipped messages)."""
+    """Writes one shard atomically; returns (counts dict, records written, skipped messages).
+    ValueError naming the shard, and nothing written, when no image of it can be decoded."""
     import tensorflow as tf
 
     counts = collections.Counter()
@@ -279,6 +289,10 @@ def write_shard(output_path: str, entries: Sequence[ImageEntry]):
                 example = make_example(encoded, entry, height, width)
                 writer.write(example.SerializeToString(deterministic=True))
                 written += 1
+        if not written:
+            raise ValueError(f"shard {os.path.basename(output_path)} would be empty: none of "
+                             f"its {len(entries)} image(s) can be decoded (first: "
+                             f"{skipped[0] if skipped else 'no images'})")
         os.replace(tmp, output_path)
     finally:
         if os.path.exists(tmp):
@@ -311,11 +325,17 @@ def build(input_dir: str, output_dir: str, split: str, synsets_file: str, num_sh
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     start = time.time()
+    synsets = [s for s, _ in read_synsets(synsets_file)]
+    if synsets != sorted(synsets):
+        log(f"warning: {synsets_file} is not in sorted order; labels follow the sorted order "
+            "(as imagenet_to_gcs.py), not the file's")
     entries = find_images(input_dir, split, synsets_file, validation_labels_file)
     if split == "train":
         random.Random(seed).shuffle(entries)
     if len(entries) < num_shards:
-        log(f"warning: {len(entries)} images for {num_shards} shards: some shards are empty")
+        raise ValueError(f"{split}: {len(entries)} images for {num_shards} shards: shard "
+                         f"{shard_name(split, num_shards - 1, num_shards)} would be empty; "
+                         f"use --num_shards <= {len(entries)}")
     os.makedirs(output_dir, exist_ok=True)
     _check_output_dir(output_dir, split, num_shards)
 
@@ -390,7 +410,8 @@ def define_flags(flag_values=None) -> None:
     flags.DEFINE_enum("split", "train", SPLITS, "Shard name prefix and shuffling: train "
                       "shuffles the file order.", flag_values=fv)
     flags.DEFINE_string("synsets_file", None, "One synset per line (optionally followed by "
-                        "a name); line i (0-based) -> label i+1.", flag_values=fv)
+                        "a name); labels number them from 1 in sorted order, as "
+                        "imagenet_to_gcs.py.", flag_values=fv)
     flags.DEFINE_integer("num_shards", None, "Number of output shards (TPU: 1024 train, "
                          "128 validation).", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("validation_labels_file", None, "Ground truth for a flat validation "

@@ -13,9 +13,13 @@ from hooks.errors import ConfigError
 ARCHITECTURES = ("resnet", "densenet121", "vgg16")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DEFAULT_EPOCHS = 90.0  # the TPU reference's run length when neither length flag is given
-# --lr_schedule values: "tpu" is driven by --base_learning_rate / --warmup_epochs, the
-# other presets bring their own (see hooks.schedules.preset).
-LR_SCHEDULES = schedules.PRESETS
+# --lr_schedule values: "tpu" (today's reference: milestones follow the run length) and
+# "tpu_2018" (fixed epochs 5/30/60/80) are driven by --base_learning_rate / --warmup_epochs;
+# the other presets bring their own values (see hooks.schedules.preset).
+LR_SCHEDULES = ("tpu", "tpu_2018") + tuple(p for p in schedules.PRESETS if p != "tpu")
+# The TPU reference reads labels 1..1000 as 0..999, except with 1001 classes, where
+# class 0 is a background class and labels are used as they are.
+BACKGROUND_CLASSES = 1001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +43,8 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
-    warmup_epochs: float = 5.0
+    warmup_epochs: float | None = None
+    nesterov: bool = True
     lr_schedule: str = "tpu"
     enable_lars: bool = False
     poly_rate: float = 0.0
@@ -50,6 +55,9 @@ class RunConfig:
     stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
     use_synthetic_data: bool = False
     tfds_data_dir: str | None = None
+    num_parallel_calls: int | None = None
+    use_cache: bool = False
+    eval_after_training: bool = False
     export_dir: str | None = None
     keep_checkpoints: int = 5
     log_every_n_steps: int = 100
@@ -65,6 +73,10 @@ class RunConfig:
     @property
     def steps_per_epoch(self) -> float:
         return self.num_train_images / self.train_batch_size
+
+    @property
+    def include_background_label(self) -> bool:
+        return self.num_label_classes == BACKGROUND_CLASSES
 
     @property
     def total_steps(self) -> int:

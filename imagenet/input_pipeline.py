@@ -1,16 +1,21 @@
 """ImageNet input pipelines: TPU-style TFRecords, prepared TFDS `imagenet2012`, synthetic data.
 
-All return per-rank batches of (image [B, S, S, 3] in `dtype`, label [B] int32 in 0..999),
-preprocessed as tensorflow/tpu's resnet_preprocessing.py: training takes a random
-distorted-bounding-box crop (center-crop fallback) and a random flip, evaluation a
-224/256 center crop; both resize to `image_size` (bicubic) and normalise by the ImageNet
-mean/stddev. Ranks read disjoint data; in evaluation every record is read exactly once
-across all ranks (so ranks may get different counts: the eval loop must pad and mask).
+All return per-rank batches of (image [B, S, S, 3] in `dtype`, label [B] int32 in 0..999;
+1..1000 with `include_background_label`, the reference's 1001-class convention where 0 is
+a background class no record uses), preprocessed as tensorflow/tpu's
+resnet_preprocessing.py: training takes a random distorted-bounding-box crop (center-crop
+fallback) and a random flip, evaluation a 224/256 center crop; both resize to `image_size`
+(bicubic) and normalise by the ImageNet mean/stddev. Ranks read disjoint data; in
+evaluation every record is read exactly once across all ranks (so ranks may get different
+counts: the eval loop must pad and mask). `check_records` scans the head of every shard
+before a run; `read_error` turns a bad record met mid-run into a `DataError`.
 """
 import os
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from hooks.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "validation")
@@ -21,6 +26,13 @@ STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CROP_FRACTION = 224.0 / 256.0
 RESIZE_METHOD = "bicubic"  # as the TPU reference (tf.image.resize_bicubic)
 _READ_BUFFER_BYTES = 8 << 20
+# Pre-training scan: records read from the head of every shard (cheap, catches empty,
+# unreadable and wrongly built shards); a shard damaged further in fails when it is read.
+SCAN_RECORDS = 4
+REQUIRED_FEATURES = {"image/encoded": "bytes_list", "image/class/label": "int64_list"}
+# After a read error mid-run, this rank's shards are read through to find the broken one
+# when they hold at most this many bytes; above, the error lists them.
+LOCATE_MAX_BYTES = 1 << 30
 
 
 # ---------------------------------------------------------------- files
@@ -63,6 +75,95 @@ def records_per_rank(files: Sequence[str], size: int) -> list[int]:
         return [count_records(files[r::size]) for r in range(size)]
     n = count_records(files)
     return [len(range(r, n, size)) for r in range(size)]
+
+
+def rank_files(data_dir: str, split: str, rank: int, size: int) -> list[str]:
+    """The `split` files that `rank` of `size` reads (see `shard_files`)."""
+    return shard_files(list_files(data_dir, split), rank, size)[0]
+
+
+def label_range(num_classes: int, include_background_label: bool) -> tuple[int, int]:
+    """Smallest and largest `image/class/label` a record may hold: records number classes
+    from 1; with the background convention (1001 classes) label 0 is the background."""
+    return (0, num_classes - 1) if include_background_label else (1, num_classes)
+
+
+def _check_example(path: str, index: int, record: bytes, labels: tuple[int, int],
+                   num_classes: int) -> None:
+    try:
+        feature = tf.train.Example.FromString(record).features.feature
+    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise DataError(f"{path}: record {index} is not a tf.train.Example "
+                        f"({type(err).__name__})") from None
+    for key, kind in REQUIRED_FEATURES.items():
+        if key not in feature or not getattr(feature[key], kind).value:
+            raise DataError(f"{path}: record {index} has no {key} ({kind}); not a TPU-style "
+                            "ImageNet TFRecord (build them with imagenet.build_tfrecords)")
+    label = feature["image/class/label"].int64_list.value[0]
+    if not labels[0] <= label <= labels[1]:
+        raise DataError(f"{path}: record {index} has image/class/label {label}, outside "
+                        f"{labels[0]}..{labels[1]} for --num_label_classes={num_classes}")
+
+
+def check_records(files: Sequence[str], num_classes: int,
+                  include_background_label: bool = False,
+                  records_per_file: int | None = None) -> int:
+    """Reads the first `records_per_file` (default SCAN_RECORDS) records of every file with
+    tf.data and checks them; `DataError` naming the file for an empty or unreadable
+    (truncated, corrupt, unpermitted) shard, a record without `image/encoded` or
+    `image/class/label`, or a label outside `label_range`. Returns the records checked."""
+    take = SCAN_RECORDS if records_per_file is None else records_per_file
+    labels = label_range(num_classes, include_background_label)
+    checked = 0
+    for path in files:
+        count = 0
+        try:
+            for count, record in enumerate(
+                    tf.data.TFRecordDataset(path).take(take).as_numpy_iterator(), 1):
+                _check_example(path, count - 1, record, labels, num_classes)
+        except tf.errors.OpError as err:
+            raise DataError(f"{path}: unreadable TFRecord shard after {count} record(s) "
+                            f"({_first_line(err)})") from None
+        if count == 0:
+            raise DataError(f"{path}: empty TFRecord shard (no records)")
+        checked += count
+    return checked
+
+
+def _first_line(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def _unreadable(path: str) -> bool:
+    try:
+        for _ in tf.data.TFRecordDataset(path):
+            pass
+    except tf.errors.OpError:
+        return True
+    return False
+
+
+def read_error(err: Exception, files: Sequence[str], rank: int) -> DataError | None:
+    """A `DataError` for a TensorFlow error that bad input raises mid-run (a corrupt or
+    truncated record, an undecodable JPEG), naming the shard when it can be found by
+    reading this rank's `files` through (only when they are small), else listing them.
+    None for any other error (a bug: keep its traceback)."""
+    text = _first_line(err)
+    lowered = text.lower()
+    if not (isinstance(err, tf.errors.DataLossError) or (
+            isinstance(err, tf.errors.InvalidArgumentError)
+            and any(k in lowered for k in ("jpeg", "image/", "example", "record")))):
+        return None
+    files = list(files)
+    sizes = [os.path.getsize(f) for f in files if os.path.exists(f)]
+    if isinstance(err, tf.errors.DataLossError) and sum(sizes) <= LOCATE_MAX_BYTES:
+        broken = [f for f in files if _unreadable(f)]
+        if broken:
+            return DataError(f"rank {rank}: corrupt TFRecord shard {broken[0]} ({text})")
+    shown = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+    return DataError(f"rank {rank}: bad input data ({text}) in one of this rank's "
+                     f"{len(files)} file(s): {shown}")
 
 
 def _check_rank(rank: int, size: int) -> None:
@@ -183,7 +284,8 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
                      image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
                      shuffle_buffer: int = 1024, seed: int | None = None,
                      cache: bool = False, num_parallel_calls=AUTOTUNE,
-                     drop_remainder: bool | None = None) -> tf.data.Dataset:
+                     drop_remainder: bool | None = None,
+                     include_background_label: bool = False) -> tf.data.Dataset:
     """Per-rank batches from TPU-style `train-*` / `validation-*` TFRecords in data_dir.
 
     Training: shuffled files, parallel interleaved reads, record shuffle, repeat forever,
@@ -191,6 +293,8 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
     last partial batch kept (default), every record read by exactly one rank.
     `seed` makes shuffling and augmentation reproducible (and the order deterministic);
     `cache` keeps the raw records of this rank in memory after the first pass.
+    Records hold labels 1..1000; they become 0..999, or stay 1..1000 with
+    `include_background_label` (1001 classes, the reference's convention).
     """
     _check_args(per_rank_batch, image_size, rank, size)
     dtype = tf.as_dtype(dtype)
@@ -222,7 +326,9 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
         ex = tf.io.parse_single_example(record, features)
         image = preprocess_jpeg(ex["image/encoded"], is_training=is_training,
                                 image_size=image_size, seed=seed_pair)
-        label = tf.cast(ex["image/class/label"], tf.int32) - 1  # records hold 1..1000
+        label = tf.cast(ex["image/class/label"], tf.int32)  # records hold 1..1000
+        if not include_background_label:
+            label -= 1
         return tf.cast(image, dtype), label
 
     return _finalize(records, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
@@ -235,12 +341,13 @@ def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch
                  image_size: int, rank: int = 0, size: int = 1, dtype=tf.float32,
                  shuffle_buffer: int = 1024, seed: int | None = None,
                  num_parallel_calls=AUTOTUNE, drop_remainder: bool | None = None,
-                 name: str = "imagenet2012") -> tf.data.Dataset:
+                 name: str = "imagenet2012",
+                 include_background_label: bool = False) -> tf.data.Dataset:
     """Per-rank batches from an already prepared TFDS `imagenet2012` (never downloads).
 
     Each rank reads tfds.even_splits(split, n=size)[rank]: disjoint, and together the
     whole split, so evaluation sees every example exactly once. Crops are taken on the
-    decoded image; labels are already 0..999.
+    decoded image; labels are already 0..999 (1..1000 with `include_background_label`).
     """
     import tensorflow_datasets as tfds  # heavy; only this path needs it
 
@@ -258,7 +365,8 @@ def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch
     def parse(ex, seed_pair=None):
         image = preprocess_decoded(ex["image"], is_training=is_training,
                                    image_size=image_size, seed=seed_pair)
-        return tf.cast(image, dtype), tf.cast(ex["label"], tf.int32)
+        label = tf.cast(ex["label"], tf.int32) + int(include_background_label)
+        return tf.cast(image, dtype), label
 
     return _finalize(ds, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
                      seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,

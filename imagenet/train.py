@@ -20,19 +20,37 @@ from imagenet.config import RunConfig
 
 # ---------------------------------------------------------------- pieces
 def build_learning_rate(config: RunConfig):
-    """(learning-rate schedule, preset or None): the TPU default (peak
-    base_learning_rate * batch / 256, warm-up, x0.1 at 30/60/80 epochs), LARS poly, or a
-    named preset rescaled to this batch and run length (a preset also brings weight decay
-    per phase and snapshot steps)."""
+    """(learning-rate schedule, preset or None), as tensorflow/tpu's resnet_main.py:
+
+    * `--enable_lars`: lars_util.py's schedule; peak `--poly_rate` (0: 10 / 25 / 32 / 35.6
+      by global batch) reached linearly from 0 over 5 / 5 / 14 / 40 epochs (or
+      `--warmup_epochs`), then power-2 polynomial decay to 1e-4 at the end of the run;
+    * `tpu`: peak base_learning_rate * batch / 256, warm-up from 0, then x0.1 / x0.01 /
+      x0.001 at epochs 30 / 60 / 80 of 90, stretched to the run length and floored to
+      whole epochs (warm-up 5 of 90 the same way, unless `--warmup_epochs`);
+    * `tpu_2018`: the same at fixed epochs 5 (or `--warmup_epochs`) / 30 / 60 / 80;
+    * another name: that preset rescaled to this batch and run length (a preset also brings
+      weight decay per phase and snapshot steps)."""
     spe = config.steps_per_epoch
     total = config.total_steps
-    peak = schedules.scale_learning_rate(config.base_learning_rate, config.train_batch_size)
     if config.enable_lars:
-        warmup = schedules.to_steps(epochs=config.warmup_epochs, steps_per_epoch=spe)
-        decay = schedules.PolynomialDecay(peak, max(total, 1), power=config.poly_rate or 2.0)
-        return schedules.LinearWarmup(decay, min(warmup, total)), None
-    if config.lr_schedule == "tpu":
-        return schedules.step_decay(peak, spe, warmup_epochs=config.warmup_epochs), None
+        peak, warmup = schedules.lars_defaults(config.train_batch_size)
+        if config.poly_rate > 0:
+            peak = config.poly_rate
+        if config.warmup_epochs is not None:
+            warmup = config.warmup_epochs
+        warmup_steps = int(warmup * config.num_train_images // config.train_batch_size)
+        return schedules.TPULarsSchedule(peak, spe, warmup, warmup_steps, total), None
+    if config.lr_schedule in ("tpu", "tpu_2018"):
+        peak = schedules.scale_learning_rate(config.base_learning_rate, config.train_batch_size)
+        if config.lr_schedule == "tpu":
+            milestones = schedules.tpu_milestones(total, config.num_train_images,
+                                                  config.train_batch_size)
+        else:
+            milestones = [(1.0, 5.0), (0.1, 30.0), (0.01, 60.0), (0.001, 80.0)]
+        if config.warmup_epochs is not None:
+            milestones[0] = (1.0, config.warmup_epochs)
+        return schedules.TPUStepSchedule(peak, spe, milestones), None
     preset = schedules.preset(config.lr_schedule, global_batch=config.train_batch_size,
                               steps_per_epoch=max(1, round(spe)), epochs=total / spe)
     return preset.learning_rate, preset
@@ -46,7 +64,10 @@ def build_optimizer(config: RunConfig, learning_rate, lars: bool = False):
     if lars:
         return LARS(learning_rate=learning_rate, momentum=config.momentum,
                     weight_decay=config.weight_decay)
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+    # The reference: tf.train.MomentumOptimizer(use_nesterov=True); LARS keeps classic
+    # momentum, as tf.contrib's LARSOptimizer.
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum,
+                                nesterov=config.nesterov)
 
 
 def practice_callbacks(config: RunConfig, preset, network, optimizer, context, eval_data):
@@ -97,6 +118,28 @@ def _dtype(config):
     return tf.bfloat16 if config.precision == "bfloat16" else tf.float32
 
 
+def _source_kwargs(config: RunConfig, context: horovod_glue.Context) -> dict:
+    """What the TFRecord and TFDS pipelines take from the config, for both splits."""
+    return dict(image_size=config.image_size, rank=context.rank, size=context.size,
+                dtype=_dtype(config), include_background_label=config.include_background_label,
+                num_parallel_calls=config.num_parallel_calls or input_pipeline.AUTOTUNE)
+
+
+def _splits_read(config: RunConfig) -> tuple[str, ...]:
+    evaluates = config.mode != "train" or config.eval_after_training
+    return (("train",) if config.mode != "eval" else ()) + (("validation",) if evaluates
+                                                            else ())
+
+
+def tfrecord_files(config: RunConfig, context: horovod_glue.Context) -> list[str]:
+    """The TFRecord files this rank reads (none for synthetic or TFDS data)."""
+    if config.use_synthetic_data or config.tfds_data_dir:
+        return []
+    return [f for split in _splits_read(config)
+            for f in input_pipeline.rank_files(config.data_dir, split, context.rank,
+                                               context.size)]
+
+
 def train_dataset(config: RunConfig, context: horovod_glue.Context):
     per_rank = config.train_batch_size // context.size
     if config.use_synthetic_data:
@@ -104,12 +147,11 @@ def train_dataset(config: RunConfig, context: horovod_glue.Context):
             per_rank_batch=per_rank, image_size=config.image_size,
             num_classes=config.num_label_classes, dtype=_dtype(config),
             seed=context.rank + (config.seed or 0))
-    kwargs = dict(is_training=True, per_rank_batch=per_rank, image_size=config.image_size,
-                  rank=context.rank, size=context.size, dtype=_dtype(config),
+    kwargs = dict(_source_kwargs(config, context), is_training=True, per_rank_batch=per_rank,
                   seed=None if config.seed is None else config.seed)
     if config.tfds_data_dir:
         return input_pipeline.tfds_dataset(config.tfds_data_dir, **kwargs)
-    return input_pipeline.tfrecord_dataset(config.data_dir, **kwargs)
+    return input_pipeline.tfrecord_dataset(config.data_dir, cache=config.use_cache, **kwargs)
 
 
 def eval_dataset(config: RunConfig, context: horovod_glue.Context):
@@ -122,8 +164,7 @@ def eval_dataset(config: RunConfig, context: horovod_glue.Context):
             per_rank_batch=per_rank, image_size=config.image_size,
             num_classes=config.num_label_classes, dtype=_dtype(config),
             seed=1000 + context.rank).unbatch().take(share).batch(per_rank)
-    kwargs = dict(is_training=False, per_rank_batch=per_rank, image_size=config.image_size,
-                  rank=context.rank, size=context.size, dtype=_dtype(config))
+    kwargs = dict(_source_kwargs(config, context), is_training=False, per_rank_batch=per_rank)
     if config.tfds_data_dir:
         return input_pipeline.tfds_dataset(config.tfds_data_dir, **kwargs)
     return input_pipeline.tfrecord_dataset(config.data_dir, **kwargs)
@@ -143,7 +184,13 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     before Horovod starts)."""
     used = {"train": ("train_batch_size",), "eval": ("eval_batch_size",),
             "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
+    if config.mode == "train" and config.eval_after_training:
+        used += ("eval_batch_size",)
     horovod_glue.check_global_batches(context, **{n: getattr(config, n) for n in used})
+    files = tfrecord_files(config, context)
+    # Every rank checks the head of its own shards; one bad shard stops every rank.
+    horovod_glue.all_ranks_ok(lambda: input_pipeline.check_records(
+        files, config.num_label_classes, config.include_background_label), context)
     runtime.set_precision(config.precision)
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
@@ -187,6 +234,30 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     t0 = time.perf_counter()
     summary = {"ranks": context.size, "global_batch": config.train_batch_size,
                "model": network.name, "precision": config.precision, "start_step": start}
+    try:
+        last_eval = _train_or_evaluate(config, context, trainer, evaluate, extra_callbacks,
+                                       summary, chief_log)
+    except tf.errors.OpError as err:
+        problem = input_pipeline.read_error(err, files, context.rank)
+        if problem is None:
+            raise
+        raise problem from err
+    if last_eval is not None:
+        summary.update(last_eval.metrics)
+        summary["eval_images"] = last_eval.count
+    summary["wall_seconds"] = time.perf_counter() - t0
+    if config.export_dir:
+        path = os.path.join(config.export_dir, f"{network.name}.keras")
+        horovod_glue.write_atomically(path, network.save, context)
+        summary["exported"] = path
+    _report(summary, config, context, chief_log)
+    return summary
+
+
+def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_callbacks,
+                       summary: dict, chief_log) -> evaluation.Evaluation | None:
+    """The mode's work; adds the training figures to `summary`, returns the last
+    evaluation (None when nothing was evaluated)."""
     if config.mode == "eval":
         last_eval = evaluate()
     else:
@@ -211,16 +282,9 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
         if config.reference_images_per_sec and math.isfinite(result.images_per_sec):
             summary["scaling_efficiency"] = result.images_per_sec / (
                 context.size * config.reference_images_per_sec)
-    if last_eval is not None:
-        summary.update(last_eval.metrics)
-        summary["eval_images"] = last_eval.count
-    summary["wall_seconds"] = time.perf_counter() - t0
-    if config.export_dir:
-        path = os.path.join(config.export_dir, f"{network.name}.keras")
-        horovod_glue.write_atomically(path, network.save, context)
-        summary["exported"] = path
-    _report(summary, config, context, chief_log)
-    return summary
+        if config.mode == "train" and config.eval_after_training:
+            last_eval = evaluate()  # the reference's --eval_after_training
+    return last_eval
 
 
 def _report(summary: dict, config: RunConfig, context, chief_log) -> None:

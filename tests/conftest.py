@@ -62,3 +62,18 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tfrecords(tmp_path_factory):
+    """TFRecords of 3 generated classes x 3 images (40 px, labels 1..3): train in 2 shards,
+    validation in 1."""
+    from imagenet import build_tfrecords, sample_images
+
+    root = tmp_path_factory.mktemp("tiny_tfrecords")
+    images, synsets = sample_images.generate(str(root / "gen"), num_classes=3, per_class=3,
+                                             size=40)
+    for split, shards in (("train", 2), ("validation", 1)):
+        build_tfrecords.build(images, str(root / "records"), split, synsets, shards,
+                              log=lambda *a, **k: None)
+    return root / "records"

@@ -44,7 +44,8 @@ def test_pruning_keeps_newest_and_best(tmp_path):
 def test_restore_round_trips_weights_and_optimizer(tmp_path):
     net = _net(seed=1)
     opt = keras.optimizers.SGD(0.1, momentum=0.9)
-    opt.build(net.trainable_variables)
+    grads = [np.full(v.shape, 0.5 + i, np.float32) for i, v in enumerate(net.trainable_variables)]
+    opt.apply(grads, net.trainable_variables)  # a real step: momentum slots = -lr * g
     opt.iterations.assign(7)
     checkpoints.save(str(tmp_path), 7, net, opt, {})
     other, other_opt = _net(seed=2), keras.optimizers.SGD(0.1, momentum=0.9)
@@ -52,6 +53,10 @@ def test_restore_round_trips_weights_and_optimizer(tmp_path):
     for a, b in zip(net.get_weights(), other.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(other_opt.iterations.numpy()) == 7
+    slots = [other_opt.momentums[other_opt._get_variable_index(v)].numpy()
+             for v in other.trainable_variables]
+    for slot, g in zip(slots, grads):
+        np.testing.assert_allclose(slot, -0.1 * g, rtol=1e-6)
 
 
 def test_restore_into_another_architecture_is_a_clear_error(tmp_path):

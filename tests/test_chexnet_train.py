@@ -9,17 +9,19 @@ import csv
 import gzip
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from chexnet import evaluate, train
 from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig
-from chexnet.labels import CLASS_NAMES
+from chexnet.labels import CHEXNET_PUBLISHED_AUROC, CLASS_NAMES
 from hooks.errors import ConfigError, DataError
 from hooks.horovod_glue import Context
-from tests.conftest import SHARED_DATA, horovodrun_cmd, python_cmd, run_cmd
+from tests.conftest import ROOT, SHARED_DATA, horovodrun_cmd, python_cmd, run_cmd
 
 CX = SHARED_DATA / "chestxray14"
 CSV = CX / "Data_Entry_2017.csv.gz"
@@ -72,26 +74,17 @@ def pretrained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
-    """A 2-rank horovodrun fine-tune of the pre-trained checkpoint on the 50 real images."""
+    """A 2-rank fine-tune of the pre-trained checkpoint on the 50 real images, launched by
+    slurm/chexnet_finetune.sbatch outside SLURM (mpirun)."""
     model_dir = tmp_path_factory.mktemp("finetune") / "run"
-    proc = run_cmd(
-        horovodrun_cmd(
-            2,
-            "-m",
-            "chexnet",
-            "train",
-            *data_args(),
-            *TINY,
-            "--train_batch_size=4",
-            "--eval_batch_size=4",
-            "--train_steps=4",
-            "--steps_per_loop=2",
-            f"--pretrained_model_dir={pretrained}",
-            "--init_checkpoint=best",
-            f"--model_dir={model_dir}",
-        ),
-        timeout=400,
-    )
+    env = {"LAUNCHER": "mpirun", "NP": "2", "PYTHON": sys.executable, "CSV": CSV,
+           "IMAGE_DIR": IMAGES, "BACKBONE": "resnet18", "IMAGE_SIZE": "32", "BATCH": "4",
+           "EVAL_BATCH": "4", "TRAIN_STEPS": "4", "PRETRAINED_MODEL_DIR": pretrained,
+           "INIT_CHECKPOINT": "best", "MODEL_DIR": model_dir,
+           "EXTRA_FLAGS": "--only_present_images --split_fractions=0.6,0.2,0.2 "
+                          "--steps_per_loop=2"}
+    proc = run_cmd(["bash", ROOT / "slurm" / "chexnet_finetune.sbatch"], timeout=900, **env)
+    assert "[hpc-resnet] launcher mpirun nodes 1 ranks 2 " in proc.stdout
     return model_dir, proc.stdout
 
 
@@ -125,13 +118,14 @@ def test_two_rank_finetune_writes_report(finetuned, pretrained):
     rows = list(csv.reader(open(report / "auroc.csv")))
     assert rows[0] == ["class", "auroc", "positives", "chexnet_2017", "difference"]
     assert [r[0] for r in rows[1:15]] == list(CLASS_NAMES)
-    assert rows[7][3] == "0.7680" and rows[8][3] == "0.8887"  # Pneumonia, Pneumothorax not swapped
+    _check_published_columns(rows)
     md = (report / "auroc.md").read_text()
     assert md.count("\n| ") == 1 + 14 + 1  # header + 14 classes + mean
     assert (report / "roc_curves.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((report / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["final_step"] == 4 and summary["val_images"] == 10
-    assert 0 <= summary["mean_auroc"] <= 1
+    defined = [float(r[1]) for r in rows[1:15] if r[1] != "n/a"]
+    assert defined and summary["mean_auroc"] == pytest.approx(np.mean(defined), abs=1e-4)
     # checkpoints record the validation AUROC and the best one is chosen by it
     states = [json.loads(p.read_text()) for p in sorted(model_dir.glob("ckpt-*/state.json"))]
     assert [s["step"] for s in states] == [2, 4]
@@ -196,6 +190,42 @@ def test_three_rank_evaluate_counts_each_image_once(finetuned, tmp_path):
     assert scored["images"] == 50
     assert scored["mean_auroc"] == pytest.approx(summary["mean_auroc"], abs=1e-5)
     assert single["mean_auroc"] == pytest.approx(summary["mean_auroc"], abs=1e-4)
+    # sklearn on the gathered predictions, per class by name, against the report's rows.
+    labels = _csv_findings()
+    probs = np.asarray([r[1:] for r in rows[1:]], float)
+    truth = np.asarray([[c in labels[n] for c in CLASS_NAMES] for n in names], float)
+    report = {r[0]: r for r in csv.reader(open(out / "auroc.csv"))}
+    expected = {}
+    for k, name in enumerate(CLASS_NAMES):
+        if 0 < truth[:, k].sum() < len(names):
+            expected[name] = roc_auc_score(truth[:, k], probs[:, k])
+            assert float(report[name][1]) == pytest.approx(expected[name], abs=1e-4), name
+        else:
+            assert report[name][1] == "n/a", name
+    assert len(expected) >= 5
+    assert summary["mean_auroc"] == pytest.approx(np.mean(list(expected.values())), abs=1e-4)
+    _check_published_columns(list(report.values()))
+
+
+def _csv_findings():
+    """Image name -> set of findings, read from the label CSV here."""
+    with gzip.open(CSV, "rt", newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        return {r[0]: set(r[1].split("|")) for r in reader if r}
+
+
+def _check_published_columns(rows):
+    """Each class row carries CheXNet's published AUROC of that class (Rajpurkar et al.
+    2017, Table 2: Pneumonia .7680, Pneumothorax .8887, ...) and ours minus it."""
+    header, by_name = rows[0], {r[0]: r for r in rows[1:]}
+    assert header[:5] == ["class", "auroc", "positives", "chexnet_2017", "difference"]
+    assert by_name["Pneumonia"][3] == "0.7680" and by_name["Pneumothorax"][3] == "0.8887"
+    for name in CLASS_NAMES:
+        row = by_name[name]
+        assert float(row[3]) == pytest.approx(CHEXNET_PUBLISHED_AUROC[name], abs=5e-5), name
+        if row[1] != "n/a":
+            assert float(row[4]) == pytest.approx(float(row[1]) - float(row[3]), abs=2e-4)
 
 
 @pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
@@ -219,10 +249,12 @@ def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = pixels.tobytes()
     ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
-    assert np.array_equal(
-        predict.read_image(str(tmp_path / "x.dcm"))[..., 0],
-        np.round((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8),
-    )
+    # The DICOM reader stretches pixels to 0..255; a PNG of the stretched pixels is then the
+    # same image, and must get the same probabilities.
+    stretched = np.round((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255
+                         ).astype(np.uint8)
+    assert np.array_equal(predict.read_image(str(tmp_path / "x.dcm"))[..., 0], stretched)
+    Image.fromarray(stretched, "L").save(tmp_path / "stretched.png")
 
     # Issue #10: a 16-bit PNG of the same X-ray (as DICOM exports are) predicts like the
     # 8-bit one (PIL clipped it to white before); the same file name in two folders gets
@@ -234,7 +266,7 @@ def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
     shutil.copy(png, tmp_path / "b" / png.name)
     others = sorted(p for p in IMAGES.glob("*.png") if p != png)[:2]
     inputs = [png, tmp_path / "x.dcm", tmp_path / "a" / png.name, tmp_path / "b" / png.name,
-              *others]
+              *others, tmp_path / "stretched.png"]
     heat, lines = tmp_path / "heat", []
     config = ChexnetConfig(
         mode="predict",
@@ -243,9 +275,14 @@ def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
         output_csv=str(tmp_path / "p.csv"),
     )
     probs = predict.run(config, [str(p) for p in inputs], log=lines.append)
-    assert probs.shape == (6, 14) and np.all((probs > 0) & (probs < 1))
+    assert probs.shape == (7, 14)
+    np.testing.assert_allclose(probs[6], probs[1], atol=1e-6)  # DICOM == PNG of its pixels
     np.testing.assert_allclose(probs[2], probs[0], atol=1e-6)  # 16-bit == 8-bit
     np.testing.assert_allclose(probs[3], probs[0], atol=1e-6)
+    # The probabilities are the sigmoid outputs of the best checkpoint's network.
+    net, prepared = _net_and_input(model_dir, png)
+    np.testing.assert_allclose(probs[0], np.asarray(net(prepared[None], training=False))[0],
+                               rtol=1e-5, atol=1e-6)
     # Issue #14: three different X-rays, three different answers, none saturated.
     three = probs[[0, 4, 5]]
     assert np.all(three.max(axis=0) - three.min(axis=0) > 1e-3)
@@ -253,15 +290,15 @@ def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
     assert not any(line.startswith("WARNING") for line in lines)
     names = [r[0] for r in csv.reader(open(tmp_path / "p.csv"))][1:]
     assert names == [f"images/{png.name}", "x.dcm", f"a/{png.name}",
-                     f"b/{png.name}", others[0].name, others[1].name]
+                     f"b/{png.name}", others[0].name, others[1].name, "stretched.png"]
     stem = png.stem
     assert sorted(p.name for p in heat.iterdir()) == sorted(
         [f"images_{stem}_gradcam.png", "x_gradcam.png", f"a_{stem}_gradcam.png",
          f"b_{stem}_gradcam.png", f"{others[0].stem}_gradcam.png",
-         f"{others[1].stem}_gradcam.png"])
+         f"{others[1].stem}_gradcam.png", "stretched_gradcam.png"])
     # A 32 px ResNet-18 ends in a 1x1 feature map: Grad-CAM cannot point, and says so.
-    assert sum("(flat: no region stands out)" in line for line in lines) == 6
-    cam = predict.grad_cam(*_net_and_input(model_dir, png), class_index=0)
+    assert sum("(flat: no region stands out)" in line for line in lines) == 7
+    cam = predict.grad_cam(net, prepared, class_index=0)
     assert cam.shape == (1, 1) and predict.is_flat(cam)
 
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds  # an install requirement: a broken install must fail here
 from PIL import Image
 
 from imagenet import build_tfrecords as bt
@@ -321,7 +322,6 @@ def test_synthetic_dataset_repeats_one_batch():
 
 # ---------------------------------------------------------------- TFDS
 def test_tfds_dataset_on_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         train = ip.tfds_dataset("/nonexistent", is_training=True, per_rank_batch=4,
                                 image_size=16, rank=0, size=1, dtype=tf.bfloat16, seed=1)
@@ -336,7 +336,6 @@ def test_tfds_dataset_on_mock_data():
 def test_tfds_dataset_even_splits_cover_validation_once():
     # mock_data ignores sub-splits, so stand in for the reader: resolve the even split
     # with TFDS's own slicing against 10 examples whose label is their index.
-    tfds = pytest.importorskip("tensorflow_datasets")
     num = {"train": 12, "validation": 10}
 
     def as_dataset_fn(builder, split, decoders=None, read_config=None, shuffle_files=False,

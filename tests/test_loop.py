@@ -8,12 +8,16 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
+from chexnet import evaluate as chexnet_evaluate
 from chexnet import train as chexnet_train
 from chexnet.config import ChexnetConfig
+from chexnet.labels import CLASS_NAMES
 from hooks import callbacks as cb
-from hooks import evaluation, loop, schedules
+from hooks import checkpoints, evaluation, loop, schedules
 from hooks.horovod_glue import Context, DistributedTrainer
+from imagenet import models
 from imagenet import train as imagenet_train
 from imagenet.config import RunConfig
 
@@ -30,6 +34,7 @@ def _state(model_dir, step):
 
 def test_imagenet_run_trains_evaluates_and_checkpoints(tmp_path):
     config = RunConfig(mode="train_and_eval", train_steps=2, model_dir=str(tmp_path),
+                       lr_schedule="tpu_2018", export_dir=str(tmp_path / "export"),
                        **TINY_RESNET)
     summary = imagenet_train.run(config, Context(), **QUIET)
     assert (summary["start_step"], summary["final_step"], summary["eval_images"]) == (0, 2, 6)
@@ -38,6 +43,16 @@ def test_imagenet_run_trains_evaluates_and_checkpoints(tmp_path):
     # The recorded lr is the TPU schedule's at step 2: warm-up 0.5 epoch = 5 steps from 0
     # to peak 0.1 * 4 / 256.
     assert state["learning_rate"] == pytest.approx(0.1 * 4 / 256 * 2 / 5, rel=1e-6)
+    # The exported .keras file (custom fused batch norm inside) reloads and gives the
+    # logits of the final checkpoint's weights.
+    exported = keras.models.load_model(summary["exported"])
+    network = models.build_classifier("resnet", 5, 32, depth=18)
+    checkpoints.restore(checkpoints.latest(str(tmp_path)), network)
+    x = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype("float32")
+    expected = network(x, training=False).numpy()
+    np.testing.assert_allclose(exported(x, training=False).numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
+    assert np.abs(expected).max() > 1e-3  # not a trivially equal all-zero output
 
 
 
@@ -76,9 +91,22 @@ def test_chexnet_run_finetunes_and_reports(tmp_path):
 
     rows = {r[0]: r[1] for r in csv.reader(open(report / "auroc.csv"))}
     # Effusion and Mass have positives and negatives among the 6 validation images: defined.
-    assert 0 <= float(rows["Effusion"]) <= 1 and rows["Hernia"] == "n/a"
-    assert summary["mean_auroc"] == pytest.approx(
-        np.mean([float(rows["Effusion"]), float(rows["Mass"])]), abs=1e-4)
+    assert rows["Hernia"] == "n/a"
+    # The same weights' predictions, gathered by `evaluate`, scored by sklearn.
+    scored = chexnet_evaluate.run(ChexnetConfig(
+        mode="evaluate", eval_split="val", checkpoint=str(tmp_path / "run" / "ckpt-000000002"),
+        report_dir=str(tmp_path / "eval"), **common), Context(), **QUIET)
+    table = list(csv.reader(open(tmp_path / "eval" / "predictions.csv")))
+    names = [r[0] for r in table[1:]]
+    probs = np.asarray([r[1:] for r in table[1:]], float)
+    sick = np.asarray([int(n[:8]) % 2 == 0 for n in names])  # image i + 1, i odd: findings
+    aurocs = {c: roc_auc_score(sick, probs[:, CLASS_NAMES.index(c)]) for c in ("Effusion",
+                                                                                "Mass")}
+    assert len(names) == 6 and 0 < sick.sum() < 6
+    for name, value in aurocs.items():
+        assert float(rows[name]) == pytest.approx(value, abs=1e-4), name
+    assert summary["mean_auroc"] == pytest.approx(np.mean(list(aurocs.values())), abs=1e-5)
+    assert scored["mean_auroc"] == pytest.approx(summary["mean_auroc"], abs=1e-5)
 
 
 # ---------------------------------------------------------------- loop pieces
