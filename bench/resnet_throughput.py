@@ -5,7 +5,9 @@ One process, 1 rank, synthetic 224 px images, batch 32: plain
 DistributedTrainer that resnet_main uses, in float32 and bfloat16 (and bfloat16 with
 Keras's BatchNormalization instead of our fused one, to show what that buys). The
 measurements are interleaved in rounds so that noise from other work on the machine hits
-all of them alike; the ratios are what to read.
+all of them alike; the ratios are what to read. Each case is also given as a fraction of
+this CPU's limit (bench.gemm_peak, measured at the start of the run, best GEMM/convolution
+GFLOP per CPU-second of the case's precision; 24.5 GFLOP per 224 px training image).
 
   .venv/bin/python -m bench.resnet_throughput [--steps 4] [--rounds 2] [--batch 32]
 """
@@ -68,6 +70,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    from bench import gemm_peak
+    from imagenet.scaling import RESNET50_TRAIN_FLOP_PER_IMAGE
+    peak_result = gemm_peak.measure(rounds=1, log=None)
+    peak = {tag: gemm_peak.best_per_cpu_second(peak_result, tag) for tag in ("fp32", "bf16")}
+    print(f"limit measured now, GFLOP/CPU-s: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f}",
+          flush=True)
     cases = {"keras_fp32": (plain_keras, "float32", tf.float32),
              "ours_fp32": (ours, "float32", tf.float32),
              "ours_bf16": (ours, "mixed_bfloat16", tf.bfloat16),
@@ -94,11 +102,16 @@ def main():
           f"224 px, 1 process, {os.cpu_count()} CPUs:\n  median (x plain fp32) | best round | "
           f"median images per CPU-second")
     per_cpu = {k: args.batch / float(np.median(v)) for k, v in cpu.items()}
+    of_peak = {k: per_cpu[k] * RESNET50_TRAIN_FLOP_PER_IMAGE / 1e9
+               / peak["bf16" if "bf16" in k else "fp32"] for k in per_cpu}
     for name in rate:
         print(f"  {name:<17} {rate[name]:6.2f} ({rate[name] / rate['keras_fp32']:.2f}x) | "
               f"{best[name]:6.2f} ({best[name] / best['keras_fp32']:.2f}x) | "
-              f"{per_cpu[name]:6.2f} img/CPU-s ({per_cpu[name] / per_cpu['keras_fp32']:.2f}x)")
-    print("BENCH " + json.dumps({"median": rate, "best": best, "per_cpu_second": per_cpu}))
+              f"{per_cpu[name]:6.2f} img/CPU-s ({per_cpu[name] / per_cpu['keras_fp32']:.2f}x, "
+              f"{of_peak[name]:.0%} of the limit)")
+    print("BENCH " + json.dumps({"median": rate, "best": best, "per_cpu_second": per_cpu,
+                                 "fraction_of_limit": of_peak,
+                                 "limit_gflop_per_cpu_s": peak}))
 
 
 if __name__ == "__main__":

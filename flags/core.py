@@ -160,7 +160,9 @@ DISTRIBUTED_HELP = {
                            "HOROVOD_FUSION_THRESHOLD); 0 disables fusion; unset = the "
                            "environment's value, else Horovod's 128 MiB, which is what the "
                            "2018 runs used.",
-    "cycle_time_ms": "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = Horovod's.",
+    "cycle_time_ms": "Horovod cycle time in ms (HOROVOD_CYCLE_TIME); unset = the "
+                     "environment's value, else 10 (Horovod's own 1 ms takes CPU from "
+                     "compute on small nodes).",
 }
 FAULTS_HELP = {
     "on_nonfinite": "On a NaN/inf global loss or weights: stop (exit naming the step, no "

@@ -18,6 +18,17 @@ def test_init_without_launcher_sets_fusion_env(monkeypatch):
     assert os.environ["HOROVOD_CYCLE_TIME"] == "2.5"
 
 
+def test_init_cycle_time_defaults_to_10_ms_unless_given(monkeypatch):
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    horovod_glue.init()
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "10.0"
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "3")  # the user's environment wins over ours
+    horovod_glue.init()
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "3"
+    horovod_glue.init(cycle_time_ms=1.5)  # and the flag over both
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "1.5"
+
+
 def _toy(seed):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu"),

@@ -1,0 +1,61 @@
+"""Shared helpers of the benchmarks: CPU time, robust summaries, JSON output.
+
+This VM's host caps its CPU time: wall-clock rounds often read exactly 3.13 or 6.25 img/s
+whatever ran. CPU seconds do not grow while the host holds the VM back, so every benchmark
+reports work per CPU-second (process CPU time, all threads, plus waited-for children) with
+wall-clock beside it, from interleaved rounds, as median and spread.
+"""
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+
+RUNS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs",
+                        "bench")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its reaped children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class Clock:
+    """Wall and CPU seconds spent inside a `with` block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = cpu_seconds() - self.cpu
+        return False
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, min, max and spread ((max - min) / median, in percent) of the rounds."""
+    med = statistics.median(values)
+    return {"median": med, "min": min(values), "max": max(values),
+            "spread_pct": 100.0 * (max(values) - min(values)) / med if med else 0.0,
+            "rounds": len(values)}
+
+
+def fmt(s: dict[str, float], digits: int = 2) -> str:
+    """'median [min-max]' of a summary()."""
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def write_json(name: str, payload: dict, path: str = None) -> str:
+    """Writes the benchmark's result under runs/bench/ (or `path`); returns the path."""
+    path = path or os.path.join(RUNS_DIR, name + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = dict(payload, date=time.strftime("%Y-%m-%d %H:%M:%S"), cpus=os.cpu_count())
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path

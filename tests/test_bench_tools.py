@@ -1,0 +1,52 @@
+"""Benchmark helpers that compute numbers: summaries and Horovod timeline statistics."""
+import json
+
+import pytest
+
+from bench import common, tensor_fusion
+
+
+def test_summary_median_and_spread():
+    s = common.summary([4.0, 2.0, 3.0])
+    assert (s["median"], s["min"], s["max"], s["rounds"]) == (3.0, 2.0, 4.0, 3)
+    assert s["spread_pct"] == pytest.approx(100 * 2 / 3)
+    assert common.fmt(s, 1) == "3.0 [2.0-4.0]"
+
+
+def test_union_seconds_merges_overlaps():
+    # [0, 10] and [5, 20] overlap -> 20 us; [30, 31] apart -> 1 us; duplicates count once.
+    assert tensor_fusion.union_seconds([(5, 20), (0, 10), (30, 31), (0, 10)]) == \
+        pytest.approx(21e-6)
+    assert tensor_fusion.union_seconds([]) == 0
+
+
+def _timeline(tmp_path):
+    # Two tensors fused into one Gloo allreduce (same activity times), one reduced alone;
+    # Horovod writes an unterminated JSON array.
+    ev = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "grad_a"}},
+          {"name": "process_name", "ph": "M", "pid": 2, "args": {"name": "grad_b"}},
+          {"name": "process_name", "ph": "M", "pid": 3, "args": {"name": "grad_c"}}]
+    for pid in (1, 2):
+        ev += [{"name": "NEGOTIATE_ALLREDUCE", "ph": "B", "ts": 0, "pid": pid},
+               {"ph": "E", "ts": 100, "pid": pid},
+               {"name": "ALLREDUCE", "ph": "B", "ts": 100, "pid": pid},
+               {"name": "MEMCPY_IN_FUSION_BUFFER", "ph": "B", "ts": 100, "pid": pid},
+               {"ph": "E", "ts": 110, "pid": pid},
+               {"name": "GLOO_ALLREDUCE", "ph": "B", "ts": 110, "pid": pid},
+               {"ph": "E", "ts": 410, "pid": pid},
+               {"ph": "E", "ts": 420, "pid": pid}]
+    ev += [{"name": "ALLREDUCE", "ph": "B", "ts": 1000, "pid": 3},
+           {"name": "GLOO_ALLREDUCE", "ph": "X", "ts": 1000, "dur": 200, "pid": 3},
+           {"ph": "E", "ts": 1200, "pid": 3}]
+    path = tmp_path / "timeline.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(e) for e in ev) + ",\n")
+    return path
+
+
+def test_timeline_stats_by_hand(tmp_path):
+    stats = tensor_fusion.timeline_stats(str(_timeline(tmp_path)), steps=2)
+    assert stats["allreduce_calls"] == 1.0  # 2 calls over 2 steps
+    assert stats["tensors"] == 3
+    assert stats["collective_s"] == pytest.approx((300 + 200) / 2 * 1e-6)
+    assert stats["memcpy_s"] == pytest.approx(10 / 2 * 1e-6)
+    assert stats["negotiate_s"] == pytest.approx(100 / 2 * 1e-6)
