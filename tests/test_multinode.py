@@ -213,6 +213,12 @@ def test_imagenet_on_two_nodes_matches_one_node(cluster, imagenet_one_node, laun
         np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def _eval_lines(folder):
+    """What a layout's logs say about training and evaluation (for a failure message)."""
+    return [line for log in sorted(folder.glob("*.out")) for line in read(log).splitlines()
+            if "chexnet:" in line or "eval at step" in line or "mean AUROC" in line]
+
+
 def _per_class_auroc(report_dir):
     values = json.loads((report_dir / "summary.json").read_text())["per_class_auroc"]
     assert any(v is not None for v in values.values()), values
@@ -249,7 +255,8 @@ def test_chexnet_train_and_evaluate_on_two_nodes_match_one_node(cluster):
             if two[name] is None:
                 assert one[name] is None, name
             else:
-                assert two[name] == pytest.approx(one[name], abs=1e-9), (report, name)
+                assert two[name] == pytest.approx(one[name], abs=1e-9), (
+                    report, name, two, one, *(_eval_lines(folders[k]) for k in folders))
 
 
 def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
