@@ -79,7 +79,7 @@ HELP = {
     "log_every_n_steps": "Progress line every N global steps.",
     "seed": "Random seed.",
     # outputs
-    "report_dir": "Reports (default MODEL_DIR/report).",
+    "report_dir": "Reports (default: train MODEL_DIR/report, evaluate MODEL_DIR/report-<split>).",
     "checkpoint": "evaluate/predict: a chexnet ckpt-* folder or model_dir.",
     "predictions_csv": "evaluate: score this predictions file (Image Index + prob_<Class>) "
                        "against the labels, without a model.",

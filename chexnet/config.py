@@ -88,9 +88,14 @@ class ChexnetConfig:
 
     @property
     def reports_to(self) -> str | None:
+        """--report_dir, else MODEL_DIR/report (training's validation report) or, for
+        evaluate, MODEL_DIR/report-<split> (it must not overwrite training's)."""
         if self.report_dir:
             return self.report_dir
-        return os.path.join(self.model_dir, "report") if self.model_dir else None
+        if not self.model_dir:
+            return None
+        name = f"report-{self.split_to_evaluate}" if self.mode == "evaluate" else "report"
+        return os.path.join(self.model_dir, name)
 
     @property
     def split_to_evaluate(self) -> str:

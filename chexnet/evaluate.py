@@ -80,11 +80,10 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     horovod_glue.check_global_batches(context, eval_batch_size=config.eval_batch_size)
     ckpt = find_checkpoint(config.checkpoint or config.model_dir)
     state = ckpt.state
-    if state.get("backbone", config.backbone) != config.backbone or \
-            int(state.get("image_size", config.image_size)) != config.image_size:
-        raise ConfigError(f"{ckpt.path} holds a {state.get('backbone')} at "
-                          f"{state.get('image_size')} px; pass --backbone="
-                          f"{state.get('backbone')} --image_size={state.get('image_size')}")
+    # The network the checkpoint records (as predict does): --backbone/--image_size are
+    # training flags, and their defaults must not make a user repeat them here.
+    backbone = state.get("backbone", config.backbone)
+    image_size = int(state.get("image_size", config.image_size))
     data = splits.load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + data.summary)
     name = config.split_to_evaluate
@@ -96,7 +95,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         data.paths[name], split.labels, options,
         batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
         size=context.size), context)
-    network, _ = model_lib.build_chexnet_model(config.backbone, config.image_size)
+    network, _ = model_lib.build_chexnet_model(backbone, image_size)
     try:
         checkpoints.restore(ckpt, network)
     except checkpoints.CheckpointError as err:

@@ -92,11 +92,16 @@ def test_chexnet_run_finetunes_and_reports(tmp_path):
     rows = {r[0]: r[1] for r in csv.reader(open(report / "auroc.csv"))}
     # Effusion and Mass have positives and negatives among the 6 validation images: defined.
     assert rows["Hernia"] == "n/a"
-    # The same weights' predictions, gathered by `evaluate`, scored by sklearn.
+    # The same weights' predictions, gathered by `evaluate`, scored by sklearn. Evaluate is
+    # given the flags' default backbone and size: it builds what the checkpoint records, and
+    # writes its report beside training's, not over it.
+    trained_report = (report / "auroc.csv").read_bytes()
+    flags = {k: v for k, v in common.items() if k not in ("backbone", "image_size")}
     scored = chexnet_evaluate.run(ChexnetConfig(
         mode="evaluate", eval_split="val", checkpoint=str(tmp_path / "run" / "ckpt-000000002"),
-        report_dir=str(tmp_path / "eval"), **common), Context(), **QUIET)
-    table = list(csv.reader(open(tmp_path / "eval" / "predictions.csv")))
+        **flags), Context(), **QUIET)
+    assert (report / "auroc.csv").read_bytes() == trained_report
+    table = list(csv.reader(open(tmp_path / "run" / "report-val" / "predictions.csv")))
     names = [r[0] for r in table[1:]]
     probs = np.asarray([r[1:] for r in table[1:]], float)
     sick = np.asarray([int(n[:8]) % 2 == 0 for n in names])  # image i + 1, i odd: findings
