@@ -235,7 +235,8 @@ def _cache(ds, options: InputOptions, kind: str, rank: int, size: int):
 
 
 def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
-                  batch_size: int, rank: int = 0, size: int = 1, seed: int = 0):
+                  batch_size: int, rank: int = 0, size: int = 1, seed: int = 0,
+                  reshuffle: bool = True):
     """This rank's training pipeline of (image float32 [b, s, s, 3], labels float32
     [b, K]) batches, repeated forever (drive it with steps), and its `DatasetInfo`.
 
@@ -244,7 +245,9 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     for view="crop"; stateless, seeded by `seed` and rank), batches of `batch_size` (per
     rank) with drop_remainder. With `options.cache` the resized uint8 images are cached
     before the random view; the cached order is one fixed shuffle, reshuffled each epoch
-    through a 2048-image buffer.
+    through a 2048-image buffer. `reshuffle=False`: every iterator of the pipeline yields
+    the same batches (with reshuffling, iterators share one shuffle-seed generator, so a
+    second iterator's order would depend on how far the first one's prefetching has run).
     """
     import tensorflow as tf
 
@@ -267,11 +270,12 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
 
     files = tf.data.Dataset.from_tensor_slices((shard_paths, shard_labels))
     cached = options.cache is not None
-    ds = files.shuffle(len(shard_paths), seed=stream_seed, reshuffle_each_iteration=not cached)
+    ds = files.shuffle(len(shard_paths), seed=stream_seed,
+                       reshuffle_each_iteration=reshuffle and not cached)
     if cached:
         ds = _cache(ds.map(load, num_parallel_calls=autotune), options, "train", rank, size)
         ds = ds.shuffle(min(len(shard_paths), 2048), seed=stream_seed,
-                        reshuffle_each_iteration=True).repeat()
+                        reshuffle_each_iteration=reshuffle).repeat()
     else:
         ds = ds.repeat().map(load, num_parallel_calls=autotune)
     if options.on_corrupt == "skip":

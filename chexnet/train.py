@@ -8,6 +8,7 @@ resnet_main); scoring from ``chexnet.evaluate``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -92,23 +93,33 @@ def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):
 
 def _datasets(config: ChexnetConfig, data: splits.Data, options, context):
     """Training and validation pipelines of this rank (validation: (None, None) when the
-    split is empty); bad input fails on every rank."""
+    split is empty), and the training images in one fixed order for the batch-norm
+    statistics pass; bad input fails on every rank."""
     from hooks import horovod_glue
 
     train_split, val_split = data.splits["train"], data.splits["val"]
 
-    def build():
-        train = input_pipeline.train_dataset(
+    def train_pipeline(options, reshuffle):
+        return input_pipeline.train_dataset(
             data.paths["train"], train_split.labels, options,
             batch_size=config.train_batch_size // context.size, rank=context.rank,
-            size=context.size, seed=config.seed or 0)
+            size=context.size, seed=config.seed or 0, reshuffle=reshuffle)
+
+    def build():
+        train = train_pipeline(options, reshuffle=True)
+        # Its own pipeline: the training iterator's prefetching must not change which
+        # images the statistics see (a seeded run gives the same weights every time). The
+        # files are checked above; not cached: a second writer of the training pipeline's
+        # cache file would fail.
+        statistics = train_pipeline(dataclasses.replace(options, verify=False, cache=None),
+                                    reshuffle=False)[0]
         if not len(val_split):
-            return train, (None, None)
+            return train, (None, None), statistics
         val = input_pipeline.eval_dataset(
             data.paths["val"], val_split.labels, options,
             batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
             size=context.size)
-        return train, val
+        return train, val, statistics
     return horovod_glue.all_ranks_ok(build, context)
 
 
@@ -135,7 +146,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         config.image_size, model_lib.preprocessing_for(config.backbone, init_kind(config)),
         config.cache, config.on_corrupt, view=config.image_view)
     # Datasets first: missing/corrupt files fail here, before the model and any output.
-    (train_ds, train_info), (val_ds, val_info) = _datasets(config, data, options, context)
+    (train_ds, train_info), (val_ds, val_info), stats_ds = _datasets(config, data, options,
+                                                                       context)
 
     runtime.set_precision(config.precision)
     if config.seed is not None:
@@ -186,7 +198,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
             chief_log(f"rank {context.rank}: skipped {len(info.skipped)} corrupt images")
 
     def validate() -> evaluation.Evaluation:
-        batchnorm.recompute(network, train_ds, bn_batches, context)
+        batchnorm.recompute(network, stats_ds, bn_batches, context)
         step = int(optimizer.iterations.numpy())
         if val_ds is None:
             return evaluation.Evaluation({}, 0, step)

@@ -99,6 +99,27 @@ def test_training_batches(six_images):
     np.testing.assert_array_equal(again[0].numpy(), batches[0][0])  # reproducible
 
 
+def test_fixed_order_pipeline_repeats_whatever_other_iterators_consumed(six_images):
+    """The batch-norm statistics pass makes a new iterator at every evaluation while the
+    training iterator runs (and prefetches) ahead: with reshuffle=False its batches must
+    not depend on that; with reshuffling they do (iterators share the seed generator)."""
+    paths, labels = six_images
+
+    def first_labels(ds):
+        return np.concatenate([y.numpy() for _, y in ds.take(3)]).argmax(1).tolist()
+
+    for reshuffle in (False, True):
+        ds, _ = ip.train_dataset(paths, labels, _options(), batch_size=2, seed=5,
+                                 reshuffle=reshuffle)
+        before = first_labels(ds)
+        busy = iter(ds)
+        for _ in range(9):  # three epochs on another iterator
+            next(busy)
+        after = first_labels(ds)
+        assert sorted(before) == sorted(after) == list(range(6))  # one epoch, every image
+        assert (before == after) == (not reshuffle), (reshuffle, before, after)
+
+
 @pytest.mark.parametrize("size", [3, 4])
 def test_eval_shards_cover_each_image_once_with_padding(six_images, size):
     paths, labels = six_images

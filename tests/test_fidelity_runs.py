@@ -200,7 +200,7 @@ def test_chexnet_sgd_applies_the_momentum_rule(tmp_path):
                            learning_rate=0.05, warmup_epochs=0.0,
                            split_fractions=(0.5, 0.5, 0.0), train_batch_size=2,
                            eval_batch_size=4, train_steps=2, steps_per_loop=1,
-                           model_dir=str(tmp_path / "run"), seed=0)
+                           model_dir=str(tmp_path / "run"), seed=0, allow_random_init=True)
     chexnet_train.run(config, Context(), **QUIET)
     states = []
     for step in (1, 2):

@@ -66,6 +66,9 @@ def cluster():
     if os.geteuid() != 0:
         pytest.fail("the multinode tests create namespaces and start SLURM daemons as root; "
                     "run them as root or deselect them with -m 'not multinode'")
+    if Path("/tmp") in SLURM_DIR.resolve().parents:
+        pytest.fail(f"the project is under /tmp ({SLURM_DIR.parent}), which each node of the "
+                    "virtual cluster has its own copy of: clone it elsewhere (e.g. /var/tmp)")
     before = _host_state()
     run_dir = Path(tempfile.mkdtemp(prefix="hr-vcluster-", dir=RUN_PARENT))
     vc = VirtualCluster(run_dir, nodes=3)

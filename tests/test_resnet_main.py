@@ -129,7 +129,11 @@ def test_train_and_eval_on_shared_sample(launcher, shared_tfrecords, tmp_path):
     exported = keras.models.load_model(tmp_path / "export" / "resnet18.keras")
     top_1, top_5, count = _scores(exported, _validation(shared_tfrecords))
     assert count == 42
-    assert (summary["top_1"], summary["top_5"]) == pytest.approx((top_1, top_5), abs=1e-6)
+    # Within one image of 42: a barely trained network's logits nearly tie, and the run's
+    # thread layout (2 ranks) sums in another order than this process (seen once: top-5
+    # 1/42 apart under mpirun).
+    assert (summary["top_1"], summary["top_5"]) == pytest.approx((top_1, top_5),
+                                                                 abs=1 / 42 + 1e-6)
     state = json.loads((tmp_path / "run" / "ckpt-000000004" / "state.json").read_text())
     assert (state["step"], state["architecture"], state["resnet_depth"]) == (4, "resnet", 18)
     assert state["metrics"]["top_1"] == pytest.approx(summary["top_1"])
