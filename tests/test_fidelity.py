@@ -158,6 +158,13 @@ def test_sgd_momentum_is_the_references(nesterov):
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
 
 
+def test_nesterov_is_the_default_as_in_the_reference():
+    """The reference builds MomentumOptimizer(use_nesterov=True): so do the flag default and
+    the optimizer an unflagged run gets (classic momentum only with --nonesterov)."""
+    assert train.build_optimizer(RunConfig(momentum=0.9), 0.1).nesterov is True
+    assert train.build_optimizer(RunConfig(momentum=0.9, nesterov=False), 0.1).nesterov is False
+
+
 def test_label_smoothing_loss_is_the_formula():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 5)).astype(np.float32)
