@@ -254,3 +254,11 @@ def test_reference_flags_this_version_cannot_honour_are_one_line_errors(arg):
         _parse([arg])
     message = str(err.value)
     assert f"--{name} is not supported: " in message and "\n" not in message
+
+
+def test_resnet_main_lists_every_named_preset():
+    """imagenet.config names the presets without importing hooks.schedules (Keras): the
+    names must be the schedules' own."""
+    from imagenet import config as config_lib
+
+    assert set(config_lib.PRESET_NAMES) == set(schedules.PRESETS) - {"tpu"}
