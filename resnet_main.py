@@ -107,12 +107,16 @@ def define_flags(flag_values=FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from imagenet import train
+
+    def run(config, context):
+        from imagenet import train  # TensorFlow and Keras: after the cheap checks
+
+        return train.run(config, context)
 
     tpu_compat.warn_ignored("resnet_main", FLAGS)
     entry.run_entry("resnet_main", flags.get_performance_config(),
                     flags.get_distributed_config(), flags.fill(RunConfig),
-                    config_lib.validate, train.run)
+                    config_lib.validate, run)
 
 
 def run_main():

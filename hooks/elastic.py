@@ -26,7 +26,6 @@ start-up code while the others wait in the sync broadcast.
 import copy
 import dataclasses
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,23 +34,6 @@ import numpy as np
 import tensorflow as tf
 
 from hooks import horovod_glue, watchdog
-from hooks.errors import ConfigError
-
-ELASTIC_ENV = "HOROVOD_ELASTIC"  # set by horovodrun in the workers of an elastic job
-
-
-def launched_elastic(environ=None) -> bool:
-    """Whether this process is a worker of an elastic horovodrun job."""
-    env = os.environ if environ is None else environ
-    return env.get(ELASTIC_ENV, "") not in ("", "0")
-
-
-def check_launch(elastic: bool, environ=None) -> None:
-    """An elastic launch needs --elastic (without it, a worker that joins would run the
-    start-up collectives while the others wait in the elastic sync, and hang)."""
-    if launched_elastic(environ) and not elastic:
-        raise ConfigError("horovodrun started an elastic job (--min-np/--max-np/"
-                          "--host-discovery-script): pass --elastic")
 
 
 @dataclasses.dataclass

@@ -21,19 +21,25 @@ def quiet_startup(environ=None) -> None:
 
 
 def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) -> None:
-    """Configure threads (before TF starts its pools), run the cheap checks, start Horovod
-    and the stall watchdog, then `run(config, context)`.
+    """Run the cheap checks (before TensorFlow is imported: a mistake is reported in a
+    second), configure threads (before TF starts its pools), start Horovod and the stall
+    watchdog, then `run(config, context)`.
 
     Exit status: 0 done; 1 a `UserError` (bad flags or files, a diverged run), one line, no
     traceback; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written, rerun to resume);
     86 a stalled rank (hooks.watchdog). Anything else is a bug and keeps its traceback."""
-    from hooks import elastic, faults, horovod_glue, runtime, watchdog
+    from hooks import elastic_launch
     from hooks.errors import UserError
+
+    try:
+        validate(config)
+        elastic_launch.check_launch(getattr(config, "elastic", False), dist.cycle_time_ms)
+    except UserError as err:
+        sys.exit(f"{prog}: error: {err}")
+    from hooks import faults, horovod_glue, runtime, watchdog
 
     runtime.configure(perf)
     try:
-        validate(config)
-        elastic.check_launch(getattr(config, "elastic", False))
         context = horovod_glue.init(dist.fusion_threshold_mb, dist.cycle_time_ms)
         model_dir = getattr(config, "model_dir", None)
         # Elastic: no collective before the first sync (a joining worker runs this while

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from hooks import elastic_launch
 from hooks.errors import ConfigError, UserError
 
 T = TypeVar("T")
@@ -73,13 +74,14 @@ def init(fusion_threshold_mb: float | None = None,
     Gloo's own collective timeout (30 s by default) would kill a job whose rank 0 takes
     longer to write a checkpoint: it is set to a week unless the user set it, and stalls
     are bounded by `hooks.watchdog` (--stall_timeout_s) instead. The cycle time is
-    `cycle_time_ms`, else HOROVOD_CYCLE_TIME, else DEFAULT_CYCLE_TIME_MS."""
+    `cycle_time_ms`, else HOROVOD_CYCLE_TIME, else DEFAULT_CYCLE_TIME_MS; in an elastic job
+    Horovod's own 1 ms (`hooks.elastic_launch.check_launch` refuses a fixed one there)."""
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(7 * 24 * 3600))
     if fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
     if cycle_time_ms is not None:
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
-    else:
+    elif not elastic_launch.launched_elastic():  # an elastic job cannot fix it (see there)
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(DEFAULT_CYCLE_TIME_MS))
     hvd = _hvd()
     if not hvd.is_initialized():
@@ -88,7 +90,7 @@ def init(fusion_threshold_mb: float | None = None,
     # Where the ranks landed (a collective): the one place a job log shows hosts. Not in an
     # elastic job (HOROVOD_ELASTIC, set by horovodrun): a joining worker's init would wait
     # for ranks that are mid-training; hooks.elastic prints it after each sync instead.
-    if os.environ.get("HOROVOD_ELASTIC", "") in ("", "0"):
+    if not elastic_launch.launched_elastic():
         line = describe_placement(placement(context))
         if context.is_chief:
             print(line, flush=True)

@@ -7,8 +7,8 @@ import dataclasses
 import glob
 import os
 
-from hooks import schedules
 from hooks.errors import ConfigError
+from hooks.steps import run_steps
 
 ARCHITECTURES = ("resnet", "densenet121", "vgg16")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
@@ -16,7 +16,11 @@ DEFAULT_EPOCHS = 90.0  # the TPU reference's run length when neither length flag
 # --lr_schedule values: "tpu" (today's reference: milestones follow the run length) and
 # "tpu_2018" (fixed epochs 5/30/60/80) are driven by --base_learning_rate / --warmup_epochs;
 # the other presets bring their own values (see hooks.schedules.preset).
-LR_SCHEDULES = ("tpu", "tpu_2018") + tuple(p for p in schedules.PRESETS if p != "tpu")
+# hooks.schedules' other presets, named here without importing it (it imports Keras, and a
+# flag error must come in a second, not after TensorFlow's start-up); test_fidelity checks
+# that the two lists agree.
+PRESET_NAMES = ("goyal", "surfsara_4096", "surfsara_14336", "lars_32k")
+LR_SCHEDULES = ("tpu", "tpu_2018") + PRESET_NAMES
 # The TPU reference reads labels 1..1000 as 0..999, except with 1001 classes, where
 # class 0 is a background class and labels are used as they are.
 BACKGROUND_CLASSES = 1001
@@ -82,8 +86,8 @@ class RunConfig:
 
     @property
     def total_steps(self) -> int:
-        return schedules.run_steps(self.train_steps, self.train_epochs, self.steps_per_epoch,
-                                   default_epochs=DEFAULT_EPOCHS)
+        return run_steps(self.train_steps, self.train_epochs, self.steps_per_epoch,
+                         default_epochs=DEFAULT_EPOCHS)
 
 
 def _check_tfrecords(data_dir: str, split: str) -> None:

@@ -15,8 +15,8 @@ must not be under /tmp. Each node runs its own slurmd; slurmctld runs on node1; 
 (a unix socket in RUN_DIR) is shared. When OpenSSH's server is installed every node also runs
 sshd, and root on any node can `ssh nodeN` (a key in RUN_DIR/ssh; each node's mount namespace
 puts a client config over /etc/ssh/ssh_config, so the host's ssh files are not touched):
-horovodrun starts its remote workers that way (elastic runs, docs/elastic.md). Run client commands (sbatch, squeue, ...) on a node,
-with `exec`: node1 doubles as the login node.
+horovodrun starts its remote workers that way (elastic runs, docs/elastic.md). Run client
+commands (sbatch, squeue, ...) on a node with `exec`: node1 doubles as the login node.
 
 Needs root, iproute2, util-linux (nsenter, unshare) and Debian's SLURM packages (installed
 when missing, scripts/install_slurm.sh). `up` is idempotent: it creates or starts only what

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from hooks import callbacks as cb
-from hooks import checkpoints, elastic, horovod_glue, loop
+from hooks import checkpoints, elastic, elastic_launch, horovod_glue, loop
 from hooks.errors import ConfigError
 from hooks.horovod_glue import Context, DistributedTrainer
 from tests.conftest import BIN, kill_group, rank_pids, start_group, wait_for_checkpoint
@@ -155,10 +155,35 @@ def test_state_restores_variables_and_callback_state():
 
 
 def test_elastic_launch_needs_the_flag():
-    elastic.check_launch(True, {"HOROVOD_ELASTIC": "1"})
-    elastic.check_launch(False, {})
+    elastic_launch.check_launch(True, None, {"HOROVOD_ELASTIC": "1"})
+    elastic_launch.check_launch(False, None, {})
     with pytest.raises(ConfigError, match="pass --elastic"):
-        elastic.check_launch(False, {"HOROVOD_ELASTIC": "1"})
+        elastic_launch.check_launch(False, None, {"HOROVOD_ELASTIC": "1"})
+
+
+def test_elastic_launch_refuses_a_fixed_cycle_time_and_init_leaves_it_unset(monkeypatch):
+    # Horovod 0.28.1 re-initialised with a fixed cycle time fuses with a 1 MB threshold
+    # (a new worker with 128 MB): Gloo aborted right after a worker joined.
+    with pytest.raises(ConfigError, match=r"^--cycle_time_ms=10 cannot be used in an "
+                                          r"elastic job"):
+        elastic_launch.check_launch(True, 10.0, {"HOROVOD_ELASTIC": "1"})
+    with pytest.raises(ConfigError, match=r"^HOROVOD_CYCLE_TIME=5 cannot be used"):
+        elastic_launch.check_launch(True, None, {"HOROVOD_ELASTIC": "1",
+                                                 "HOROVOD_CYCLE_TIME": "5"})
+    elastic_launch.check_launch(False, 10.0, {"HOROVOD_CYCLE_TIME": "5"})  # not elastic
+    # The project's 10 ms default is for non-elastic jobs only.
+    hvd = horovod_glue._hvd()
+    monkeypatch.setattr(hvd, "init", lambda: None)
+    monkeypatch.setattr(hvd, "is_initialized", lambda: False)
+    monkeypatch.setattr(horovod_glue, "_current_context", Context)
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
+    monkeypatch.setenv("HOROVOD_ELASTIC", "1")
+    horovod_glue.init()
+    assert "HOROVOD_CYCLE_TIME" not in os.environ
+    monkeypatch.delenv("HOROVOD_ELASTIC")
+    monkeypatch.setattr(horovod_glue, "placement", lambda context: [(0, "h", 0, 1)])
+    horovod_glue.init()
+    assert os.environ["HOROVOD_CYCLE_TIME"] == str(horovod_glue.DEFAULT_CYCLE_TIME_MS)
 
 
 def test_any_world_size_takes_shares_of_the_same_global_batch():

@@ -98,18 +98,21 @@ def test_single_process_sigterm_exits_75(tmp_path):
 def test_divergence_exits_naming_the_step_and_keeps_checkpoints_finite(tmp_path):
     model_dir = tmp_path / "run"
     args = [*TINY, f"--model_dir={model_dir}"]
-    # Two sane steps first: ckpt-2 holds good weights (a first step at 1e12 can leave
-    # finite but ruined weights behind, which no rerun recovers from).
+    # Two sane steps first: ckpt-2 holds good weights. The diverging run writes its next
+    # checkpoint only at step 8 (--iterations_per_loop=6): a huge rate can leave finite but
+    # ruined weights for a few steps before the loss overflows, and no rerun recovers from
+    # a checkpoint of those.
     run_cmd(python_cmd(*args, "--train_steps=2", "--base_learning_rate=0.1"))
-    proc = run_cmd(python_cmd(*args, "--train_steps=8", "--base_learning_rate=1e12"),
-                   check=False)
-    assert proc.returncode == 1
+    proc = run_cmd(python_cmd(*args, "--train_steps=8", "--iterations_per_loop=6",
+                              "--base_learning_rate=1e30"), check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("resnet_main: error: training diverged:") and "at step" in last
+    assert "no checkpoint was written after step 2" in last
     assert "Traceback" not in proc.stderr
     step = int(last.split(" at step ")[1].split(";")[0])
     saved = sorted(int(p.name.split("-")[1]) for p in model_dir.glob("ckpt-*"))
-    assert saved[0] == 2 and all(s < step for s in saved)
+    assert saved == [2] and 2 < step <= 8
     # A saner learning rate resumes from the newest good checkpoint and finishes.
     rerun = run_cmd(python_cmd(*args, "--train_steps=8", "--base_learning_rate=0.1"))
     assert f"at step {saved[-1]}" in rerun.stdout

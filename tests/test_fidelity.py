@@ -158,6 +158,13 @@ def test_sgd_momentum_is_the_references(nesterov):
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
 
 
+def test_nesterov_is_the_default_as_in_the_reference():
+    """The reference builds MomentumOptimizer(use_nesterov=True): so do the flag default and
+    the optimizer an unflagged run gets (classic momentum only with --nonesterov)."""
+    assert train.build_optimizer(RunConfig(momentum=0.9), 0.1).nesterov is True
+    assert train.build_optimizer(RunConfig(momentum=0.9, nesterov=False), 0.1).nesterov is False
+
+
 def test_label_smoothing_loss_is_the_formula():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 5)).astype(np.float32)
@@ -247,3 +254,11 @@ def test_reference_flags_this_version_cannot_honour_are_one_line_errors(arg):
         _parse([arg])
     message = str(err.value)
     assert f"--{name} is not supported: " in message and "\n" not in message
+
+
+def test_resnet_main_lists_every_named_preset():
+    """imagenet.config names the presets without importing hooks.schedules (Keras): the
+    names must be the schedules' own."""
+    from imagenet import config as config_lib
+
+    assert set(config_lib.PRESET_NAMES) == set(schedules.PRESETS) - {"tpu"}

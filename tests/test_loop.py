@@ -32,6 +32,7 @@ def _state(model_dir, step):
     return json.loads((model_dir / f"ckpt-{step:09d}" / "state.json").read_text())
 
 
+@pytest.mark.slow  # in-process, but 10-15 s of training and evaluation
 def test_imagenet_run_trains_evaluates_and_checkpoints(tmp_path):
     config = RunConfig(mode="train_and_eval", train_steps=2, model_dir=str(tmp_path),
                        lr_schedule="tpu_2018", export_dir=str(tmp_path / "export"),
@@ -77,6 +78,7 @@ def _xray_sample(folder, n=12):
     return path
 
 
+@pytest.mark.slow  # in-process, but 20-30 s: fine-tune, statistics pass, two evaluations
 def test_chexnet_run_finetunes_and_reports(tmp_path):
     csv_path = _xray_sample(tmp_path / "x")
     common = dict(csv=str(csv_path), image_dir=str(tmp_path / "x"), backbone="resnet18",
