@@ -23,10 +23,12 @@ TINY = {"SYNTHETIC": "1", "DEPTH": "18", "IMAGE_SIZE": "32", "BATCH": "8",
 
 
 def summary(log_text):
-    """The last `SUMMARY {json}` line of a job log, as a dict."""
-    lines = [line for line in log_text.splitlines() if line.startswith("SUMMARY ")]
+    """The last `SUMMARY {json}` line of a job log, as a dict (an elastic horovodrun
+    prefixes lines with "[slot]<stdout>:")."""
+    lines = [line.split("SUMMARY ", 1)[1] for line in log_text.splitlines()
+             if line.startswith("SUMMARY ") or re.match(r"\[\d+\]<stdout>:SUMMARY ", line)]
     assert lines, f"no SUMMARY line in the log:\n{log_text[-3000:]}"
-    return json.loads(lines[-1][len("SUMMARY "):])
+    return json.loads(lines[-1])
 
 
 def read(path):
