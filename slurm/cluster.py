@@ -42,8 +42,8 @@ class Node(NamedTuple):
     addr: str
 
 
-def missing_binaries():
-    return [b for b in BINARIES if which(b) is None]
+def missing_binaries(binaries=BINARIES):
+    return [b for b in binaries if which(b) is None]
 
 
 def which(name):
@@ -52,9 +52,10 @@ def which(name):
     return shutil.which(name, path=path)
 
 
-def ensure_installed(timeout=600):
-    """Install the Debian packages when a binary is missing (root + apt-get), else raise."""
-    missing = missing_binaries()
+def ensure_installed(binaries=BINARIES, timeout=600):
+    """Install the Debian packages when one of `binaries` is missing (root + apt-get),
+    else raise."""
+    missing = missing_binaries(binaries)
     if not missing:
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
@@ -66,9 +67,9 @@ def ensure_installed(timeout=600):
                               timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ClusterError(f"{INSTALL_SCRIPT} did not finish in {timeout}s") from exc
-    if proc.returncode != 0 or missing_binaries():
+    if proc.returncode != 0 or missing_binaries(binaries):
         raise ClusterError(f"{INSTALL_SCRIPT} failed (rc {proc.returncode}); still missing "
-                           f"{missing_binaries()}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                           f"{missing_binaries(binaries)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 def _free_port():
@@ -123,6 +124,7 @@ class SlurmCluster:
 
     # (slurmctld, slurmd) ports; None: pick free ones, so two clusters do not collide.
     ports = None
+    binaries = BINARIES  # what start() installs when missing
 
     def __init__(self, root: Path, cpus: int | None = None, partition: str = "debug",
                  nodes: list[Node] | None = None):
@@ -291,7 +293,7 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
         return self.node_states().get(node or self.host, "")
 
     def start(self, timeout=60):
-        ensure_installed()
+        ensure_installed(self.binaries)
         if not self.alive("slurmctld"):  # a running controller keeps its config and ports
             self.write_config()
         self._start_daemon(

@@ -5,25 +5,24 @@
     python -m slurm.virtual_cluster kill node2 --run_dir /var/tmp/vc     # a node failure
     python -m slurm.virtual_cluster down --run_dir /var/tmp/vc
 
-Each node is a network namespace plus a UTS namespace (hostname node1, node2, ...) and a mount
-namespace that gives it a private /tmp and /dev/shm (as on separate machines; SLURM's PMIx
-plugin needs that) and an /etc/hosts naming every node. Each node has an address on a private
-link: a veth pair into a bridge that lives in a "switch" namespace. Nothing is added to the
-host's own network namespace, so no traffic leaves the namespaces. The rest of the host's
-filesystem is shared by all nodes, as NFS is on a real cluster, so RUN_DIR and run folders
-must not be under /tmp. Each node runs its own slurmd; slurmctld runs on node1; munged
-(a unix socket in RUN_DIR) is shared. When OpenSSH's server is installed every node also runs
-sshd, and root on any node can `ssh nodeN` (a key in RUN_DIR/ssh; each node's mount namespace
-puts a client config over /etc/ssh/ssh_config, so the host's ssh files are not touched):
-horovodrun starts its remote workers that way (elastic runs, docs/elastic.md). Run client
-commands (sbatch, squeue, ...) on a node with `exec`: node1 doubles as the login node.
+Each node is a network namespace plus a UTS namespace (hostname node1, node2, ...) and a
+mount namespace that gives it a private /tmp and /dev/shm (as on separate machines; SLURM's
+PMIx plugin needs that) and an /etc/hosts naming every node. Each node has an address on a
+private link: a veth pair into a bridge that lives in a "switch" namespace. Nothing is added
+to the host's own network namespace, so no traffic leaves the namespaces. The rest of the
+host's filesystem is shared by all nodes, as NFS is on a real cluster, so RUN_DIR and run
+folders must not be under /tmp. Each node runs its own slurmd; slurmctld runs on node1;
+munged (a unix socket in RUN_DIR) is shared. Every node also runs sshd, and root on any node
+can `ssh nodeN` (a key in RUN_DIR/ssh; each node's mount namespace puts a client config over
+/etc/ssh/ssh_config, so the host's ssh files are not touched): horovodrun starts its remote
+workers that way (elastic runs, docs/elastic.md). Run client commands (sbatch, squeue, ...)
+on a node with `exec`: node1 doubles as the login node.
 
-Needs root, iproute2, util-linux (nsenter, unshare) and Debian's SLURM packages (installed
-when missing, scripts/install_slurm.sh). `up` is idempotent: it creates or starts only what
-is missing (a killed node comes back). `down` stops every daemon by its pid, kills every
-process left in a node and deletes the namespaces (and with them the links), also after a
-failed `up`.
-"""
+Needs root, iproute2, util-linux (nsenter, unshare), Debian's SLURM packages and
+openssh-server (installed when missing, scripts/install_slurm.sh). `up` is idempotent: it creates or
+starts only what is missing (a killed node comes back). `down` stops every daemon by its
+pid, kills every process left in a node and deletes the namespaces (and with them the
+links), also after a failed `up`."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +36,16 @@ import sys
 import time
 from pathlib import Path
 
-from slurm.cluster import ClusterError, Node, SlurmCluster, pid_alive, tail, which
+from slurm.cluster import (
+    BINARIES,
+    ClusterError,
+    Node,
+    SlurmCluster,
+    ensure_installed,
+    pid_alive,
+    tail,
+    which,
+)
 
 SUBNET = "10.77.0"  # node i is SUBNET.i/24; the subnet exists only inside the namespaces
 NETNS_DIR = Path("/run/netns")
@@ -97,6 +105,7 @@ class VirtualCluster(SlurmCluster):
     """N slurmd nodes in namespaces; all state (config, logs, per-node /tmp) in run_dir."""
 
     ports = (6817, 6818)  # each node has its own port space
+    binaries = BINARIES + ("sshd", "ssh")  # horovodrun starts remote workers with ssh
 
     def __init__(self, run_dir: Path, nodes: int = 3, cpus: int | None = None):
         run_dir = Path(run_dir).resolve()
@@ -115,12 +124,10 @@ class VirtualCluster(SlurmCluster):
         self.switch = f"hrvc{tag}-switch"
         self.pidfiles.update({f"anchor-{n.name}": self.root / "run" / f"anchor-{n.name}.pid"
                               for n in self.nodes})
-        # sshd on every node when installed (horovodrun starts remote workers with ssh).
-        self.ssh = which("sshd") is not None and which("ssh") is not None
-        if self.ssh:
-            for n in self.nodes:
-                self.pidfiles[f"sshd-{n.name}"] = self.root / "run" / f"sshd-{n.name}.pid"
-                self.logs[f"sshd-{n.name}"] = self.root / "log" / f"sshd-{n.name}.log"
+        # sshd on every node (horovodrun starts remote workers with ssh).
+        for n in self.nodes:
+            self.pidfiles[f"sshd-{n.name}"] = self.root / "run" / f"sshd-{n.name}.pid"
+            self.logs[f"sshd-{n.name}"] = self.root / "log" / f"sshd-{n.name}.log"
 
     @classmethod
     def load(cls, run_dir: Path) -> VirtualCluster:
@@ -215,7 +222,7 @@ class VirtualCluster(SlurmCluster):
         # Private /tmp (PMIx makes /tmp/spmix_appdir_* on each node) and /dev/shm, a shared
         # /etc/hosts naming the nodes; `ip netns exec` would remount /sys, nsenter does not.
         ssh_config = (f"mount --bind {self.root / 'ssh' / 'ssh_config'} /etc/ssh/ssh_config && "
-                      if self.ssh and os.path.exists("/etc/ssh/ssh_config") else "")
+                      if os.path.exists("/etc/ssh/ssh_config") else "")
         script = (f"mount --bind {folder / 'tmp'} /tmp && mount -t tmpfs tmpfs /dev/shm && "
                   f"mount --bind {hosts} /etc/hosts && {ssh_config}hostname {node.name} && "
                   "exec sleep infinity")
@@ -250,6 +257,7 @@ class VirtualCluster(SlurmCluster):
         for tool in ("ip", "nsenter", "unshare"):
             if which(tool) is None:
                 raise ClusterError(f"`{tool}` not found (Debian: iproute2, util-linux)")
+        ensure_installed(self.binaries)  # SLURM, munge, sshd (scripts/install_slurm.sh)
         if (self.root / STATE_FILE).exists():
             running = VirtualCluster.load(self.root)
             if running.leftovers() and len(running.nodes) != len(self.nodes):
@@ -266,12 +274,10 @@ class VirtualCluster(SlurmCluster):
         hosts = ["127.0.0.1 localhost"] + [f"{n.addr} {n.name}" for n in self.nodes]
         (self.root / "etc" / "hosts").write_text("\n".join(hosts) + "\n")
         self._make_network()
-        if self.ssh:
-            self._write_ssh_files()
+        self._write_ssh_files()
         for node in self.nodes:
             self._start_anchor(node)
-            if self.ssh:
-                self._start_sshd(node)
+            self._start_sshd(node)
         return self.start(timeout)
 
     def kill_node(self, node):
