@@ -19,8 +19,15 @@ CHILD_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT),
              "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
+# What hooks.horovod_glue.init() writes into os.environ when an in-process test starts
+# Horovod: a child must not inherit it (an elastic job refuses a fixed cycle time).
+SET_BY_INIT = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_GLOO_TIMEOUT_SECONDS")
+_ENV_AT_START = {k: os.environ[k] for k in SET_BY_INIT if k in os.environ}
+
+
 def child_env(**extra):
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in SET_BY_INIT}
+    env.update(_ENV_AT_START)  # the user's own settings do reach children
     env.update(CHILD_ENV)
     env.update({k: str(v) for k, v in extra.items()})
     return env
