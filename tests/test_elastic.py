@@ -274,6 +274,13 @@ def _summary(out):
     return json.loads(line.split("SUMMARY ", 1)[1])
 
 
+def _parts(change):
+    """The seconds lost of a world change and its three parts, for the test's output."""
+    return (f"{change['seconds_lost']:.1f} s lost ({change['seconds_since_commit']:.1f} since "
+            f"the commit, {change['seconds_to_reform']:.1f} re-forming, "
+            f"{change['seconds_to_first_step']:.1f} restart and first step)")
+
+
 def _finite_weights(model_dir, step):
     values = []
     with h5py.File(model_dir / f"ckpt-{step:09d}" / checkpoints.WEIGHTS) as f:
@@ -303,7 +310,7 @@ def test_resnet_main_survives_a_killed_worker(tmp_path):
     assert rc == 0, out[-5000:]
     summary = _summary(out)
     (change,) = summary["world_size_changes"]
-    print(f"\nkill -9 of rank 1: {change['seconds_lost']:.1f} s lost, "
+    print(f"\nkill -9 of rank 1: {_parts(change)}, "
           f"{change['steps_redone']} steps redone, reset at step {change['step']}")
     assert (summary["final_step"], summary["ranks"]) == (steps, 1)
     assert (change["old_size"], change["new_size"], change["reason"]) == (
@@ -330,7 +337,7 @@ def test_resnet_main_grows_when_a_host_is_added(tmp_path):
     assert rc == 0, out[-5000:]
     summary = _summary(out)
     (change,) = summary["world_size_changes"]
-    print(f"\nhost added: {change['seconds_lost']:.1f} s lost (the joiner's start-up), "
+    print(f"\nhost added: {_parts(change)}, "
           f"joined at step {change['step']}")
     assert (change["old_size"], change["new_size"], change["steps_redone"]) == (1, 2, 0)
     assert (summary["final_step"], summary["ranks"]) == (steps, 2)
@@ -357,7 +364,7 @@ def test_chexnet_train_survives_losing_rank_0(tmp_path):
     assert rc == 0, out[-5000:]
     summary = _summary(out)
     (change,) = summary["world_size_changes"]
-    print(f"\nchexnet, kill -9 of rank 0: {change['seconds_lost']:.1f} s lost")
+    print(f"\nchexnet, kill -9 of rank 0: {_parts(change)}")
     assert (summary["final_step"], summary["ranks"], summary["val_images"]) == (steps, 1, 6)
     assert (change["old_size"], change["new_size"]) == (2, 1)
     # The survivor became rank 0: it wrote the last checkpoint and the report.
