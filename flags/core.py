@@ -12,6 +12,8 @@ import typing
 
 from absl import flags
 
+from hooks import elastic_launch
+
 FLAGS = flags.FLAGS
 
 PRECISIONS = ("float32", "bfloat16")
@@ -93,7 +95,7 @@ def _divisible_by_world(name, flag_values):
         # training batch of an evaluation) must not stop the run; run() checks what it uses.
         if not flag_values[name].present:
             return True
-        if os.environ.get("HOROVOD_ELASTIC", "") not in ("", "0"):
+        if elastic_launch.launched_elastic():
             return True  # elastic: the world changes; any size works (hooks.elastic)
         size = launcher_world_size()
         if value is not None and value > 0 and value % size:
@@ -179,7 +181,7 @@ ELASTIC_HELP = {
     "elastic": "Elastic training under horovodrun --gloo --min-np N --max-np M "
                "--host-discovery-script S: workers may leave or join; the others go back to "
                "the last commit and continue with the new world (docs/elastic.md). The global "
-               "batch stays the same: every world size must divide it.",
+               "batch stays the same in any world (ranks take shares of it).",
     "elastic_commit_steps": "With --elastic: commit the training state to memory every N "
                             "steps (and at each checkpoint); a lost worker costs at most the "
                             "steps since the last commit.",
