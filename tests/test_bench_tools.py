@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import common, tensor_fusion
+from bench import common, imagenet_input, tensor_fusion
 
 
 def test_summary_median_and_spread():
@@ -50,3 +50,31 @@ def test_timeline_stats_by_hand(tmp_path):
     assert stats["collective_s"] == pytest.approx((300 + 200) / 2 * 1e-6)
     assert stats["memcpy_s"] == pytest.approx(10 / 2 * 1e-6)
     assert stats["negotiate_s"] == pytest.approx(100 / 2 * 1e-6)
+
+
+def test_input_share_by_hand():
+    # Training 2.5 img/CPU-s (0.4 CPU-s per image), input 10 (0.1): input takes 0.1 / 0.5.
+    share = imagenet_input.input_share(2.5, 10.0)
+    assert share["input_fraction"] == pytest.approx(0.2)
+    assert share["combined_per_cpu_s"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        imagenet_input.input_share(2.5, 0.0)
+
+
+def test_parse_parallel_calls():
+    assert imagenet_input.parse_parallel_calls("1, 2,AUTOTUNE") == [1, 2, "autotune"]
+    for bad in ("0", "two", "1,,2", ""):
+        with pytest.raises(ValueError):
+            imagenet_input.parse_parallel_calls(bad)
+
+
+def test_link_sample_makes_copies(tmp_path):
+    src = tmp_path / "images"
+    (src / "n01").mkdir(parents=True)
+    (src / "n01" / "a.JPEG").write_bytes(b"jpeg-a")
+    (src / "n02").mkdir()
+    (src / "n02" / "b.JPEG").write_bytes(b"jpeg-b")
+    assert imagenet_input.link_sample(str(src), str(tmp_path / "out"), 3) == 6
+    assert sorted(p.name for p in (tmp_path / "out" / "n02").iterdir()) == \
+        ["b_c0.JPEG", "b_c1.JPEG", "b_c2.JPEG"]
+    assert (tmp_path / "out" / "n01" / "a_c2.JPEG").read_bytes() == b"jpeg-a"
