@@ -59,3 +59,12 @@ def write_json(name: str, payload: dict, path: str = None) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+def fraction_of_limit(images_per_cpu_s: float, flop_per_image: float,
+                      limit_gflop_per_cpu_s: float) -> float:
+    """The share of the measured FLOP limit that a throughput uses: images per CPU-second x
+    FLOP per image, over the limit in GFLOP per CPU-second."""
+    if limit_gflop_per_cpu_s <= 0:
+        raise ValueError(f"limit must be > 0, got {limit_gflop_per_cpu_s}")
+    return images_per_cpu_s * flop_per_image / 1e9 / limit_gflop_per_cpu_s

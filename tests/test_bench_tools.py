@@ -52,6 +52,14 @@ def test_timeline_stats_by_hand(tmp_path):
     assert stats["negotiate_s"] == pytest.approx(100 / 2 * 1e-6)
 
 
+def test_fraction_of_limit_by_hand():
+    # 2.5 images/CPU-s x 24 GFLOP = 60 GFLOP/CPU-s: all of a 60 limit, half of 120.
+    assert common.fraction_of_limit(2.5, 24e9, 60.0) == pytest.approx(1.0)
+    assert common.fraction_of_limit(2.5, 24e9, 120.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        common.fraction_of_limit(1.0, 1e9, 0.0)
+
+
 def test_input_share_by_hand():
     # Training 2.5 img/CPU-s (0.4 CPU-s per image), input 10 (0.1): input takes 0.1 / 0.5.
     share = imagenet_input.input_share(2.5, 10.0)
