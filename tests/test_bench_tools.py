@@ -86,3 +86,29 @@ def test_link_sample_makes_copies(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "n02").iterdir()) == \
         ["b_c0.JPEG", "b_c1.JPEG", "b_c2.JPEG"]
     assert (tmp_path / "out" / "n01" / "a_c2.JPEG").read_bytes() == b"jpeg-a"
+
+
+def test_forward_macs_by_hand():
+    import keras
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(inputs)  # 8*8*3*3*3*4
+    x = keras.layers.BatchNormalization()(x)  # not counted
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 4*4*3*3*4
+    x = keras.layers.Conv2D(6, 1, groups=2)(x)  # 4*4*1*1*(4/2)*6
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    inner = keras.Model(inputs, x)
+    outer_in = keras.Input((8, 8, 3))
+    out = keras.layers.Dense(5)(inner(outer_in))  # 6*5; the nested model counts too
+    assert common.forward_macs(keras.Model(outer_in, out)) == \
+        8 * 8 * 27 * 4 + 4 * 4 * 9 * 4 + 4 * 4 * 2 * 6 + 30
+
+
+def test_best_per_cpu_second_takes_forward_cases_of_one_precision():
+    from bench import gemm_peak
+
+    def case(median):
+        return {"gflop_per_cpu_s": common.summary([median])}
+    result = {"matmul_fp32": case(50.0), "conv3x3_fp32": case(60.0),
+              "conv3x3_bwd_input_fp32": case(70.0), "conv3x3_bf16": case(55.0)}
+    assert gemm_peak.best_per_cpu_second(result, "fp32") == 60.0
+    assert gemm_peak.best_per_cpu_second(result, "bf16") == 55.0
