@@ -1,6 +1,7 @@
 """CheXNet backbones' training step, fp32 vs bf16, and Keras's batch norm vs our fused one.
 
     .venv/bin/python -m bench.chexnet_backbones [--backbones densenet121] [--steps 2] [--rounds 5]
+    .venv/bin/python -m bench.chexnet_backbones --precisions fp32 --batch 16   # BN only
 
 One process, 1 rank, synthetic 224 px images and 14 random labels, batch 16, the training
 step chexnet runs (chexnet.model's backbone + 14-way sigmoid head, hooks.horovod_glue's
@@ -66,6 +67,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="densenet121",
                         help=f"comma-separated: {', '.join(BACKBONES)}")
+    parser.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per case per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
@@ -76,6 +78,9 @@ def main():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     backbones = args.backbones.split(",")
+    precisions = args.precisions.split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        parser.error("--precisions: fp32, bf16 or fp32,bf16")
     if any(b not in BACKBONES for b in backbones):
         parser.error(f"--backbones: choose from {', '.join(BACKBONES)}")
     import keras
@@ -92,6 +97,8 @@ def main():
                     ((True,) if backbone == "resnet50" else (False,)))
         for fused in variants:
             for precision, policy in (("fp32", "float32"), ("bf16", "mixed_bfloat16")):
+                if precision not in precisions:
+                    continue
                 name = f"{backbone}_{'fusedbn' if fused else 'kerasbn'}_{precision}"
                 if backbone == "vgg16":
                     name = f"{backbone}_{precision}"
@@ -123,7 +130,7 @@ def main():
         fp32 = name.replace("_bf16", "_fp32")
         keras_bn = name.replace("fusedbn", "kerasbn")
         vs_fp32 = (s_cpu["median"] / summary(per_cpu[fp32])["median"]
-                   if precision == "bf16" else None)
+                   if precision == "bf16" and fp32 in cases else None)
         vs_keras_bn = (s_cpu["median"] / summary(per_cpu[keras_bn])["median"]
                        if "fusedbn" in name and keras_bn in cases else None)
         of_limit = fraction_of_limit(s_cpu["median"], flop, peak[precision])
