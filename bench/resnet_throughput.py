@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import common  # noqa: E402
 from bench.common import Clock, fmt, fraction_of_limit, summary, write_json  # noqa: E402
 from hooks import horovod_glue  # noqa: E402
 from imagenet import input_pipeline, models  # noqa: E402
@@ -114,13 +115,21 @@ def main():
                              "the same time as a training case)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated subset of {', '.join(CASES)} (default: all; "
+                             "without bf16 instructions in the CPU, all but bf16 training, "
+                             "which takes hours there)")
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
     for name in ("steps", "rounds", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.cases is None:
+        slow = () if common.native_bf16() else ("ours_bf16", "ours_bf16_kerasbn")
+        if slow:
+            print(f"no bf16 instructions in this CPU: leaving out {', '.join(slow)} "
+                  "(ask for them with --cases)", flush=True)
+        args.cases = ",".join(n for n in CASES if n not in slow)
     names = args.cases.split(",")
     unknown = [n for n in names if n not in CASES]
     if unknown:
