@@ -59,3 +59,49 @@ def write_json(name: str, payload: dict, path: str = None) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+def fraction_of_limit(images_per_cpu_s: float, flop_per_image: float,
+                      limit_gflop_per_cpu_s: float) -> float:
+    """The share of the measured FLOP limit that a throughput uses: images per CPU-second x
+    FLOP per image, over the limit in GFLOP per CPU-second."""
+    if limit_gflop_per_cpu_s <= 0:
+        raise ValueError(f"limit must be > 0, got {limit_gflop_per_cpu_s}")
+    return images_per_cpu_s * flop_per_image / 1e9 / limit_gflop_per_cpu_s
+
+
+def forward_macs(model) -> int:
+    """Multiply-adds of one forward pass of a built Keras model, for one image: every
+    Conv2D (out_h x out_w x k_h x k_w x C_in / groups x C_out), DepthwiseConv2D and Dense
+    layer, nested models included. Batch norm, pooling and activations are not counted
+    (their FLOP are a few percent of a CNN's and not GEMM work)."""
+    import keras
+
+    total = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, h, w, c = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += h * w * kh * kw * c
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            kh, kw, c_in_per_group, _ = layer.kernel.shape
+            total += h * w * kh * kw * c_in_per_group * c_out
+        elif isinstance(layer, keras.layers.Dense):
+            c_in, c_out = layer.kernel.shape
+            total += c_in * c_out
+    return int(total)
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's
+    flags); without it TensorFlow's bf16 training kernels are far slower than fp32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {word for line in cpuinfo.splitlines() if line.startswith("flags")
+             for word in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -1,6 +1,7 @@
 """This CPU's achievable FLOP rate through TensorFlow/oneDNN: GEMM and convolution, fp32 and bf16.
 
     .venv/bin/python -m bench.gemm_peak [--rounds 3] [--size 2048] [--reps 4] [--threads 0]
+    .venv/bin/python -m bench.gemm_peak --backward --rounds 2 --reps 1   # + training kernels
 
 Cases, interleaved in every round: `tf.matmul` of two size x size matrices (2 size^3 FLOP)
 and a ResNet-50 3x3 convolution (batch 32, 28x28, 128 -> 128 channels, stride 1: the
@@ -9,7 +10,9 @@ GFLOP per CPU-second (the robust figure on this capped VM) and GFLOP/s wall-cloc
 and [min-max] over the rounds, and the ResNet-50 training images per CPU-second that the
 best rate allows (24.5 GFLOP per 224 px training image, imagenet.scaling). Writes
 runs/bench/gemm_peak.json. Other benchmarks call `measure` to quote their throughput as a
-fraction of the limit measured in the same run.
+fraction of the limit measured in the same run. `--backward` adds the convolution's
+input- and filter-gradient kernels (what training runs besides the forward pass); the limit
+stays the best forward case.
 """
 import argparse
 import os
@@ -24,8 +27,10 @@ from imagenet.scaling import RESNET50_TRAIN_FLOP_PER_IMAGE  # noqa: E402
 CONV_SHAPE = (32, 28, 28, 128, 128, 3)  # batch, height, width, C_in, C_out, kernel
 
 
-def _cases(size: int):
-    """{name: (callable running the op once, FLOP per call)}; inputs built once."""
+def _cases(size: int, backward: bool = False):
+    """{name: (callable running the op once, FLOP per call)}; inputs built once. `backward`
+    adds the convolution's two training kernels (input and filter gradients, the same FLOP
+    as the forward pass each)."""
     import tensorflow as tf
     n, h, w, cin, cout, k = CONV_SHAPE
     out = {}
@@ -37,6 +42,18 @@ def _cases(size: int):
         out[f"matmul_{tag}"] = (lambda a=a, b=b: tf.matmul(a, b), 2.0 * size ** 3)
         out[f"conv3x3_{tag}"] = (lambda x=x, f=f: tf.nn.conv2d(x, f, 1, "SAME"),
                                  2.0 * n * h * w * k * k * cin * cout)
+        if backward:
+            dy = tf.cast(tf.random.normal([n, h, w, cout]), dtype)
+            out[f"conv3x3_bwd_input_{tag}"] = (
+                lambda f=f, dy=dy: tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=[n, h, w, cin], filter=f, out_backprop=dy,
+                    strides=[1, 1, 1, 1], padding="SAME"),
+                2.0 * n * h * w * k * k * cin * cout)
+            out[f"conv3x3_bwd_filter_{tag}"] = (
+                lambda x=x, dy=dy: tf.raw_ops.Conv2DBackpropFilter(
+                    input=x, filter_sizes=[k, k, cin, cout], out_backprop=dy,
+                    strides=[1, 1, 1, 1], padding="SAME"),
+                2.0 * n * h * w * k * k * cin * cout)
     return out
 
 
@@ -56,7 +73,7 @@ def measure(rounds: int = 3, size: int = 2048, reps: int = 4, cases=None, log=pr
             per_cpu[name].append(reps * flop / c.cpu / 1e9)
             wall[name].append(reps * flop / c.wall / 1e9)
             if log:
-                log(f"round {r + 1} {name:<13} {per_cpu[name][-1]:7.1f} GFLOP/CPU-s "
+                log(f"round {r + 1} {name:<24} {per_cpu[name][-1]:7.1f} GFLOP/CPU-s "
                     f"{wall[name][-1]:7.1f} GFLOP/s wall")
     return {name: {"gflop_per_cpu_s": summary(per_cpu[name]), "gflop_per_s": summary(wall[name])}
             for name in cases}
@@ -79,8 +96,10 @@ def cpu_features() -> dict:
 
 
 def best_per_cpu_second(result: dict, tag: str) -> float:
-    """The highest median GFLOP per CPU-second among the cases of one precision."""
-    return max(v["gflop_per_cpu_s"]["median"] for k, v in result.items() if k.endswith(tag))
+    """The highest median GFLOP per CPU-second among the forward cases of one precision
+    (the limit; the backward kernels of `--backward` are reported beside it)."""
+    return max(v["gflop_per_cpu_s"]["median"] for k, v in result.items()
+               if k.endswith(tag) and "_bwd_" not in k)
 
 
 def main():
@@ -89,6 +108,8 @@ def main():
     parser.add_argument("--size", type=int, default=2048, help="matrix size")
     parser.add_argument("--reps", type=int, default=4, help="ops per case per round")
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: TF's)")
+    parser.add_argument("--backward", action="store_true",
+                        help="also the convolution's input- and filter-gradient kernels")
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
     for name in ("rounds", "size", "reps"):
@@ -97,14 +118,14 @@ def main():
     import tensorflow as tf
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    result = measure(args.rounds, args.size, args.reps)
+    result = measure(args.rounds, args.size, args.reps, cases=_cases(args.size, args.backward))
     gflop = RESNET50_TRAIN_FLOP_PER_IMAGE / 1e9
     features = cpu_features()
     print(f"\n{args.rounds} rounds x {args.reps} ops, {os.cpu_count()} CPUs, "
           f"TF {tf.__version__}; median [min-max]\nCPU: {features}")
-    print(f"{'case':<13} {'GFLOP/CPU-s':>22} {'GFLOP/s wall':>22}")
+    print(f"{'case':<24} {'GFLOP/CPU-s':>22} {'GFLOP/s wall':>22}")
     for name, v in result.items():
-        print(f"{name:<13} {fmt(v['gflop_per_cpu_s'], 1):>22} {fmt(v['gflop_per_s'], 1):>22}")
+        print(f"{name:<24} {fmt(v['gflop_per_cpu_s'], 1):>22} {fmt(v['gflop_per_s'], 1):>22}")
     limits = {tag: best_per_cpu_second(result, tag) for tag in ("fp32", "bf16")}
     for tag, peak in limits.items():
         print(f"limit {tag}: {peak:.1f} GFLOP/CPU-s -> ResNet-50 training at 100% of it: "

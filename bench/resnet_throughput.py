@@ -1,29 +1,51 @@
-"""Training throughput of resnet_main's train step against plain Keras, side by side.
+"""Training and evaluation throughput of resnet_main's ResNet-50 against plain Keras, side by side.
 
 One process, 1 rank, synthetic 224 px images, batch 32: plain
 `keras.applications.ResNet50` + `model.fit`, then our ResNet-50 v1.5 through the same
 DistributedTrainer that resnet_main uses, in float32 and bfloat16 (and bfloat16 with
-Keras's BatchNormalization instead of our fused one, to show what that buys). The
+Keras's BatchNormalization instead of our fused one, to show what that buys), and
+evaluation as resnet_main runs it (hooks.evaluation.evaluate: forward pass with
+training=False plus the top-1/top-5/loss metrics) in float32 and bfloat16. The
 measurements are interleaved in rounds so that noise from other work on the machine hits
-all of them alike; the ratios are what to read. Each case is also given as a fraction of
-this CPU's limit (bench.gemm_peak, measured at the start of the run, best GEMM/convolution
-GFLOP per CPU-second of the case's precision; 24.5 GFLOP per 224 px training image).
+all of them alike; the ratios are what to read. Images per CPU-second (the robust figure on
+this capped VM) with wall-clock beside it, median [min-max] over the rounds. Each case is
+also given as a fraction of this CPU's limit (bench.gemm_peak, measured at the start of the
+run: best GEMM/convolution GFLOP per CPU-second of the case's precision) at 24.5 GFLOP per
+224 px training image and 8.18 per forward pass (imagenet.scaling: 4.09 G multiply-adds
+counted layer by layer, as torchvision's table; training = 3x forward). Writes
+runs/bench/resnet_throughput.json and a `BENCH {json}` line.
 
-  .venv/bin/python -m bench.resnet_throughput [--steps 4] [--rounds 2] [--batch 32]
+  .venv/bin/python -m bench.resnet_throughput [--steps 4] [--rounds 5] [--cases a,b]
 """
 import argparse
 import json
 import os
-import time
+import statistics
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import common  # noqa: E402
+from bench.common import Clock, fmt, fraction_of_limit, summary, write_json  # noqa: E402
 from hooks import horovod_glue  # noqa: E402
 from imagenet import input_pipeline, models  # noqa: E402
+from imagenet.scaling import (  # noqa: E402
+    RESNET50_FORWARD_FLOP_PER_IMAGE,
+    RESNET50_TRAIN_FLOP_PER_IMAGE,
+)
+
+# name: (train | eval, precision, variant). Eval cases run resnet_main's evaluation step on
+# the network of the training case of the same precision.
+CASES = {"keras_fp32": ("train", "fp32", "keras"),
+         "ours_fp32": ("train", "fp32", "fused"),
+         "ours_bf16": ("train", "bf16", "fused"),
+         "ours_bf16_kerasbn": ("train", "bf16", "kerasbn"),
+         "ours_eval_fp32": ("eval", "fp32", "fused"),
+         "ours_eval_bf16": ("eval", "bf16", "fused")}
 
 
 def _data(batch, image_size, dtype):
@@ -55,63 +77,126 @@ def ours(policy, fused_bn=True):
     return trainer
 
 
-def measure(model, data, steps):
-    """(wall seconds, CPU seconds of this process) per step over `steps` steps, after one
-    warm-up fit call (tracing). CPU time does not grow while the host holds the VM back."""
-    model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+def measure(model, data, steps, warm_up):
+    """(wall seconds, CPU seconds of this process) per step over `steps` steps of `fit`,
+    after one warm-up fit call (tracing; Keras keeps the traced function, so only the first
+    round needs it). CPU time does not grow while the host holds the VM back."""
+    if warm_up:
+        model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+    with Clock() as c:
+        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    return c.wall / steps, c.cpu / steps
+
+
+def measure_eval(network, data, steps, warm_up):
+    """The same for evaluation as resnet_main runs it (hooks.evaluation.evaluate: the
+    network's forward pass with training=False and top-1/top-5/loss metric updates, one
+    traced step per batch), over `steps` batches."""
+    from hooks import evaluation
+    from imagenet.train import eval_metrics
+    metrics = _EVAL_METRICS.setdefault(id(network), eval_metrics(1000))
+    context = horovod_glue.Context()
+    if warm_up:
+        evaluation.evaluate(network, data.take(1), metrics, context)
+    with Clock() as c:
+        _, count = evaluation.evaluate(network, data.take(steps), metrics, context)
+    assert count == steps * int(data.element_spec[1].shape[0]), count
+    return c.wall / steps, c.cpu / steps
+
+
+_EVAL_METRICS = {}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")
+    parser.add_argument("--eval_steps", type=int, default=0,
+                        help="timed evaluation batches per round (0: 3 x --steps, about "
+                             "the same time as a training case)")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated subset of {', '.join(CASES)} (default: all; "
+                             "without bf16 instructions in the CPU, all but bf16 training, "
+                             "which takes hours there)")
+    parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
+    for name in ("steps", "rounds", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.cases is None:
+        slow = () if common.native_bf16() else ("ours_bf16", "ours_bf16_kerasbn")
+        if slow:
+            print(f"no bf16 instructions in this CPU: leaving out {', '.join(slow)} "
+                  "(ask for them with --cases)", flush=True)
+        args.cases = ",".join(n for n in CASES if n not in slow)
+    names = args.cases.split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    eval_steps = args.eval_steps or 3 * args.steps
     from bench import gemm_peak
-    from imagenet.scaling import RESNET50_TRAIN_FLOP_PER_IMAGE
     peak_result = gemm_peak.measure(rounds=1, log=None)
     peak = {tag: gemm_peak.best_per_cpu_second(peak_result, tag) for tag in ("fp32", "bf16")}
     print(f"limit measured now, GFLOP/CPU-s: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f}",
           flush=True)
-    cases = {"keras_fp32": (plain_keras, "float32", tf.float32),
-             "ours_fp32": (ours, "float32", tf.float32),
-             "ours_bf16": (ours, "mixed_bfloat16", tf.bfloat16),
-             "ours_bf16_kerasbn": (lambda p: ours(p, fused_bn=False), "mixed_bfloat16",
-                                   tf.bfloat16)}
     built = {}
-    for name, (build, policy, dtype) in cases.items():
-        built[name] = (build(policy), _data(args.batch, 224, dtype), policy)
-    times = {name: [] for name in cases}
-    cpu = {name: [] for name in cases}
+    for name in names:
+        kind, precision, variant = CASES[name]
+        policy = "float32" if precision == "fp32" else "mixed_bfloat16"
+        dtype = tf.float32 if precision == "fp32" else tf.bfloat16
+        if kind == "eval":  # the training case's network when it is built, else a new one
+            train_case = f"ours_{precision}"
+            network = (built[train_case][0].network if train_case in built
+                       else ours(policy).network)
+            built[name] = (network, _data(args.batch, 224, dtype), policy)
+        else:
+            model = plain_keras(policy) if variant == "keras" else ours(
+                policy, fused_bn=variant != "kerasbn")
+            built[name] = (model, _data(args.batch, 224, dtype), policy)
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(args.rounds):
         for name, (model, data, policy) in built.items():
             keras.mixed_precision.set_global_policy(policy)
-            sec, cpu_sec = measure(model, data, args.steps)
-            times[name].append(sec)
-            cpu[name].append(cpu_sec)
-            print(f"round {r + 1} {name:<17} {args.batch / sec:6.2f} img/s "
-                  f"{args.batch / cpu_sec:6.2f} img/CPU-s", flush=True)
-    # Median and best round: on a shared VM whose host caps CPU time, capped rounds all
-    # read the same figure, and the best round shows what the code does uncapped.
-    rate = {k: args.batch / float(np.median(v)) for k, v in times.items()}
-    best = {k: args.batch / float(np.min(v)) for k, v in times.items()}
-    print(f"\nimages/s over {args.rounds} rounds x {args.steps} steps, batch {args.batch}, "
-          f"224 px, 1 process, {os.cpu_count()} CPUs:\n  median (x plain fp32) | best round | "
-          f"median images per CPU-second")
-    per_cpu = {k: args.batch / float(np.median(v)) for k, v in cpu.items()}
-    of_peak = {k: per_cpu[k] * RESNET50_TRAIN_FLOP_PER_IMAGE / 1e9
-               / peak["bf16" if "bf16" in k else "fp32"] for k in per_cpu}
-    for name in rate:
-        print(f"  {name:<17} {rate[name]:6.2f} ({rate[name] / rate['keras_fp32']:.2f}x) | "
-              f"{best[name]:6.2f} ({best[name] / best['keras_fp32']:.2f}x) | "
-              f"{per_cpu[name]:6.2f} img/CPU-s ({per_cpu[name] / per_cpu['keras_fp32']:.2f}x, "
-              f"{of_peak[name]:.0%} of the limit)")
-    print("BENCH " + json.dumps({"median": rate, "best": best, "per_cpu_second": per_cpu,
-                                 "fraction_of_limit": of_peak,
-                                 "limit_gflop_per_cpu_s": peak}))
+            if CASES[name][0] == "eval":
+                sec, cpu_sec = measure_eval(model, data, eval_steps, warm_up=r == 0)
+            else:
+                sec, cpu_sec = measure(model, data, args.steps, warm_up=r == 0)
+            wall[name].append(args.batch / sec)
+            cpu[name].append(args.batch / cpu_sec)
+            print(f"round {r + 1} {name:<17} {wall[name][-1]:6.2f} img/s "
+                  f"{cpu[name][-1]:6.2f} img/CPU-s", flush=True)
+
+    result = {}
+    ref = "keras_fp32" if "keras_fp32" in names else None
+    print(f"\n{args.rounds} interleaved rounds x {args.steps} training steps / {eval_steps} "
+          f"evaluation batches, batch {args.batch}, 224 px, 1 process, {os.cpu_count()} CPUs; "
+          f"median [min-max]; GFLOP per image: training {RESNET50_TRAIN_FLOP_PER_IMAGE / 1e9:.1f}, "
+          f"evaluation (forward) {RESNET50_FORWARD_FLOP_PER_IMAGE / 1e9:.2f}")
+    print(f"{'case':<17} {'img/CPU-s':>20} {'x keras_fp32':>12} {'img/s wall':>20} "
+          f"{'GFLOP/CPU-s':>11} {'of limit':>8}")
+    for name in names:
+        kind, precision, _ = CASES[name]
+        s_cpu, s_wall = summary(cpu[name]), summary(wall[name])
+        flop = RESNET50_FORWARD_FLOP_PER_IMAGE if kind == "eval" else RESNET50_TRAIN_FLOP_PER_IMAGE
+        of_limit = fraction_of_limit(s_cpu["median"], flop, peak[precision])
+        vs_ref = (s_cpu["median"] / statistics.median(cpu[ref])
+                  if ref and kind == "train" else None)
+        result[name] = {"img_per_cpu_s": s_cpu, "img_per_s": s_wall, "flop_per_image": flop,
+                        "gflop_per_cpu_s": s_cpu["median"] * flop / 1e9,
+                        "fraction_of_limit": of_limit, "x_keras_fp32": vs_ref}
+        print(f"{name:<17} {fmt(s_cpu):>20} {f'{vs_ref:.2f}x' if vs_ref else '-':>12} "
+              f"{fmt(s_wall):>20} {s_cpu['median'] * flop / 1e9:11.1f} {of_limit:8.0%}")
+    path = write_json("resnet_throughput", {"args": vars(args), "eval_steps": eval_steps,
+                                            "limit_gflop_per_cpu_s": peak,
+                                            "limit_cases": peak_result, "cases": result},
+                      args.out)
+    print(f"wrote {path}")
+    print("BENCH " + json.dumps({k: {"per_cpu_second": v["img_per_cpu_s"]["median"],
+                                     "wall_median": v["img_per_s"]["median"],
+                                     "fraction_of_limit": v["fraction_of_limit"]}
+                                 for k, v in result.items()}))
 
 
 if __name__ == "__main__":

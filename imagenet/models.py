@@ -116,11 +116,27 @@ def resnet_backbone(inputs, depth: int, weight_decay: float):
     return layers.GlobalAveragePooling2D(name="avg_pool")(x)
 
 
+def fuse_batch_norms(model: keras.Model) -> keras.Model:
+    """A copy of a functional `model` with every Keras BatchNormalization replaced by a
+    FusedBatchNormalization of the same configuration, and the same weights (same layer
+    names and variable paths, so weights files and checkpoints load into either)."""
+    def clone(layer):
+        if type(layer) is layers.BatchNormalization:
+            return FusedBatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    fused = keras.models.clone_model(model, clone_function=clone)
+    fused.set_weights(model.get_weights())
+    return fused
+
+
 def build_backbone(architecture: str, image_size: int, depth: int = 50,
                    weight_decay: float = 0.0, weights_file: str | None = None,
-                   channels: int = 3) -> keras.Model:
+                   channels: int = 3, fused_bn: bool = False) -> keras.Model:
     """Input image -> pooled feature vector. `weights_file` loads Keras application weights
-    (e.g. a downloaded `*_notop.h5`) into DenseNet/VGG backbones."""
+    (e.g. a downloaded `*_notop.h5`) into DenseNet/VGG backbones. `fused_bn`: DenseNet's
+    batch norms become FusedBatchNormalization after the weights are loaded (ResNet always
+    uses it; VGG16 has none)."""
     inputs = keras.Input((image_size, image_size, channels), name="image")
     if architecture == "resnet":
         features = resnet_backbone(inputs, depth, weight_decay)
@@ -134,12 +150,14 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
                          f"{', '.join(ARCHITECTURES)}")
     base = apps[architecture](include_top=False, weights=weights_file, input_tensor=inputs,
                               pooling="avg")
+    if fused_bn:
+        base = fuse_batch_norms(base)
     if weight_decay:
         for layer in base.layers:
             if isinstance(layer, (layers.Conv2D, layers.Dense)):
                 # Keras 3 collects regularisation losses from the variables themselves.
                 layer.kernel.regularizer = _l2(weight_decay)
-    return keras.Model(inputs, base.output, name=f"{architecture}_backbone")
+    return keras.Model(base.inputs[0], base.output, name=f"{architecture}_backbone")
 
 
 def build_classifier(architecture: str, num_classes: int, image_size: int, depth: int = 50,

@@ -20,6 +20,7 @@ def test_resnet50_counts_match_the_published_ones():
     assert counts["tensors"] == 53 * 3 + 2  # 53 convs, each with BN gamma and beta; fc W, b
     assert scaling.RESNET50_GRADIENT_BYTES == 4 * 25_557_032
     assert scaling.RESNET50_TRAIN_FLOP_PER_IMAGE == pytest.approx(24.5e9, rel=0.005)
+    assert scaling.RESNET50_FORWARD_FLOP_PER_IMAGE == pytest.approx(8.18e9, rel=0.005)
 
 
 def test_ring_allreduce_by_hand():
