@@ -92,16 +92,3 @@ def forward_macs(model) -> int:
             total += c_in * c_out
     return int(total)
 
-
-def native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's
-    flags); without it TensorFlow's bf16 training kernels are far slower than fp32."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = {word for line in cpuinfo.splitlines() if line.startswith("flags")
-             for word in line.split(":", 1)[1].split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})

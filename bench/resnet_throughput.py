@@ -29,9 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench import common  # noqa: E402
 from bench.common import Clock, fmt, fraction_of_limit, summary, write_json  # noqa: E402
-from hooks import horovod_glue  # noqa: E402
+from hooks import horovod_glue, runtime  # noqa: E402
 from imagenet import input_pipeline, models  # noqa: E402
 from imagenet.scaling import (  # noqa: E402
     RESNET50_FORWARD_FLOP_PER_IMAGE,
@@ -125,7 +124,7 @@ def main():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.cases is None:
-        slow = () if common.native_bf16() else ("ours_bf16", "ours_bf16_kerasbn")
+        slow = () if runtime.native_bf16() else ("ours_bf16", "ours_bf16_kerasbn")
         if slow:
             print(f"no bf16 instructions in this CPU: leaving out {', '.join(slow)} "
                   "(ask for them with --cases)", flush=True)

@@ -164,6 +164,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         pipelines_for(context)
 
     runtime.set_precision(config.precision)
+    if (warning := runtime.precision_warning(config.precision)) is not None:
+        chief_log(f"WARNING: {warning}")
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     network, init = model_lib.build_chexnet_model(

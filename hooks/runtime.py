@@ -52,3 +52,32 @@ def set_precision(precision: str) -> str:
         raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The `flags` of /proc/cpuinfo (or of `cpuinfo`); empty where there is none."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    return {word for line in cpuinfo.splitlines() if line.startswith("flags")
+            for word in line.split(":", 1)[1].split()}
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether an x86 CPU has bf16 arithmetic (AVX512_BF16 or AMX-BF16)."""
+    return bool(_cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
+def precision_warning(precision: str, cpuinfo: str | None = None) -> str | None:
+    """A warning for bfloat16 on an x86 CPU without bf16 instructions: TensorFlow then
+    emulates it and training runs several times slower than float32 (9x measured on
+    AVX2, docs/benchmarks.md). None otherwise (and on CPUs that are not x86)."""
+    flags = _cpu_flags(cpuinfo)
+    if precision != "bfloat16" or "sse2" not in flags or native_bf16(cpuinfo):
+        return None
+    return ("--precision=bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or "
+            "amx_bf16 in /proc/cpuinfo): training will be several times slower than "
+            "float32 (9x measured on AVX2, docs/benchmarks.md)")

@@ -204,6 +204,8 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
     chief_log = horovod_glue.chief_logger(log, lambda: context)
+    if (warning := runtime.precision_warning(config.precision)) is not None:
+        chief_log(f"WARNING: {warning}")
 
     learning_rate, preset = build_learning_rate(config)
     lars = uses_lars(config, preset)

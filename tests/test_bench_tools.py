@@ -113,11 +113,3 @@ def test_best_per_cpu_second_takes_forward_cases_of_one_precision():
     assert gemm_peak.best_per_cpu_second(result, "fp32") == 60.0
     assert gemm_peak.best_per_cpu_second(result, "bf16") == 55.0
 
-
-def test_native_bf16_reads_the_cpu_flags():
-    from bench import common
-
-    assert common.native_bf16("processor: 0\nflags\t\t: fpu avx2 fma avx512f\n") is False
-    assert common.native_bf16("flags\t: fpu avx512f avx512_bf16\n") is True
-    assert common.native_bf16("flags\t: fpu amx_bf16 amx_tile\n") is True
-    assert common.native_bf16("model name: x\n") is False

@@ -150,3 +150,15 @@ def test_default_batch_is_not_checked_against_ranks(monkeypatch):
     monkeypatch.setenv("HOROVOD_SIZE", "3")
     fv = _parse(["--eval_batch_size=9"])
     assert (fv.train_batch_size, fv.eval_batch_size) == (1024, 9)
+
+
+def test_bfloat16_warns_only_on_x86_without_bf16_instructions():
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    sapphire = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    arm = "Features\t: fp asimd bf16\n"
+    assert runtime.native_bf16(avx2) is False and runtime.native_bf16(sapphire) is True
+    warning = runtime.precision_warning("bfloat16", avx2)
+    assert warning.startswith("--precision=bfloat16 on a CPU without bf16 instructions")
+    assert runtime.precision_warning("float32", avx2) is None
+    assert runtime.precision_warning("bfloat16", sapphire) is None
+    assert runtime.precision_warning("bfloat16", arm) is None  # not x86: nothing known
