@@ -86,10 +86,7 @@ def main():
     import keras
 
     from bench import gemm_peak
-    peak_result = gemm_peak.measure(rounds=1, log=None)
-    peak = {tag: gemm_peak.best_per_cpu_second(peak_result, tag) for tag in ("fp32", "bf16")}
-    print(f"limit measured now, GFLOP/CPU-s: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f}",
-          flush=True)
+    _, peak = gemm_peak.measure_limit(log=lambda line: print(line, flush=True))
     cases = {}
     for backbone in backbones:
         # ResNet is built with the fused batch norm; VGG16 has none: one variant each.

@@ -138,3 +138,12 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def measure_limit(log=print) -> tuple[dict, dict[str, float]]:
+    """(the raw result, {"fp32": GFLOP/CPU-s, "bf16": ...}): this CPU's limit measured now
+    (one round), for benchmarks that give their throughput as a fraction of it."""
+    result = measure(rounds=1, log=None)
+    peak = {tag: best_per_cpu_second(result, tag) for tag in ("fp32", "bf16")}
+    log(f"limit measured now, GFLOP/CPU-s: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f}")
+    return result, peak

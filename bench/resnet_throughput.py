@@ -135,10 +135,7 @@ def main():
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     eval_steps = args.eval_steps or 3 * args.steps
     from bench import gemm_peak
-    peak_result = gemm_peak.measure(rounds=1, log=None)
-    peak = {tag: gemm_peak.best_per_cpu_second(peak_result, tag) for tag in ("fp32", "bf16")}
-    print(f"limit measured now, GFLOP/CPU-s: fp32 {peak['fp32']:.1f}, bf16 {peak['bf16']:.1f}",
-          flush=True)
+    peak_result, peak = gemm_peak.measure_limit(log=lambda line: print(line, flush=True))
     built = {}
     for name in names:
         kind, precision, variant = CASES[name]
