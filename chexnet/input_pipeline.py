@@ -245,14 +245,17 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     for view="crop"; stateless, seeded by `seed` and rank), batches of `batch_size` (per
     rank) with drop_remainder. With `options.cache` the resized uint8 images are cached
     before the random view; the cached order is one fixed shuffle, reshuffled each epoch
-    through a 2048-image buffer.
-    `first_step` (an elastic restart): the shard's share of the epoch done in `first_step`
-    batches is skipped (before decoding unless cached), so the epoch goes on from the same
-    position. `reshuffle=False`: every iterator of the pipeline yields the same batches
-    (with reshuffling, iterators share one shuffle-seed generator, so a second iterator's
-    order would depend on how far the first one's prefetching has run).
+    through a 2048-image buffer. Each epoch's order is keyed by (seed, rank, epoch) and
+    each image's view by its position in the stream (`hooks.data_order`), so any iterator
+    of the pipeline yields the same batches.
+    `first_step` (a resumed or elastic restart): the stream starts where `first_step`
+    batches of this rank end, skipping the images before it in that epoch (undecoded
+    unless cached): the batches are those the uninterrupted run read from that step on.
+    `reshuffle=False`: every epoch in the first epoch's order.
     """
     import tensorflow as tf
+
+    from hooks import data_order
 
     paths, labels = [os.fspath(p) for p in paths], np.asarray(labels, np.float32)
     _check_args(paths, labels, options, batch_size, rank, size)
@@ -262,31 +265,40 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     shard_labels = shard_labels[keep]
     if not shard_paths:
         raise DataError(f"rank {rank} of {size} has no training images ({len(paths)} in all)")
-    stream_seed = int(seed) * 100_003 + rank  # distinct, reproducible stream per rank
+    key = int(seed) * 100_003 + rank  # distinct, reproducible stream per rank
     autotune = tf.data.AUTOTUNE
 
     def load(path, label):
         return decode_resize(path, options), label
 
-    def augment(image, label, pair_seed):
+    def augment(pair, pair_seed):
+        image, label = pair
         return train_view(image, options, pair_seed), label
 
-    files = tf.data.Dataset.from_tensor_slices((shard_paths, shard_labels))
-    cached = options.cache is not None
-    skip = first_step * batch_size % len(shard_paths)
-    ds = files.shuffle(len(shard_paths), seed=stream_seed,
-                       reshuffle_each_iteration=reshuffle and not cached)
-    if cached:
-        ds = _cache(ds.map(load, num_parallel_calls=autotune), options, "train", rank, size)
-        ds = ds.shuffle(min(len(shard_paths), 2048), seed=stream_seed,
-                        reshuffle_each_iteration=reshuffle).repeat().skip(skip)
-    else:
-        ds = ds.repeat().skip(skip).map(load, num_parallel_calls=autotune)
+    def order(epoch):  # reshuffle=False: every epoch in epoch 0's order
+        return epoch if reshuffle else 0
+
+    n = len(shard_paths)
+    first_epoch, offset = data_order.start(first_step * batch_size, n)
+    if options.cache is not None:  # one fixed order cached; each epoch reshuffles it
+        fixed = np.random.default_rng(key).permutation(n)
+        decoded = tf.data.Dataset.from_tensor_slices(
+            (np.asarray(shard_paths)[fixed], shard_labels[fixed])).map(
+                load, num_parallel_calls=autotune)
+        cached = _cache(decoded, options, "train", rank, size)
+        ds = data_order.by_epoch(lambda e: data_order.block_shuffle(
+            cached, min(n, 2048), key, order(e)), first_epoch)
+        ds = data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
+    else:  # the files to read in each epoch's order; skipped ones are never decoded
+        table = (tf.constant(shard_paths), tf.constant(shard_labels))
+        ds = data_order.by_epoch(lambda e: tf.data.Dataset.from_tensor_slices(
+            data_order.permutation(n, key, order(e))), first_epoch)
+        ds = data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
+        ds = ds.map(lambda i, pair_seed: (load(tf.gather(table[0], i), tf.gather(table[1], i)),
+                                          pair_seed), num_parallel_calls=autotune)
     if options.on_corrupt == "skip":
         ds = ds.ignore_errors(log_warning=True)
-    randoms = tf.data.Dataset.random(seed=stream_seed).batch(2)  # a [2] int64 seed per image
-    ds = tf.data.Dataset.zip((ds, randoms)).map(
-        lambda pair, pair_seed: augment(*pair, pair_seed), num_parallel_calls=autotune)
+    ds = ds.map(augment, num_parallel_calls=autotune)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda x, y: (preprocess_images(x, options.preprocessing), y),
                 num_parallel_calls=autotune)

@@ -193,9 +193,14 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
     resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
                                      log=chief_log, elastic=config.elastic)
+    plateau = cb.ReduceOnPlateau(schedule, config.plateau_patience, config.plateau_factor)
     if resumed is not None:
         schedule.factor.assign(float(resumed.state.get("lr_factor", 1.0)))
+        if "plateau" in resumed.state:  # older checkpoints: the counters start afresh
+            plateau.load_state_dict(resumed.state["plateau"])
     start = int(optimizer.iterations.numpy())
+    if start and not config.elastic:  # resumed: the batches the uninterrupted run read next
+        pipelines["train"] = train_input(context, start)[0]
     chief_log(f"chexnet: {network.name} ({network.count_params():,} parameters) from "
               f"{init.describe()}; {context.size} rank(s), global batch "
               f"{config.train_batch_size}, {total_steps} steps, peak lr {peak_lr:.3g} "
@@ -236,7 +241,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES),
         "global_batch": config.train_batch_size, "init": init.describe(),
         "preprocessing": options.preprocessing, "image_view": options.view,
-        "lr_factor": float(schedule.factor.numpy())}
+        "lr_factor": float(schedule.factor.numpy()), "plateau": plateau.state_dict()}
     t0 = time.perf_counter()
     result = loop.train(
         trainer, None if config.elastic else pipelines["train"], context=context,
@@ -249,8 +254,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         model_dir=config.model_dir, checkpoint_state=state,
         keep_checkpoints=config.keep_checkpoints, best_metric="mean_auroc", best_mode="max",
         log_every_n_steps=config.log_every_n_steps,
-        extra_callbacks=[cb.ReduceOnPlateau(schedule, config.plateau_patience,
-                                            config.plateau_factor)], log=chief_log,
+        extra_callbacks=[plateau], log=chief_log,
         faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
     scored = result.last_eval.details
     context = result.context

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from hooks import data_order
 from hooks.errors import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -253,30 +254,40 @@ def _check_args(per_rank_batch: int, image_size: int, rank: int, size: int) -> N
     _check_rank(rank, size)
 
 
-def _with_seeds(ds, seed: int | None, rank: int):
-    """Pairs each element with a shape-[2] seed for the stateless augmentations.
-
-    A seeded stream makes the augmentation reproducible when `seed` is set; seed + rank
-    so ranks do not apply identical crops. seed=None gives a non-deterministic stream.
-    """
-    stream = tf.data.Dataset.random(seed=None if seed is None else seed + rank).batch(2)
-    return tf.data.Dataset.zip((ds, stream))
+def stream_key(seed: int | None, rank: int) -> int:
+    """The int seed of `rank`'s training stream (ranks do not share orders or crops);
+    seed=None: a random one (not reproducible)."""
+    return data_order.resolve_seed(seed) * 1009 + rank
 
 
-def _finalize(ds, parse, *, is_training: bool, shuffle_buffer: int, seed: int | None,
-              rank: int, num_parallel_calls, per_rank_batch: int,
-              drop_remainder: bool | None, deterministic: bool, skip: int = 0):
-    """The tail shared by every source: shuffle + repeat + seeds (training), `skip`
-    records before any decoding (an elastic restart's position), parallel
-    parse/preprocess, batch (training drops the remainder by default), prefetch."""
-    if is_training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = _with_seeds(ds.repeat(), seed, rank)
-        if skip:
-            ds = ds.skip(skip)
-    ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
-    if drop_remainder is None:
-        drop_remainder = is_training
+def _training_stream(epoch_records, *, shuffle_buffer: int, key: int, first_position: int,
+                     epoch_size: int | None):
+    """This rank's (record, augmentation seed) pairs from its `first_position`-th record
+    on, forever.
+
+    `epoch_records(epoch)` gives the records of one epoch; each epoch's blocks of
+    `shuffle_buffer` records are permuted, keyed by (key, epoch), and each record gets an
+    augmentation seed from (key, its position), so a run resumed at a position reads and
+    augments what the uninterrupted run did (`hooks.data_order`); `key` is
+    `stream_key(seed, rank)`. An
+    epoch is `epoch_size` records (the shard's shuffled records, cycled if it holds fewer;
+    None: all of them, and first_position must be 0), so positions never depend on how
+    many records a shard really holds. The records before `first_position` in its epoch
+    are skipped undecoded."""
+    if epoch_size is None and first_position:
+        raise ValueError("first_position needs epoch_size (the records of a rank's epoch)")
+
+    def epoch(e):
+        records = data_order.block_shuffle(epoch_records(e), shuffle_buffer, key, e)
+        return records.repeat().take(epoch_size) if epoch_size else records
+
+    first_epoch, offset = data_order.start(first_position, epoch_size or 1)
+    ds = data_order.by_epoch(epoch, first_epoch)
+    return data_order.with_position_seeds(ds, key, first_position - offset).skip(offset)
+
+
+def _finalize(ds, *, per_rank_batch: int, drop_remainder: bool, deterministic: bool):
+    """The tail shared by every source: batch, determinism, prefetch."""
     ds = ds.batch(per_rank_batch, drop_remainder=drop_remainder)
     options = tf.data.Options()
     options.deterministic = deterministic
@@ -289,15 +300,18 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
                      cache: bool = False, num_parallel_calls=AUTOTUNE,
                      drop_remainder: bool | None = None,
                      include_background_label: bool = False,
-                     skip: int = 0) -> tf.data.Dataset:
+                     first_position: int = 0, epoch_size: int | None = None
+                     ) -> tf.data.Dataset:
     """Per-rank batches from TPU-style `train-*` / `validation-*` TFRecords in data_dir.
 
-    Training: shuffled files, parallel interleaved reads, record shuffle, repeat forever,
-    random crop + flip, drop_remainder (default). Evaluation: one pass, center crop, the
-    last partial batch kept (default), every record read by exactly one rank.
-    `seed` makes shuffling and augmentation reproducible (and the order deterministic);
-    `cache` keeps the raw records of this rank in memory after the first pass; `skip`
-    (training) drops that many of this rank's records first, undecoded.
+    Training: files shuffled per epoch, parallel interleaved reads, record shuffle, repeat
+    forever, random crop + flip, drop_remainder (default). Evaluation: one pass, center
+    crop, the last partial batch kept (default), every record read by exactly one rank.
+    `seed` makes the order and augmentation reproducible, each epoch's keyed by (seed,
+    epoch); `cache` keeps the raw records of this rank in memory after the first pass.
+    `first_position` (training; a resumed or elastic restart): this rank starts at its
+    record of that number in the stream of `epoch_size`-record epochs (see
+    `_training_stream`), skipping the records before it in that epoch undecoded.
     Records hold labels 1..1000; they become 0..999, or stay 1..1000 with
     `include_background_label` (1001 classes, the reference's convention).
     """
@@ -307,22 +321,15 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
     my_files, shard_records = shard_files(files, rank, size)
     deterministic = seed is not None or not is_training
 
-    if shard_records:
-        # Fixed file order and sequential reads: record k must be the same on every rank.
-        records = tf.data.TFRecordDataset(my_files, buffer_size=_READ_BUFFER_BYTES)
-        records = records.shard(size, rank)
-    elif is_training:
-        names = tf.data.Dataset.from_tensor_slices(my_files)
-        names = names.shuffle(len(my_files), seed=seed, reshuffle_each_iteration=True)
-        records = names.interleave(
+    def read(names):
+        if shard_records:
+            # Fixed file order and sequential reads: record k must be the same on every rank.
+            return tf.data.TFRecordDataset(my_files,
+                                           buffer_size=_READ_BUFFER_BYTES).shard(size, rank)
+        return names.interleave(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
             cycle_length=min(len(my_files), 16), block_length=1,
             num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-    else:
-        records = tf.data.TFRecordDataset(my_files, buffer_size=_READ_BUFFER_BYTES,
-                                          num_parallel_reads=min(len(my_files), 8))
-    if cache:
-        records = records.cache()
 
     features = {"image/encoded": tf.io.FixedLenFeature((), tf.string),
                 "image/class/label": tf.io.FixedLenFeature((), tf.int64)}
@@ -336,10 +343,28 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
             label -= 1
         return tf.cast(image, dtype), label
 
-    return _finalize(records, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
-                     seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,
-                     per_rank_batch=per_rank_batch, drop_remainder=drop_remainder,
-                     deterministic=deterministic, skip=skip)
+    if not is_training:
+        records = read(None) if shard_records else tf.data.TFRecordDataset(
+            my_files, buffer_size=_READ_BUFFER_BYTES, num_parallel_reads=min(len(my_files), 8))
+        ds = records.map(parse, num_parallel_calls=num_parallel_calls)
+        return _finalize(ds, per_rank_batch=per_rank_batch,
+                         drop_remainder=bool(drop_remainder), deterministic=True)
+    key = stream_key(seed, rank)
+
+    def names(epoch):  # this rank's files in the epoch's order
+        return tf.data.Dataset.from_tensor_slices(
+            data_order.shuffled(tf.constant(my_files), key + 1, epoch))
+    if cache:  # one file order, read once; each epoch reshuffles the records
+        cached = read(names(0)).cache()
+        epoch_records = lambda epoch: cached  # noqa: E731
+    else:
+        epoch_records = lambda epoch: read(names(epoch))  # noqa: E731
+    ds = _training_stream(epoch_records, shuffle_buffer=shuffle_buffer, key=key,
+                          first_position=first_position, epoch_size=epoch_size)
+    ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
+    return _finalize(ds, per_rank_batch=per_rank_batch,
+                     drop_remainder=drop_remainder is None or drop_remainder,
+                     deterministic=deterministic)
 
 
 def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch: int,
@@ -347,12 +372,16 @@ def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch
                  shuffle_buffer: int = 1024, seed: int | None = None,
                  num_parallel_calls=AUTOTUNE, drop_remainder: bool | None = None,
                  name: str = "imagenet2012", include_background_label: bool = False,
-                 skip: int = 0) -> tf.data.Dataset:
+                 first_position: int = 0, epoch_size: int | None = None
+                 ) -> tf.data.Dataset:
     """Per-rank batches from an already prepared TFDS `imagenet2012` (never downloads).
 
     Each rank reads tfds.even_splits(split, n=size)[rank]: disjoint, and together the
     whole split, so evaluation sees every example exactly once. Crops are taken on the
     decoded image; labels are already 0..999 (1..1000 with `include_background_label`).
+    Training: `first_position` as `tfrecord_dataset`, but the order is TFDS's file shuffle
+    and a shuffle buffer, reshuffled each pass and not keyed by epoch: a resumed run starts
+    at the right position of its epoch and may read other examples there.
     """
     import tensorflow_datasets as tfds  # heavy; only this path needs it
 
@@ -373,10 +402,15 @@ def tfds_dataset(tfds_data_dir: str | None, *, is_training: bool, per_rank_batch
         label = tf.cast(ex["label"], tf.int32) + int(include_background_label)
         return tf.cast(image, dtype), label
 
-    return _finalize(ds, parse, is_training=is_training, shuffle_buffer=shuffle_buffer,
-                     seed=seed, rank=rank, num_parallel_calls=num_parallel_calls,
-                     per_rank_batch=per_rank_batch, drop_remainder=drop_remainder,
-                     deterministic=deterministic, skip=skip)
+    if is_training:  # decoded images of any size: a shuffle buffer, not keyed blocks
+        key = stream_key(seed, rank)
+        _, offset = data_order.start(first_position, epoch_size or max(1, int(ds.cardinality())))
+        ds = ds.shuffle(shuffle_buffer, seed=key, reshuffle_each_iteration=True).repeat()
+        ds = data_order.with_position_seeds(ds, key, first_position - offset).skip(offset)
+    ds = ds.map(parse, num_parallel_calls=num_parallel_calls)
+    return _finalize(ds, per_rank_batch=per_rank_batch,
+                     drop_remainder=is_training if drop_remainder is None else drop_remainder,
+                     deterministic=deterministic)
 
 
 def synthetic_dataset(*, per_rank_batch: int, image_size: int, num_classes: int,

@@ -141,10 +141,10 @@ def tfrecord_files(config: RunConfig, context: horovod_glue.Context) -> list[str
 
 
 def train_dataset(config: RunConfig, context: horovod_glue.Context, first_step: int = 0):
-    """This rank's training batches (its share of the global batch); from `first_step` on
-    (an elastic restart): each rank skips, undecoded, its share of the epoch already done
-    (first_step global batches), so the epoch goes on from the same position in the new
-    world's shards."""
+    """This rank's training batches (its share of the global batch) from `first_step` on
+    (a resumed run, an elastic restart): with a seed, the batches the uninterrupted run
+    read from that step; each rank skips, undecoded, its share of the epoch already done.
+    A rank's epoch is num_train_images / size records (see `input_pipeline`)."""
     per_rank = horovod_glue.rank_batch(config.train_batch_size, context)
     if config.use_synthetic_data:
         return input_pipeline.synthetic_dataset(
@@ -154,7 +154,7 @@ def train_dataset(config: RunConfig, context: horovod_glue.Context, first_step: 
     shard = max(1, config.num_train_images // context.size)
     kwargs = dict(_source_kwargs(config, context), is_training=True, per_rank_batch=per_rank,
                   seed=None if config.seed is None else config.seed,
-                  skip=first_step * per_rank % shard)
+                  first_position=first_step * per_rank, epoch_size=shard)
     if config.tfds_data_dir:
         return input_pipeline.tfds_dataset(config.tfds_data_dir, **kwargs)
     return input_pipeline.tfrecord_dataset(config.data_dir, cache=config.use_cache, **kwargs)
@@ -276,7 +276,8 @@ def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_call
         last_eval = evaluate()
     else:
         result = loop.train(
-            trainer, None if config.elastic else train_dataset(config, context),
+            trainer, None if config.elastic else train_dataset(
+                config, context, int(trainer.optimizer.iterations.numpy())),
             make_dataset=(lambda world, step: train_dataset(config, world, step))
             if config.elastic else None,
             elastic_commit_steps=config.elastic_commit_steps if config.elastic else None,

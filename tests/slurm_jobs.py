@@ -5,8 +5,6 @@ import re
 import subprocess
 import sys
 
-import h5py
-import numpy as np
 import pytest
 
 from tests.conftest import ROOT, child_env
@@ -58,13 +56,3 @@ def sbatch(cluster, out_dir, name, env, *args, script="imagenet_resnet50", wait=
     assert match, (f"sbatch printed no job id (rc {proc.returncode}): {proc.stdout}{proc.stderr}"
                    f"\n{cluster.log_tail('slurmctld')}")
     return match.group(1), proc
-
-
-def weights(path):
-    """Every array of a Keras .weights.h5 file, by its path in the file."""
-    arrays = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, np.asarray(obj))
-                     if isinstance(obj, h5py.Dataset) else None)
-    assert arrays, f"no weights in {path}"
-    return arrays

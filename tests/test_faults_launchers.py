@@ -10,6 +10,7 @@ import time
 import pytest
 
 from hooks import faults, watchdog
+from tests import checkpoint_values
 from tests.conftest import (
     horovodrun_cmd,
     kill_group,
@@ -55,8 +56,12 @@ def test_a_stopped_rank_ends_the_job_naming_it(launcher, tmp_path):
 
 
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_then_resumes(tmp_path):
+    """...and the rerun ends with the weights and optimizer state of an uninterrupted run
+    of the same steps (same seed, world and threads; a schedule at fixed epochs)."""
     model_dir = tmp_path / "run"
-    args = [*TINY, "--train_steps=100000", f"--model_dir={model_dir}"]
+    seeded = [*TINY, "--lr_schedule=tpu_2018", "--seed=13", "--num_intra_threads=1",
+              "--num_inter_threads=1"]
+    args = [*seeded, "--train_steps=100000", f"--model_dir={model_dir}"]
     proc = start_group(horovodrun_cmd(2, *args))
     try:
         wait_for_checkpoint(proc, model_dir)
@@ -77,10 +82,18 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_then_resumes(tmp_path)
     (stop,) = steps
     assert (model_dir / f"ckpt-{stop:09d}").is_dir()
 
-    rerun = run_cmd(python_cmd(*TINY, f"--train_steps={stop + 1}", f"--model_dir={model_dir}"))
+    rerun = run_cmd(horovodrun_cmd(2, *seeded, f"--train_steps={stop + 2}",
+                                   f"--model_dir={model_dir}"))
     assert f"resuming from {model_dir / f'ckpt-{stop:09d}'} at step {stop}" in rerun.stdout
     summary = json.loads(rerun.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
-    assert (summary["start_step"], summary["final_step"]) == (stop, stop + 1)
+    assert (summary["start_step"], summary["final_step"]) == (stop, stop + 2)
+    reference = tmp_path / "reference"
+    run_cmd(horovodrun_cmd(2, *seeded, f"--train_steps={stop + 2}", f"--model_dir={reference}"))
+    resumed = checkpoint_values.newest_state(model_dir)
+    checkpoint_values.assert_same_state(resumed, checkpoint_values.newest_state(reference),
+                                        atol=checkpoint_values.RESUME_ATOL)
+    checkpoint_values.assert_trained(resumed, checkpoint_values.state(
+        model_dir / f"ckpt-{stop:09d}"))
 
 
 def test_single_process_sigterm_exits_75(tmp_path):

@@ -33,8 +33,9 @@ from hooks.horovod_glue import describe_placement
 from slurm import cluster as cluster_lib
 from slurm.cluster import ClusterError
 from slurm.virtual_cluster import VirtualCluster
+from tests.checkpoint_values import assert_same_state, newest_state, weights
 from tests.conftest import SHARED_DATA
-from tests.slurm_jobs import JOB_TIMEOUT, SLURM_DIR, TINY, job_env, read, sbatch, summary, weights
+from tests.slurm_jobs import JOB_TIMEOUT, SLURM_DIR, TINY, job_env, read, sbatch, summary
 
 pytestmark = pytest.mark.multinode
 
@@ -270,13 +271,17 @@ def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
     steps, every = 8, 2
     folder = _jobs(cluster, "node-loss")
     model_dir = folder / "model"
-    env = job_env(cluster, IMAGENET, TRAIN_STEPS=str(steps), ITERATIONS_PER_LOOP=str(every),
-                  MODEL_DIR=model_dir, EXTRA_FLAGS="--num_label_classes=10 "
-                  "--log_every_n_steps=1 --keep_checkpoints=20")
+    settings = dict(IMAGENET, TRAIN_STEPS=str(steps), ITERATIONS_PER_LOOP=str(every),
+                    EXTRA_FLAGS=IMAGENET["EXTRA_FLAGS"] + " --keep_checkpoints=20")
+    env = job_env(cluster, settings, MODEL_DIR=model_dir)
     job_id, proc = sbatch(cluster, folder, "node-loss", env, "--nodes=2",
                           "--ntasks-per-node=1", wait=False)
     assert proc.returncode == 0, proc.stderr
     log_path = folder / f"node-loss-{job_id}.out"
+    # The reference: the same job uninterrupted, 2 ranks on node3 outside SLURM.
+    reference_dir = _jobs(cluster, "node-loss-reference")
+    reference = OneNode(cluster, reference_dir, [("imagenet_resnet50", job_env(
+        cluster, settings, MODEL_DIR=reference_dir / "model"))])
     try:
         # Kill node2 once two checkpoints exist (the older one is surely complete).
         deadline = time.monotonic() + JOB_TIMEOUT
@@ -321,7 +326,13 @@ def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
         assert result["start_step"] == at and result["final_step"] == steps
         print(f"node2 killed at step {reached}; job requeued after {ended_after:.1f} s; "
               f"resumed at step {at}")
+        # What the resumed job ends with is what the uninterrupted one ends with (the
+        # layouts' tolerance, as test_imagenet_on_two_nodes_matches_one_node).
+        reference.wait()
+        assert_same_state(newest_state(model_dir), newest_state(reference_dir / "model"),
+                          atol=1e-6)
     finally:
+        reference.kill()
         cluster.run("scancel", job_id, check=False)
         cluster.up()  # brings node2 back (idempotent for the rest)
     assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}

@@ -2,10 +2,8 @@
 reference's LARS schedule and flags. Scores are checked against numpy over the records."""
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -17,7 +15,17 @@ from imagenet import build_tfrecords, models, sample_images
 from imagenet import input_pipeline as ip
 from imagenet import train as imagenet_train
 from imagenet.config import RunConfig
-from tests.conftest import ROOT, child_env, horovodrun_cmd, mpirun_cmd, python_cmd, run_cmd
+from tests import checkpoint_values
+from tests.conftest import (
+    ROOT,
+    child_env,
+    horovodrun_cmd,
+    kill_group,
+    mpirun_cmd,
+    python_cmd,
+    run_cmd,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts resnet_main in a subprocess
 
@@ -140,33 +148,38 @@ def test_train_and_eval_on_shared_sample(launcher, shared_tfrecords, tmp_path):
     assert (tmp_path / "export" / "resnet18.keras").is_file()
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+def test_killed_run_resumes_and_ends_as_the_uninterrupted_run(tmp_path):
+    """kill -9 mid-run; the rerun (same flags, fewer steps so the test stays quick) ends
+    with the weights and optimizer state of an uninterrupted run of those steps. The TPU
+    schedule at fixed epochs (tpu_2018) does not depend on --train_steps."""
     model_dir = tmp_path / "run"
-    cmd = python_cmd("resnet_main.py", "--use_synthetic_data", "--mode=train",
-                     f"--model_dir={model_dir}", "--train_steps=400",
-                     "--num_label_classes=10", *TINY)
+    flags = ["--use_synthetic_data", "--mode=train", "--num_label_classes=10", *TINY,
+             "--lr_schedule=tpu_2018", "--seed=11", "--num_intra_threads=1",
+             "--num_inter_threads=1"]
+    cmd = python_cmd("resnet_main.py", *flags, f"--model_dir={model_dir}", "--train_steps=400")
     proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while not list(model_dir.glob("ckpt-*")) and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_checkpoint(proc, model_dir)
+    finally:
+        kill_group(proc)
     saved = sorted(int(p.name.split("-")[1]) for p in model_dir.glob("ckpt-*"))
     assert saved and saved[-1] < 400, "the run was not killed mid-way"
     last = saved[-1]
 
-    # The same command, with a shorter run so the test stays quick: continues at `last`.
-    rerun = [c if not str(c).startswith("--train_steps") else f"--train_steps={last + 2}"
-             for c in cmd]
-    out = run_cmd(rerun).stdout
-    assert f"at step {last}" in out
+    out = run_cmd(python_cmd("resnet_main.py", *flags, f"--model_dir={model_dir}",
+                             f"--train_steps={last + 2}")).stdout
     summary = _summary(out)
     assert (summary["start_step"], summary["final_step"]) == (last, last + 2)
-    # The schedule continued: the optimizer step was restored, not restarted.
-    state = json.loads((model_dir / f"ckpt-{last + 2:09d}" / "state.json").read_text())
-    assert state["step"] == last + 2
+    run_cmd(python_cmd("resnet_main.py", *flags, f"--model_dir={tmp_path / 'reference'}",
+                       f"--train_steps={last + 2}"))
+    resumed = checkpoint_values.newest_state(model_dir)
+    checkpoint_values.assert_same_state(
+        resumed, checkpoint_values.newest_state(tmp_path / "reference"),
+        atol=checkpoint_values.RESUME_ATOL)
+    checkpoint_values.assert_trained(resumed, checkpoint_values.state(
+        model_dir / f"ckpt-{last:09d}"))
 
 
 @pytest.mark.parametrize("argv, needle", [

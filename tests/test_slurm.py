@@ -6,7 +6,8 @@ Debian packages installed by scripts/install_slurm.sh when missing), then:
     the job is COMPLETED and its log shows 2 ranks and the final SUMMARY;
   * a second job gets the time-limit notice (USR1 to the batch shell) once it has written
     checkpoints: its ranks stop at one step with a checkpoint, it requeues itself and the
-    restarted run resumes at exactly that step and finishes.
+    restarted run resumes at exactly that step and finishes with the weights and optimizer
+    state of the same job run uninterrupted.
 `pytest -m distributed -k outside_slurm` runs the same script with LAUNCHER=mpirun NP=2.
 Every wait is bounded; the daemons are stopped by their pid files at the end.
 """
@@ -19,6 +20,7 @@ import time
 import pytest
 
 from slurm.cluster import ClusterError, SlurmCluster
+from tests.checkpoint_values import RESUME_ATOL, assert_same_state, newest_state
 from tests.conftest import ROOT, child_env
 from tests.slurm_jobs import JOB_TIMEOUT, TINY, job_env, read, sbatch, summary
 
@@ -64,7 +66,8 @@ def test_sbatch_wait_runs_two_ranks_to_completion(cluster, tmp_path):
 def test_time_limit_notice_checkpoints_requeues_and_resumes_at_that_step(cluster, tmp_path):
     steps = 24
     model_dir = tmp_path / "model"
-    env = job_env(cluster, TRAIN_STEPS=steps, MODEL_DIR=model_dir)
+    seeded = dict(TINY, EXTRA_FLAGS=TINY["EXTRA_FLAGS"] + " --seed=5")
+    env = job_env(cluster, seeded, TRAIN_STEPS=steps, MODEL_DIR=model_dir)
     job_id, proc = sbatch(cluster, tmp_path, "hr-requeue", env, wait=False)
     assert proc.returncode == 0, proc.stderr
     log_path = tmp_path / f"hr-requeue-{job_id}.out"
@@ -109,6 +112,14 @@ def test_time_limit_notice_checkpoints_requeues_and_resumes_at_that_step(cluster
     result = summary(second)
     assert result["ranks"] == 2
     assert result["start_step"] == resumed_at and result["final_step"] == steps
+    # It ends with the weights and optimizer state of the same job run uninterrupted.
+    reference = tmp_path / "reference"
+    ref_env = job_env(cluster, seeded, TRAIN_STEPS=steps, MODEL_DIR=reference / "model")
+    reference.mkdir()
+    job_id, proc = sbatch(cluster, reference, "hr-reference", ref_env, wait=True)
+    assert proc.returncode == 0, read(reference / f"hr-reference-{job_id}.out")[-5000:]
+    assert_same_state(newest_state(model_dir), newest_state(reference / "model"),
+                      atol=RESUME_ATOL)
 
 
 @pytest.mark.distributed
