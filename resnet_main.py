@@ -29,7 +29,9 @@ RunConfig = config_lib.RunConfig
 COMPAT_FLAGS = tpu_compat.NAMES
 # resnet_main's own flags: name -> help; type and default come from RunConfig's field.
 HELP = {
-    "architecture": "Network: resnet (see --resnet_depth), densenet121 or vgg16.",
+    "architecture": "Network: resnet (see --resnet_depth), densenet121, vgg16 (with its "
+                    "2x4096 fc layers, as in 2018) or vgg16_pooled (global average pooling "
+                    "+ classifier, no fc layers).",
     "resnet_depth": "ResNet depth: " + ", ".join(map(str, config_lib.RESNET_DEPTHS)) + ".",
     "image_size": "Input image size in pixels.",
     "num_label_classes": "Number of classes. Records hold labels 1..N and are read as 0..N-1; "
@@ -67,7 +69,8 @@ HELP = {
     "log_every_n_steps": "Progress line every N global steps.",
     "reference_images_per_sec": "Images/s of a 1-rank run; when set, the summary reports "
                                 "scaling efficiency against it.",
-    "weights_file": "Keras weights file for densenet121/vgg16.",
+    "weights_file": "Keras weights file: *_notop.h5 for densenet121/vgg16_pooled, VGG16's "
+                    "with top (at --image_size) for vgg16.",
     "seed": "Random seed (initialisation, shuffling, augmentation).",
     "json_progress": "Also print progress as JSON lines.",
     "snapshot_dir": "Where a preset's snapshots (end of each collapse) go; default "

@@ -31,7 +31,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 
-BACKBONES = ("densenet121", "resnet50", "vgg16")
+BACKBONES = ("densenet121", "resnet50", "vgg16", "vgg16_pooled")
 
 
 def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: int):
@@ -97,7 +97,7 @@ def main():
                 if precision not in precisions:
                     continue
                 name = f"{backbone}_{'fusedbn' if fused else 'kerasbn'}_{precision}"
-                if backbone == "vgg16":
+                if backbone.startswith("vgg16"):
                     name = f"{backbone}_{precision}"
                 cases[name] = (precision, policy,
                                build(backbone, policy, fused, args.batch, args.image_size))

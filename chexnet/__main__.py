@@ -43,7 +43,9 @@ HELP = {
     "cache": "Cache decoded resized images: 'memory' or a file prefix.",
     "eval_split": "Split evaluate scores (default: test; training always validates on val).",
     # model
-    "backbone": "densenet121, resnet50, vgg16 (or resnet18/34/...).",
+    "backbone": "densenet121, resnet50, vgg16 (its 2x4096 fc layers kept, as the 2018 "
+                "CheXNet VGG16), vgg16_pooled (global average pooling, no fc layers), or "
+                "resnet18/34/....",
     "image_size": "Input size in pixels.",
     "image_view": "whole: the whole X-ray resized to image_size x image_size, horizontal flip "
                   "the only augmentation (CheXNet); crop: ImageNet-style, shorter side "
@@ -51,8 +53,9 @@ HELP = {
     "pretrained_model_dir": "resnet_main --model_dir to initialise from.",
     "init_checkpoint": "best (highest recorded validation top_1, not the last), latest, or a "
                        "ckpt-* folder (in --pretrained_model_dir or a path).",
-    "weights_file": "Keras application weights (*_notop.h5) for densenet121/vgg16, or "
-                    "'imagenet' to download Keras's published ImageNet weights, instead of a "
+    "weights_file": "Keras application weights (*_notop.h5 for densenet121/vgg16_pooled; "
+                    "VGG16's with top for vgg16), or 'imagenet' to download Keras's "
+                    "published ImageNet weights (vgg16: 224 px only), instead of a "
                     "resnet_main checkpoint.",
     "allow_random_init": "Allow a backbone with random weights when neither "
                          "--pretrained_model_dir nor --weights_file is given (tests, demos).",

@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from hooks.errors import ConfigError
+from imagenet.config import check_vgg16_input
 
 COMMANDS = ("train", "evaluate", "predict")
 OPTIMIZERS = ("adam", "sgd")
@@ -115,7 +116,8 @@ def validate(config: ChexnetConfig) -> None:
 
     if config.mode not in COMMANDS:
         raise ConfigError(f"command must be one of {', '.join(COMMANDS)}, got {config.mode!r}")
-    model_lib.parse_backbone(config.backbone)
+    arch = model_lib.parse_backbone(config.backbone)[0]
+    check_vgg16_input(arch, config.image_size, config.weights_file, flag="--backbone")
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
     _one_of("on_nonfinite", config.on_nonfinite, ("stop", "rollback"))
@@ -185,8 +187,8 @@ def check_init(config: ChexnetConfig) -> None:
     if config.pretrained_model_dir and config.weights_file:
         raise ConfigError("give --pretrained_model_dir or --weights_file, not both")
     if config.weights_file and model_lib.parse_backbone(config.backbone)[0] == "resnet":
-        raise ConfigError(f"--weights_file applies to densenet121/vgg16; --backbone="
-                          f"{config.backbone} starts from a resnet_main checkpoint "
+        raise ConfigError(f"--weights_file applies to densenet121/vgg16/vgg16_pooled; "
+                          f"--backbone={config.backbone} starts from a resnet_main checkpoint "
                           "(--pretrained_model_dir)")
     if not starts_from_weights(config) and not config.allow_random_init:
         raise ConfigError("neither --pretrained_model_dir nor --weights_file is given, so the "

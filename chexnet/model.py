@@ -1,10 +1,13 @@
-"""The CheXNet model: a backbone (DenseNet-121, ResNet, VGG16) with global average pooling
-and a 14-way sigmoid head, initialised from a resnet_main checkpoint, a Keras weights
-file, Keras's published ImageNet weights (``weights_file="imagenet"``), or nothing.
+"""The CheXNet model: a backbone (DenseNet-121, ResNet, VGG16) and a 14-way sigmoid head,
+initialised from a resnet_main checkpoint, a Keras weights file, Keras's published ImageNet
+weights (``weights_file="imagenet"``), or nothing.
 
-Backbone names: ``densenet121``, ``vgg16``, ``resnet<depth>`` (``resnet50``; ``resnet18``
-for tiny tests). A resnet_main checkpoint records ``architecture`` ("resnet",
-"densenet121", "vgg16") and ``resnet_depth`` in its state.json; they must match.
+Backbone names: ``densenet121``, ``vgg16``, ``vgg16_pooled``, ``resnet<depth>``
+(``resnet50``; ``resnet18`` for tiny tests). DenseNet and ResNet end in global average
+pooling. ``vgg16`` keeps VGG16's flatten + fc1 + fc2 (4096 each), as the 2018 CheXNet VGG16
+did: the head reads fc2's 4096 features; ``vgg16_pooled`` pools the conv blocks instead.
+A resnet_main checkpoint records ``architecture`` ("resnet", "densenet121", "vgg16",
+"vgg16_pooled") and ``resnet_depth`` in its state.json; they must match.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from chexnet.labels import NUM_CLASSES
 from hooks import checkpoints
 from hooks.errors import UserError
 from imagenet import models
+from imagenet.config import check_vgg16_input
 
-BACKBONES_HELP = "densenet121, resnet50, vgg16 (or resnet18/34/101/152/200)"
+BACKBONES_HELP = ("densenet121, resnet50, vgg16 (its 2x4096 fc layers kept), vgg16_pooled "
+                  "(or resnet18/34/101/152/200)")
+VGG16S = ("vgg16", "vgg16_pooled")
 HEAD_NAME = "chexnet_probs"
 
 
@@ -31,7 +37,7 @@ class ModelError(UserError):
 def parse_backbone(backbone: str) -> tuple[str, int]:
     """'resnet50' -> ('resnet', 50); 'densenet121' -> ('densenet121', 0)."""
     name = backbone.lower()
-    if name in ("densenet121", "vgg16"):
+    if name in ("densenet121", *VGG16S):
         return name, 0
     if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in models.RESNET_LAYERS:
         return "resnet", int(name[6:])
@@ -46,7 +52,7 @@ def preprocessing_for(backbone: str, init_kind: str) -> str:
     expect the same; Keras's VGG16 weights expect "caffe" (BGR minus the mean). Random
     weights get "torch". Recorded in every chexnet checkpoint (`input_options`)."""
     arch, _ = parse_backbone(backbone)
-    if init_kind in ("weights_file", "imagenet") and arch == "vgg16":
+    if init_kind in ("weights_file", "imagenet") and arch in VGG16S:
         return "caffe"
     return "torch"
 
@@ -58,7 +64,7 @@ def input_options(state: dict, **kw):
     "caffe" for VGG16)."""
     from chexnet.input_pipeline import InputOptions
 
-    legacy = "caffe" if parse_backbone(state["backbone"])[0] == "vgg16" else "torch"
+    legacy = "caffe" if parse_backbone(state["backbone"])[0] in VGG16S else "torch"
     return InputOptions(int(state["image_size"]), state.get("preprocessing", legacy),
                         view=state.get("image_view", "crop"), **kw)
 
@@ -146,13 +152,14 @@ def build_chexnet_model(
     weights_file: str | None = None,
     weight_decay: float = 0.0,
 ) -> tuple[keras.Model, InitSource]:
-    """Backbone + global average pooling + Dense(14, sigmoid, float32).
+    """Backbone features (pooled; vgg16: fc2's) + Dense(14, sigmoid, float32).
 
     ``pretrained``: a resnet_main checkpoint (from ``find_pretrained_checkpoint``); its
-    classifier is rebuilt, loaded, and its pooled features (the input of its ``logits``
-    layer) get the new head. ``weights_file``: Keras application weights (``*_notop.h5``)
-    for densenet121/vgg16, or ``"imagenet"`` (Keras downloads them once to ~/.keras/models;
-    a one-line ModelError where it cannot). Neither: random initialisation.
+    classifier is rebuilt, loaded, and its features (the input of its ``logits`` layer)
+    get the new head. ``weights_file``: Keras application weights (``*_notop.h5`` for
+    densenet121/vgg16_pooled; VGG16's with top for vgg16), or ``"imagenet"`` (Keras
+    downloads them once to ~/.keras/models; a one-line ModelError where it cannot; vgg16's
+    need 224 px). Neither: random initialisation.
     """
     arch, depth = parse_backbone(backbone)
     name = f"chexnet_{backbone.lower()}"
@@ -162,11 +169,12 @@ def build_chexnet_model(
     if weights_file:
         if arch == "resnet":
             raise ModelError(
-                "--weights_file applies to densenet121/vgg16; a ResNet starts from a "
-                "resnet_main checkpoint (--pretrained_model_dir)"
+                "--weights_file applies to densenet121/vgg16/vgg16_pooled; a ResNet starts "
+                "from a resnet_main checkpoint (--pretrained_model_dir)"
             )
         if not imagenet and not os.path.isfile(weights_file):
             raise ModelError(f"--weights_file={weights_file} does not exist")
+    check_vgg16_input(arch, image_size, weights_file, flag="--backbone")
     if pretrained is not None:
         check_pretrained_compatible(pretrained, backbone)
         classifier = models.build_classifier(

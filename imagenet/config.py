@@ -10,7 +10,7 @@ import os
 from hooks.errors import ConfigError
 from hooks.steps import run_steps
 
-ARCHITECTURES = ("resnet", "densenet121", "vgg16")
+ARCHITECTURES = ("resnet", "densenet121", "vgg16", "vgg16_pooled")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DEFAULT_EPOCHS = 90.0  # the TPU reference's run length when neither length flag is given
 # --lr_schedule values: "tpu" (today's reference: milestones follow the run length) and
@@ -95,6 +95,21 @@ def _check_tfrecords(data_dir: str, split: str) -> None:
         raise ConfigError(f"--data_dir={data_dir}: no {split}-* TFRecord files")
 
 
+def check_vgg16_input(architecture: str, image_size: int, weights_file: str | None,
+                      flag: str = "--architecture") -> None:
+    """ConfigError for an image VGG16 cannot take: under 32 px (five 2x2 poolings), or
+    Keras's ImageNet weights for the 2x4096 fc head (fc1 takes 7 x 7 x 512) at other than 224."""
+    if architecture not in ("vgg16", "vgg16_pooled"):
+        return
+    if image_size < 32:
+        raise ConfigError(f"--image_size={image_size}: {flag}={architecture} halves the image "
+                          "5 times, so it needs 32 px or more")
+    if architecture == "vgg16" and weights_file == "imagenet" and image_size != 224:
+        raise ConfigError(f"--image_size={image_size}: Keras's ImageNet weights for {flag}="
+                          "vgg16 include its fc layers for 224 px images; use "
+                          "--image_size=224, or vgg16_pooled")
+
+
 def validate(config: RunConfig) -> None:
     """Cheap checks of everything a user can get wrong, before Horovod or a model starts."""
     if config.architecture not in ARCHITECTURES:
@@ -103,6 +118,7 @@ def validate(config: RunConfig) -> None:
     if config.architecture == "resnet" and config.resnet_depth not in RESNET_DEPTHS:
         raise ConfigError(f"--resnet_depth={config.resnet_depth} is not one of "
                           f"{list(RESNET_DEPTHS)}")
+    check_vgg16_input(config.architecture, config.image_size, config.weights_file)
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"--lr_schedule={config.lr_schedule} is not one of "
                           f"{', '.join(LR_SCHEDULES)}")

@@ -1,5 +1,11 @@
 """Model builders: ResNet v1.5 (depths 18-200), DenseNet-121 and VGG16, as Keras 3 models.
 
+VGG16 (`vgg16`) is keras.applications' VGG16 with its top, the network of the 2018 runs:
+conv blocks, flatten, fc1 and fc2 (4096 each, ReLU), then the classifier (138,357,544
+parameters at 1000 classes and 224 px). `vgg16_pooled` is the lighter variant with global
+average pooling over the conv blocks and the classifier only (no fc1/fc2); it is not the
+published VGG16, so nothing measured with it compares with the 2018 VGG16 runs.
+
 ResNet follows the TPU reference (tensorflow/tpu models/official/resnet/resnet_model.py):
 stride on the 3x3 conv of the bottleneck (v1.5), explicit padding for strided convs,
 batch norm with decay 0.9 and epsilon 1e-5, the last BN of each block initialised to
@@ -11,7 +17,8 @@ its own head on the same backbone.
 import keras
 from keras import layers
 
-from imagenet.config import ARCHITECTURES
+from hooks.errors import ConfigError
+from imagenet.config import ARCHITECTURES, check_vgg16_input
 
 RESNET_LAYERS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -130,13 +137,34 @@ def fuse_batch_norms(model: keras.Model) -> keras.Model:
     return fused
 
 
+def vgg16_fc_head(inputs, image_size: int, weights_file: str | None) -> keras.Model:
+    """keras.applications.VGG16 with its top, cut after fc2 (4096 features).
+
+    Its weights: None, "imagenet" (224 px only: fc1 takes 7 x 7 x 512 inputs) or a file of
+    Keras VGG16 weights with top (1000 classes) at this image size. Needs 32 px or more.
+    """
+    try:
+        base = keras.applications.VGG16(include_top=True, weights=weights_file,
+                                        input_tensor=inputs, classes=1000)
+    except ValueError as err:
+        if not weights_file or weights_file == "imagenet":
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--weights_file={weights_file} does not fit vgg16 with its 2x4096 "
+                          f"fc head at {image_size} px ({first}); vgg16 takes Keras's VGG16 "
+                          "weights with top saved at that size; a *_notop.h5 file goes with "
+                          "vgg16_pooled") from None
+    return keras.Model(base.inputs[0], base.get_layer("fc2").output)
+
+
 def build_backbone(architecture: str, image_size: int, depth: int = 50,
                    weight_decay: float = 0.0, weights_file: str | None = None,
                    channels: int = 3, fused_bn: bool = False) -> keras.Model:
-    """Input image -> pooled feature vector. `weights_file` loads Keras application weights
-    (e.g. a downloaded `*_notop.h5`) into DenseNet/VGG backbones. `fused_bn`: DenseNet's
-    batch norms become FusedBatchNormalization after the weights are loaded (ResNet always
-    uses it; VGG16 has none)."""
+    """Input image -> feature vector (pooled; VGG16: its fc2 output). `weights_file` loads
+    Keras application weights (e.g. a downloaded `*_notop.h5`; for vgg16 a file with top)
+    into DenseNet/VGG backbones. `fused_bn`: DenseNet's batch norms become
+    FusedBatchNormalization after the weights are loaded (ResNet always uses it; VGG16 has
+    none)."""
     inputs = keras.Input((image_size, image_size, channels), name="image")
     if architecture == "resnet":
         features = resnet_backbone(inputs, depth, weight_decay)
@@ -144,12 +172,17 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
             raise ValueError("--weights_file applies to densenet121/vgg16; a ResNet starts "
                              "from a resnet_main checkpoint")
         return keras.Model(inputs, features, name=f"resnet{depth}_backbone")
-    apps = {"densenet121": keras.applications.DenseNet121, "vgg16": keras.applications.VGG16}
-    if architecture not in apps:
+    apps = {"densenet121": keras.applications.DenseNet121,
+            "vgg16_pooled": keras.applications.VGG16}
+    check_vgg16_input(architecture, image_size, weights_file)
+    if architecture == "vgg16":
+        base = vgg16_fc_head(inputs, image_size, weights_file)
+    elif architecture in apps:
+        base = apps[architecture](include_top=False, weights=weights_file,
+                                  input_tensor=inputs, pooling="avg")
+    else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of "
                          f"{', '.join(ARCHITECTURES)}")
-    base = apps[architecture](include_top=False, weights=weights_file, input_tensor=inputs,
-                              pooling="avg")
     if fused_bn:
         base = fuse_batch_norms(base)
     if weight_decay:

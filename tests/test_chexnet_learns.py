@@ -76,21 +76,57 @@ def test_imagenet_weights_without_internet_is_one_line_error(monkeypatch, tmp_pa
 
     monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))  # an empty cache
     try:
-        network, init = model_lib.build_chexnet_model("vgg16", 32, weights_file="imagenet")
+        network, init = model_lib.build_chexnet_model("vgg16_pooled", 32,
+                                                      weights_file="imagenet")
     except model_lib.ModelError as err:
         message = str(err)
         assert "\n" not in message
         assert message.startswith("--weights_file=imagenet: cannot get Keras's ImageNet "
-                                  "weights for vgg16")
+                                  "weights for vgg16_pooled")
         assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
         assert "--weights_file=PATH" in message
     else:  # a machine that can download
         assert init.kind == "imagenet" and network.count_params() > 14e6
+    # vgg16 keeps fc1, whose ImageNet weights take 224 px images: a ConfigError before any
+    # download (a failed download is a ModelError).
+    with pytest.raises(ConfigError, match="--image_size=32: .*--backbone=vgg16 .*224"):
+        model_lib.build_chexnet_model("vgg16", 32, weights_file="imagenet")
+    with pytest.raises(ConfigError, match="--image_size=32: .*224"):
+        config_lib.validate(ChexnetConfig(mode="train", image_dir=str(tmp_path), train_steps=1,
+                                          model_dir=str(tmp_path / "out"), backbone="vgg16",
+                                          image_size=32, weights_file="imagenet"))
+
+
+@pytest.mark.slow  # VGG16 with its fc layers (34M parameters at 32 px) written and read back
+def test_vgg16_backbone_keeps_the_fc_layers(tmp_path):
+    from hooks import checkpoints
+    from imagenet import models
+
+    keras.utils.set_random_seed(5)
+    classifier = models.build_classifier("vgg16", 10, 32)  # resnet_main's vgg16
+    checkpoints.save(str(tmp_path), 1, classifier, None,
+                     {"architecture": "vgg16", "num_label_classes": 10,
+                      "network": checkpoints.describe(classifier)})
+    pretrained = model_lib.find_pretrained_checkpoint(str(tmp_path), "latest")
+    network, init = model_lib.build_chexnet_model("vgg16", 32, pretrained=pretrained)
+    assert init.kind == "checkpoint"
+    # The head reads fc2's 4096 features; conv blocks, fc1 and fc2 are the checkpoint's.
+    assert model_lib.head_layer(network).kernel.shape == (4096, 14)
+    for name in ("block1_conv1", "block5_conv3", "fc1", "fc2"):
+        for ours, theirs in zip(network.get_layer(name).get_weights(),
+                                classifier.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(ours, theirs)
+    reference = keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=14)
+    assert network.count_params() == reference.count_params()
+    assert model_lib.last_conv_layer(network).name == "block5_pool"  # Grad-CAM's target
+    pooled, _ = model_lib.build_chexnet_model("vgg16_pooled", 32)
+    assert model_lib.head_layer(pooled).kernel.shape == (512, 14)
 
 
 def test_preprocessing_follows_where_the_weights_came_from():
     table = {("vgg16", "checkpoint"): "torch",  # resnet_main trains on mean/std input
              ("vgg16", "weights_file"): "caffe", ("vgg16", "imagenet"): "caffe",
+             ("vgg16_pooled", "imagenet"): "caffe", ("vgg16_pooled", "checkpoint"): "torch",
              ("densenet121", "imagenet"): "torch", ("resnet50", "checkpoint"): "torch",
              ("vgg16", "none"): "torch"}
     for (backbone, kind), expected in table.items():

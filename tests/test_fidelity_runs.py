@@ -13,7 +13,7 @@ from chexnet import model as chexnet_model
 from chexnet import train as chexnet_train
 from chexnet.config import ChexnetConfig
 from hooks import checkpoints, runtime, schedules
-from hooks.errors import DataError
+from hooks.errors import ConfigError, DataError
 from hooks.horovod_glue import Context, DistributedTrainer
 from imagenet import config as config_lib
 from imagenet import input_pipeline as ip
@@ -137,21 +137,43 @@ def test_densenet121_matches_keras_applications_and_trains():
     _one_step_matches_sgd(network, 4)
 
 
-def test_vgg16_matches_keras_applications_loads_a_weights_file_and_trains(tmp_path):
+def test_vgg16_pooled_matches_keras_applications_loads_a_weights_file_and_trains(tmp_path):
     keras.utils.set_random_seed(11)
     notop = keras.applications.VGG16(weights=None, include_top=False, pooling="avg",
                                      input_shape=(32, 32, 3))
     weights_file = str(tmp_path / "vgg16_notop.weights.h5")
     notop.save_weights(weights_file)
-    config_lib.validate(RunConfig(architecture="vgg16", weights_file=weights_file,
+    config_lib.validate(RunConfig(architecture="vgg16_pooled", weights_file=weights_file,
                                   use_synthetic_data=True))
-    # Our VGG16 head is global average pooling + one dense layer (no 4096-wide fc1/fc2).
-    network = models.build_classifier("vgg16", 4, 32, weights_file=weights_file)
+    # vgg16_pooled: global average pooling + one dense layer (no 4096-wide fc1/fc2).
+    network = models.build_classifier("vgg16_pooled", 4, 32, weights_file=weights_file)
     assert network.count_params() == notop.count_params() + 512 * 4 + 4
     assert notop.count_params() == 14_714_688  # keras.applications' VGG16 without top
     for loaded, saved in zip(network.get_weights(), notop.get_weights()):  # backbone first
         np.testing.assert_array_equal(loaded, saved)
     _one_step_matches_sgd(network, 4)
+
+
+def test_vgg16_loads_keras_weights_with_top_and_trains(tmp_path):
+    keras.utils.set_random_seed(12)
+    top = keras.applications.VGG16(weights=None, input_shape=(32, 32, 3))  # include_top
+    weights_file = str(tmp_path / "vgg16.weights.h5")
+    top.save_weights(weights_file)
+    network = models.build_classifier("vgg16", 4, 32, weights_file=weights_file)
+    # Every layer up to fc2 is the file's; the classifier is new (4 classes, not 1000).
+    for loaded, saved in zip(network.get_weights()[:-2], top.get_weights()[:-2]):
+        np.testing.assert_array_equal(loaded, saved)
+    assert len(network.get_weights()) == len(top.get_weights())
+    assert network.get_layer("logits").kernel.shape == (4096, 4)
+    _one_step_matches_sgd(network, 4)
+    # A file without top does not fit the fc head: one line saying which variant it fits.
+    notop_file = str(tmp_path / "vgg16_notop.weights.h5")
+    keras.applications.VGG16(weights=None, include_top=False,
+                             input_shape=(32, 32, 3)).save_weights(notop_file)
+    with pytest.raises(ConfigError, match="vgg16_notop.weights.h5 does not fit vgg16 .*"
+                       "vgg16_pooled") as err:
+        models.build_classifier("vgg16", 4, 32, weights_file=notop_file)
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- TFDS

@@ -162,3 +162,22 @@ def test_bfloat16_warns_only_on_x86_without_bf16_instructions():
     assert runtime.precision_warning("float32", avx2) is None
     assert runtime.precision_warning("bfloat16", sapphire) is None
     assert runtime.precision_warning("bfloat16", arm) is None  # not x86: nothing known
+
+
+def test_vgg16_choices_are_named_in_flags_and_checked():
+    fv = _parse(["--architecture=vgg16_pooled", "--use_synthetic_data"])
+    assert fv.architecture == "vgg16_pooled"
+    help_ = fv["architecture"].help
+    assert "vgg16_pooled" in help_ and "4096" in help_
+    with pytest.raises(absl_flags.IllegalFlagValueError, match="--architecture"):
+        _parse(["--architecture=vgg19"])
+    for arch in ("vgg16", "vgg16_pooled"):
+        with pytest.raises(ConfigError, match=f"--image_size=16: --architecture={arch} .*32"):
+            validate(RunConfig(architecture=arch, image_size=16, use_synthetic_data=True))
+    validate(RunConfig(architecture="vgg16", image_size=32, use_synthetic_data=True))
+    chexnet_help = _chexnet_flags()["backbone"].help
+    assert "vgg16_pooled" in chexnet_help and "fc" in chexnet_help
+    with pytest.raises(ConfigError, match="--image_size=16: --backbone=vgg16_pooled"):
+        chexnet_config.validate(ChexnetConfig(image_dir="/", model_dir="/m", train_steps=1,
+                                              backbone="vgg16_pooled", image_size=16,
+                                              allow_random_init=True))

@@ -103,3 +103,59 @@ def test_fused_densenet_loads_a_keras_weights_file(tmp_path):
         warnings.simplefilter("error")  # the backbone takes one tensor, not a list
         np.testing.assert_allclose(fused(x, training=False), notop(x, training=False),
                                    atol=1e-4)
+
+
+# ---------------------------------------------------------------- VGG16
+VGG16_CONVS = ((3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+               (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512))
+
+
+def _vgg16_params(image_size, classes, head="fc"):
+    """VGG16's parameters from its layer table (Simonyan and Zisserman, configuration D):
+    13 3x3 convolutions with biases, five 2x2 poolings, then flatten + fc 4096 + fc 4096 +
+    classifier ("fc") or global average pooling + classifier ("pooled")."""
+    conv = sum(9 * c_in * c_out + c_out for c_in, c_out in VGG16_CONVS)
+    if head == "pooled":
+        return conv + 512 * classes + classes
+    flat = (image_size // 32) ** 2 * 512
+    return conv + flat * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * classes + classes
+
+
+@pytest.mark.slow  # two 138M-parameter builds (about 1 GB, 10-30 s here)
+def test_vgg16_is_keras_applications_vgg16_with_top_at_224():
+    ours = models.build_classifier("vgg16", 1000, 224).count_params()
+    theirs = keras.applications.VGG16(weights=None).count_params()  # include_top=True
+    assert ours == theirs == _vgg16_params(224, 1000) == 138_357_544
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_vgg16_fc_head_at_small_images(image_size):
+    keras.utils.set_random_seed(0)
+    network = models.build_classifier("vgg16", 5, image_size)
+    reference = keras.applications.VGG16(weights=None, input_shape=(image_size, image_size, 3),
+                                         classes=5)
+    assert network.count_params() == reference.count_params() == _vgg16_params(image_size, 5)
+    # The same layers in the same order: flatten, fc1, fc2 (4096, ReLU), then the classifier.
+    ours = [(w.path.split("/")[0], tuple(w.shape)) for w in network.weights]
+    keras_ = [(w.path.split("/")[0], tuple(w.shape)) for w in reference.weights]
+    assert ours[:-2] == keras_[:-2] and [s for _, s in ours[-2:]] == [s for _, s in keras_[-2:]]
+    assert [layer.name for layer in network.layers[-4:]] == ["flatten", "fc1", "fc2", "logits"]
+    assert network.get_layer("fc1").activation is keras.activations.relu
+    out = network(np.zeros((2, image_size, image_size, 3), np.float32), training=False)
+    assert out.shape == (2, 5)
+
+
+def test_vgg16_pooled_keeps_the_pooled_head():
+    network = models.build_classifier("vgg16_pooled", 5, 32)
+    assert network.name == "vgg16_pooled"
+    notop = keras.applications.VGG16(weights=None, include_top=False, pooling="avg",
+                                     input_shape=(32, 32, 3)).count_params()
+    assert network.count_params() == notop + 512 * 5 + 5 == _vgg16_params(32, 5, "pooled")
+    assert not any(layer.name in ("fc1", "fc2", "flatten") for layer in network.layers)
+
+
+@pytest.mark.parametrize("architecture", ["vgg16", "vgg16_pooled"])
+def test_vgg16_refuses_images_under_32_px(architecture):
+    from hooks.errors import ConfigError
+    with pytest.raises(ConfigError, match="--image_size=16.*32 px"):
+        models.build_classifier(architecture, 5, 16)
