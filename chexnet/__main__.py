@@ -119,9 +119,9 @@ def _fractions_ok(values) -> bool:
         return False
 
 
-def config_from_flags(command: str) -> ChexnetConfig:
-    return flags.fill(ChexnetConfig, FLAGS, mode=command,
-                      split_fractions=tuple(float(x) for x in FLAGS.split_fractions))
+def config_from_flags(command: str, flag_values=FLAGS) -> ChexnetConfig:
+    return flags.fill(ChexnetConfig, flag_values, mode=command,
+                      split_fractions=tuple(float(x) for x in flag_values.split_fractions))
 
 
 def main(argv):

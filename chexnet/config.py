@@ -169,6 +169,8 @@ def _validate_train(config: ChexnetConfig) -> None:
                           "folder")
     check_init(config)
     check_learning_rate(config)
+    if not 0 <= config.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {config.momentum}")
     if config.bn_stats_images < 0:
         raise ConfigError(f"--bn_stats_images must be >= 0, got {config.bn_stats_images}")
 

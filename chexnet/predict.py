@@ -116,7 +116,8 @@ def grad_cam(network, inputs: np.ndarray, class_index: int) -> np.ndarray:
     ReLU(sum_c mean_xy(d logit / d A_c) * A_c), normalised to 0..1, at feature-map
     resolution. The logit (the head's input to its sigmoid), not the probability: a
     saturated sigmoid would scale every gradient towards 0. All zeros when no location
-    raises the logit."""
+    raises the logit. A bfloat16 map (--precision=bfloat16) is differentiated as computed,
+    then cast to float32."""
     import keras
     import tensorflow as tf
 
@@ -124,17 +125,21 @@ def grad_cam(network, inputs: np.ndarray, class_index: int) -> np.ndarray:
 
     layer, head = last_conv_layer(network), head_layer(network)
     grad_model = keras.Model(network.input, [layer.output, head.input])
-    x = tf.convert_to_tensor(inputs[None])
+    x = tf.convert_to_tensor(np.asarray(inputs[None], np.float32))
     with tf.GradientTape() as tape:
+        # The tape records only ops on watched tensors: with the input watched, the whole
+        # forward pass, whichever variables the tape watches by itself.
+        tape.watch(x)
         fmap, features = grad_model(x, training=False)
-        fmap = tf.cast(fmap, tf.float32)
-        tape.watch(fmap)
         kernel = tf.cast(head.kernel, tf.float32)[:, class_index]
         logit = tf.reduce_sum(tf.cast(features, tf.float32) * kernel, axis=-1)
         if head.use_bias:
             logit += tf.cast(head.bias, tf.float32)[class_index]
-    grads = tape.gradient(logit, fmap)
+    # The map as the network computed it: a cast made after the forward pass is not on the
+    # path to the logit (no gradient).
+    grads = tf.cast(tape.gradient(logit, fmap), tf.float32)
     weights = tf.reduce_mean(grads, axis=(1, 2))  # [1, C]
+    fmap = tf.cast(fmap, tf.float32)
     cam = tf.nn.relu(tf.reduce_sum(fmap * weights[:, None, None, :], axis=-1))[0].numpy()
     peak = cam.max()
     return cam / peak if peak > 0 else cam

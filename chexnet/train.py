@@ -72,6 +72,40 @@ def warmup_steps(warmup_epochs: float, global_batch: int, steps_per_epoch: float
     return steps.to_steps(epochs=epochs, steps_per_epoch=steps_per_epoch)
 
 
+def build_network(config: ChexnetConfig, pretrained):
+    """(network, InitSource): --backbone at --image_size from ``pretrained`` (a resnet_main
+    checkpoint, `resolve_init`) or --weights_file, with --weight_decay as an L2 loss
+    (weight_decay / 2 * sum of squares) on the backbone's kernels."""
+    return model_lib.build_chexnet_model(
+        config.backbone, config.image_size, pretrained=pretrained,
+        weights_file=config.weights_file, weight_decay=config.weight_decay)
+
+
+def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoch: float,
+                           total_steps: int):
+    """(schedule, warm-up steps): lr rises linearly from 0 at step 0 to ``peak_lr`` at the
+    end of the warm-up (`warmup_steps`, at most the run), then stays there; times the
+    plateau factor (`ScaledSchedule.factor`, lowered by ReduceOnPlateau) but never below
+    min(--min_learning_rate, the unscaled rate)."""
+    from hooks import schedules
+
+    warm = min(warmup_steps(config.warmup_epochs, config.train_batch_size, steps_per_epoch),
+               total_steps)
+    schedule = schedules.ScaledSchedule(schedules.LinearWarmup(peak_lr, warm),
+                                        config.min_learning_rate)
+    return schedule, warm
+
+
+def build_optimizer(config: ChexnetConfig, learning_rate):
+    """--optimizer: Adam with Keras' defaults (beta 0.9 / 0.999, epsilon 1e-7: CheXNet's
+    "standard parameters"), or SGD with classic (not Nesterov) momentum --momentum."""
+    import keras
+
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+
+
 def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):
     """Weighted BCE on probabilities, per class: -(w+ y log p + w- (1-y) log(1-p)),
     averaged over classes and images (Keras' ``class_weight`` cannot do this for 14
@@ -168,9 +202,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         chief_log(f"WARNING: {warning}")
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
-    network, init = model_lib.build_chexnet_model(
-        config.backbone, config.image_size, pretrained=pretrained,
-        weights_file=config.weights_file, weight_decay=config.weight_decay)
+    network, init = build_network(config, pretrained)
     steps_per_epoch = max(len(train_split) / config.train_batch_size, 1e-9)
     total_steps = schedules.run_steps(config.train_steps, config.train_epochs, steps_per_epoch)
     peak_lr, lr_source = peak_learning_rate(config, init)
@@ -180,12 +212,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
                         "CheXNet starts from ImageNet weights")
     bn_batches = math.ceil(min(config.bn_stats_images, len(train_split))
                            / config.train_batch_size)
-    warm = min(warmup_steps(config.warmup_epochs, config.train_batch_size, steps_per_epoch),
-               total_steps)
-    schedule = schedules.ScaledSchedule(schedules.LinearWarmup(peak_lr, warm),
-                                        config.min_learning_rate)
-    optimizer = (keras.optimizers.Adam(learning_rate=schedule) if config.optimizer == "adam"
-                 else keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum))
+    schedule, warm = learning_rate_schedule(config, peak_lr, steps_per_epoch, total_steps)
+    optimizer = build_optimizer(config, schedule)
     trainer = horovod_glue.DistributedTrainer(network, context,
                                               fp16_allreduce=config.fp16_allreduce)
     trainer.compile(optimizer=optimizer, loss=make_loss(pos_w, neg_w), jit_compile=False)
