@@ -1,10 +1,13 @@
 """Faults across real launchers (slow): a stopped rank under mpirun and horovodrun --gloo
 ends the job within --stall_timeout_s + 30 s naming it; SIGTERM to one rank stops both at
 an agreed step with a checkpoint and exit 75, and the rerun resumes there; a diverging
-learning rate exits non-zero naming the step with no non-finite checkpoint."""
+learning rate exits non-zero naming the step with no non-finite checkpoint; on 2 ranks, a
+non-finite loss and a full disk stop both ranks, each with its one line."""
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -129,3 +132,44 @@ def test_divergence_exits_naming_the_step_and_keeps_checkpoints_finite(tmp_path)
     # A saner learning rate resumes from the newest good checkpoint and finishes.
     rerun = run_cmd(python_cmd(*args, "--train_steps=8", "--base_learning_rate=0.1"))
     assert f"at step {saved[-1]}" in rerun.stdout
+
+
+def _rank_lines(out, needle):
+    """{rank: line} of the lines holding `needle`, from horovodrun's `[rank]<stream>:`
+    prefixes."""
+    found = {}
+    for line in out.splitlines():
+        match = re.match(r"^\[(\d+)\]<std(?:out|err)>:(.*)$", line)
+        if match and needle in match.group(2):
+            found[int(match.group(1))] = match.group(2)
+    return found
+
+
+def test_two_ranks_stop_together_on_a_non_finite_loss(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = run_cmd(horovodrun_cmd(2, *TINY, f"--model_dir={model_dir}", "--train_steps=8",
+                                  "--iterations_per_loop=8", "--base_learning_rate=1e30"),
+                   check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    lines = _rank_lines(out, "error: training diverged")
+    assert sorted(lines) == [0, 1], out[-3000:]  # both ranks, each with its one line
+    steps = {int(line.split(" at step ")[1].split(";")[0]) for line in lines.values()}
+    assert len(steps) == 1, lines  # at the same step
+    assert not list(model_dir.glob("ckpt-*"))  # nothing non-finite written
+
+
+def test_two_ranks_stop_together_on_a_full_disk(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        proc = run_cmd(horovodrun_cmd(2, *TINY, f"--model_dir={small / 'run'}",
+                                      "--train_steps=4"), check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    lines = _rank_lines(out, "no space left on device")
+    assert sorted(lines) == [0, 1], out[-3000:]
+    assert "Traceback" not in out
