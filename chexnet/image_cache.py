@@ -129,8 +129,9 @@ def _take(slot: str, key: str) -> int:
             raise DataError(f"--cache: {slot} was removed while it was opened; run again")
         if not _complete(slot, key):
             if not alone:
-                raise DataError(f"--cache: {slot} is being written by another running "
-                                "process; wait for it or give another --cache folder")
+                raise DataError(f"--cache: {slot} is not complete and another running "
+                                "process holds it (writing it); wait for that process or "
+                                "give another --cache folder")
             # Nobody else uses the folder: an incomplete cache was left by a killed run
             # (tf.data's own lockfile would stop every later run), a foreign key is stale.
             if _clear(slot):

@@ -97,19 +97,19 @@ def _evaluate(tmp_path, model_dir, split, cache=None):
 @pytest.mark.skipif(not (CX / "images").is_dir(), reason=f"no shared X-rays under {CX}")
 def test_evaluate_cache_val_then_test_scores_the_test_images(tmp_path):
     """Issue 19: `evaluate --cache=P` on val, then on test, reported the val images' scores
-    under the test names. Each cached run must match a run without the cache."""
+    under the test names. The cached test run must match a test run without the cache."""
     model_dir = tmp_path / "model"
     _checkpoint(model_dir)
     cache = tmp_path / "cache"
-    plain = {s: _evaluate(tmp_path, model_dir, s) for s in ("val", "test")}
-    # Same number of images in both splits: the old cache served the wrong ones silently.
-    assert len(plain["val"][0]) == len(plain["test"][0]) == 10
-    assert not set(plain["val"][0]) & set(plain["test"][0])
-    assert np.abs(plain["val"][1] - plain["test"][1]).max() > 1e-3  # scores tell them apart
-    for split in ("val", "test"):
-        names, probs = _evaluate(tmp_path, model_dir, split, cache=str(cache))
-        assert names == plain[split][0], split
-        np.testing.assert_allclose(probs, plain[split][1], atol=1e-6, err_msg=split)
+    val_names, val_probs = _evaluate(tmp_path, model_dir, "val", cache=str(cache))
+    names, probs = _evaluate(tmp_path, model_dir, "test", cache=str(cache))
+    plain_names, plain_probs = _evaluate(tmp_path, model_dir, "test")
+    assert names == plain_names
+    np.testing.assert_allclose(probs, plain_probs, atol=1e-6)
+    # The splits have the same size (the old cache served val's images silently), other
+    # images, and scores that tell them apart.
+    assert len(val_names) == len(names) == 10 and not set(val_names) & set(names)
+    assert np.abs(val_probs - plain_probs).max() > 1e-3
     slots = _slots(cache)
     assert [s.rsplit("-", 1)[0] for s in slots] == [
         "eval-test-32px-whole-rank0-of-1", "eval-val-32px-whole-rank0-of-1"]
@@ -117,6 +117,24 @@ def test_evaluate_cache_val_then_test_scores_the_test_images(tmp_path):
 
 
 # ---------------------------------------------------------------- stale caches
+
+
+def test_training_cache_on_disk_is_keyed_by_the_shuffle_seed(pngs, tmp_path):
+    """The training cache holds one seeded shuffle of the shard: same batches as the
+    in-memory cache, and another seed gets its own folder."""
+    paths, labels = pngs
+    root = tmp_path / "cache"
+
+    def batches(cache, seed):
+        ds, _ = ip.train_dataset(paths, labels, _options(cache), batch_size=2, seed=seed,
+                                 reshuffle=False)
+        pairs = [(x.numpy(), y.numpy()) for x, y in ds.take(6)]  # epoch 2 reads back
+        return tuple(np.concatenate(part) for part in zip(*pairs))
+
+    for seed in (3, 4):
+        _same(batches(str(root), seed), batches("memory", seed))
+    assert [s.rsplit("-", 1)[0] for s in _slots(root)] == ["train-32px-whole-rank0-of-1"] * 2
+
 
 
 def test_cache_of_changed_labels_files_or_contents_is_not_read(pngs, tmp_path, fresh_process):
@@ -276,7 +294,7 @@ def test_cache_being_written_is_refused_and_a_killed_writer_is_cleaned(pngs, tmp
         assert _wait_for_line(proc) == "writing\n"
         (slot,) = _slots(root)
         assert (root / slot / "images_0.lockfile").exists()
-        with pytest.raises(DataError, match="being written by another running process"):
+        with pytest.raises(DataError, match="not complete and another running process holds it"):
             _pass(paths, labels, str(root))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
