@@ -11,11 +11,13 @@ back only for that same data; anything else gets a new folder.
         key       0600  the full sha256 fingerprint, checked before the cache is read
         lock      0600  lockf: shared while a process uses the folder, exclusive to tidy it
         images.*  tf.data's files: images.index + images.data-* once the first pass is
-                  complete; images_0.lockfile + partial files while it is written
+                  complete; images_0.lockfile + partial files while it is written (the
+                  umask's mode inside the 0700 folder; 0600 from the process's exit)
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -187,12 +189,23 @@ def _write_key(slot: str, key: str) -> None:
 
 def _tighten(slot: str) -> None:
     """tf.data writes its files with the umask's mode (inside the 0700 folder, so private
-    already); make them 0600 too, in case the folder is ever copied or opened up."""
+    already); make them 0600 too, in case the folder is ever copied or opened up. Done when
+    a process opens the folder and when it exits."""
     for entry in os.listdir(slot):
         path = os.path.join(slot, entry)
         st = os.lstat(path)
         if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
             os.chmod(path, 0o600)
+
+
+@atexit.register
+def _tighten_held() -> None:
+    """At exit, the process's caches are complete (or deleted by tf.data): 0600 them."""
+    for slot in _held:
+        try:
+            _tighten(slot)
+        except OSError:  # a file tf.data deleted meanwhile
+            pass
 
 
 def _remove_other_data(root: str, name: str) -> None:

@@ -277,30 +277,58 @@ time.sleep(600)
 """
 
 
+_READER = """
+import sys
+import numpy as np
+from chexnet import input_pipeline as ip
+
+paths, root, out = sys.argv[1:-2], sys.argv[-2], sys.argv[-1]
+options = ip.InputOptions(image_size=32, cache=root)
+ds, _ = ip.eval_dataset(paths, np.eye(14, dtype=np.float32)[:len(paths)], options,
+                        batch_size=4, split="val")
+np.save(out, np.concatenate([x.numpy() for x, _, _ in ds]))
+"""
+
+
+def _child(script, *args):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+
+
 def _wait_for_line(proc, seconds=180):
     ready, _, _ = select.select([proc.stdout], [], [], seconds)
     assert ready, "the writer did not start in time"
     return proc.stdout.readline()
 
 
-@pytest.mark.slow  # a child process imports TensorFlow
+@pytest.mark.slow  # child processes import TensorFlow
 def test_cache_being_written_is_refused_and_a_killed_writer_is_cleaned(pngs, tmp_path,
                                                                         fresh_process):
+    """A cache another live process is writing is refused; once that process is killed,
+    the next process clears what it left (tf.data would refuse to write), rebuilds the
+    cache with the right images and leaves every file 0600 when it exits."""
     paths, labels = pngs
     root = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_WRITER), *paths, root],
-                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    writer = _child(_WRITER, *paths, root)
     try:
-        assert _wait_for_line(proc) == "writing\n"
+        assert _wait_for_line(writer) == "writing\n"
         (slot,) = _slots(root)
         assert (root / slot / "images_0.lockfile").exists()
         with pytest.raises(DataError, match="not complete and another running process holds it"):
             _pass(paths, labels, str(root))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
     finally:
-        proc.kill()
-        proc.wait(timeout=60)
+        writer.kill()
+        writer.wait(timeout=60)
     assert (root / slot / "images_0.lockfile").exists()  # what tf.data would stop at
-    _same(_pass(paths, labels, str(root)), _pass(paths, labels))
-    assert not (root / slot / "images_0.lockfile").exists()
+    reader = _child(_READER, *paths, root, tmp_path / "images.npy")
+    try:
+        assert reader.wait(timeout=300) == 0
+    finally:
+        reader.kill()
+        reader.wait(timeout=60)
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), _pass(paths, labels)[0])
+    assert sorted(p.name for p in (root / slot).iterdir()) == [
+        "images.data-00000-of-00001", "images.index", "key", "lock"]
+    assert {_mode(p) for p in (root / slot).iterdir()} == {0o600}
