@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import stat
+import time
 
 import numpy as np
 
@@ -119,6 +120,17 @@ def _try_lock(fd: int, kind: int) -> bool:
         raise
 
 
+def _wait_shared(fd: int, slot: str, seconds: float = 120.0) -> None:
+    """Shared lock on `fd`: others hold the exclusive one only to tidy or delete a slot
+    (well under a second), so a long wait means a stopped process."""
+    deadline = time.monotonic() + seconds
+    while not _try_lock(fd, fcntl.LOCK_SH):
+        if time.monotonic() > deadline:
+            raise DataError(f"--cache: {slot} stayed locked by another process for "
+                            f"{seconds:.0f} s; is one stopped?")
+        time.sleep(0.05)
+
+
 def _take(slot: str, key: str) -> int:
     """Lock `slot` shared for this process and leave it complete or empty (key written)."""
     lock = os.path.join(slot, "lock")
@@ -126,7 +138,7 @@ def _take(slot: str, key: str) -> int:
     try:
         alone = _try_lock(fd, fcntl.LOCK_EX)
         if not alone:
-            fcntl.lockf(fd, fcntl.LOCK_SH)  # waits only while another process tidies
+            _wait_shared(fd, slot)
         if not _same_file(fd, lock):
             raise DataError(f"--cache: {slot} was removed while it was opened; run again")
         if not _complete(slot, key):
