@@ -40,7 +40,11 @@ HELP = {
                            "demos); otherwise a missing image is an error.",
     "max_images": "Use only the first N images (by name): demos, tests.",
     "on_corrupt": "Undecodable image: fail naming it, or skip it (counted in the log).",
-    "cache": "Cache decoded resized images: 'memory' or a file prefix.",
+    "cache": "Cache decoded resized images: 'memory', or a folder (made private, 0700; one "
+             "of another user or writable by others is refused) holding one subfolder per "
+             "pipeline (split, image size, view, rank) keyed by a fingerprint of its files "
+             "(path, size, mtime) and labels: a cache of other or changed data is never "
+             "read, it is rebuilt (docs/chexnet.md).",
     "eval_split": "Split evaluate scores (default: test; training always validates on val).",
     # model
     "backbone": "densenet121, resnet50, vgg16 (its 2x4096 fc layers kept, as the 2018 "

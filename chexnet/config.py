@@ -135,6 +135,10 @@ def validate(config: ChexnetConfig) -> None:
         path = getattr(config, name)
         if path and not os.path.isdir(path):
             raise ConfigError(f"--{name}={path} is not a directory")
+    if config.cache not in (None, "memory"):
+        from chexnet import image_cache
+
+        image_cache.check_root(config.cache)
     if config.mode == "train":
         _validate_train(config)
     elif config.mode == "evaluate":

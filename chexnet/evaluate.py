@@ -94,7 +94,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     ds, _ = horovod_glue.all_ranks_ok(lambda: input_pipeline.eval_dataset(
         data.paths[name], split.labels, options,
         batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
-        size=context.size), context)
+        size=context.size, split=name), context)
     network, _ = model_lib.build_chexnet_model(backbone, image_size)
     try:
         checkpoints.restore(ckpt, network)

@@ -89,7 +89,7 @@ class InputOptions:
 
     image_size: int
     preprocessing: str = "torch"
-    cache: str | None = None  # None, "memory", or a file prefix
+    cache: str | None = None  # None, "memory", or a folder (chexnet.image_cache)
     on_corrupt: str = "fail"  # "fail": DataError naming the file; "skip": drop it
     verify: bool = True  # pre-scan the shard with PIL before anything is built
     view: str = "whole"
@@ -224,14 +224,25 @@ def _shard(paths, labels, options: InputOptions, rank: int, size: int):
     return shard_paths, labels[shard], keep
 
 
-def _cache(ds, options: InputOptions, kind: str, rank: int, size: int):
+def _cache(ds, options: InputOptions, name: str, entries, rank: int, size: int, **settings):
+    """`ds` cached as `options.cache` says. On disk (`chexnet.image_cache`) the cache is
+    keyed by `name`, the options that shape the images, the rank layout, `settings` and
+    `entries` = (paths, labels, weights) of what `ds` yields, so it is never read back
+    for other data (another split, changed files or labels)."""
     if options.cache is None:
         return ds
     if options.cache == "memory":
         return ds.cache()
-    name = f"{options.cache}-{kind}-{options.image_size}px-rank{rank}-of-{size}"
-    os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
-    return ds.cache(name)
+    import tensorflow as tf
+
+    from chexnet import image_cache
+
+    key = image_cache.fingerprint(
+        *entries, name=name, image_size=options.image_size, view=options.view,
+        resize_to=options.resize_to, preprocessing=options.preprocessing, rank=rank,
+        size=size, tensorflow=tf.__version__, **settings)
+    slot = f"{name}-{options.image_size}px-{options.view}-rank{rank}-of-{size}"
+    return ds.cache(image_cache.open_slot(options.cache, slot, key))
 
 
 def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
@@ -244,8 +255,9 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     shuffle of the shard (reseeded per epoch), `resize`, `train_view` (flip; random crop
     for view="crop"; stateless, seeded by `seed` and rank), batches of `batch_size` (per
     rank) with drop_remainder. With `options.cache` the resized uint8 images are cached
-    before the random view; the cached order is one fixed shuffle, reshuffled each epoch
-    through a 2048-image buffer. Each epoch's order is keyed by (seed, rank, epoch) and
+    before the random view (on disk: keyed by the shard's files, labels and `seed`, see
+    `_cache`); the cached order is one fixed shuffle, reshuffled each epoch through
+    blocks of 2048 images. Each epoch's order is keyed by (seed, rank, epoch) and
     each image's view by its position in the stream (`hooks.data_order`), so any iterator
     of the pipeline yields the same batches.
     `first_step` (a resumed or elastic restart): the stream starts where `first_step`
@@ -282,10 +294,11 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     first_epoch, offset = data_order.start(first_step * batch_size, n)
     if options.cache is not None:  # one fixed order cached; each epoch reshuffles it
         fixed = np.random.default_rng(key).permutation(n)
-        decoded = tf.data.Dataset.from_tensor_slices(
-            (np.asarray(shard_paths)[fixed], shard_labels[fixed])).map(
-                load, num_parallel_calls=autotune)
-        cached = _cache(decoded, options, "train", rank, size)
+        entries = (np.asarray(shard_paths)[fixed], shard_labels[fixed], np.ones(n))
+        decoded = tf.data.Dataset.from_tensor_slices(entries[:2]).map(
+            load, num_parallel_calls=autotune)
+        # the key holds the entries in their cached order (this seed's permutation)
+        cached = _cache(decoded, options, "train", entries, rank, size, seed=key)
         ds = data_order.by_epoch(lambda e: data_order.block_shuffle(
             cached, min(n, 2048), key, order(e)), first_epoch)
         ds = data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
@@ -307,14 +320,15 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
 
 
 def eval_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
-                 batch_size: int, rank: int = 0, size: int = 1):
+                 batch_size: int, rank: int = 0, size: int = 1, split: str | None = None):
     """This rank's evaluation pipeline of (image, labels, weight) batches, one pass in
     file order, and its `DatasetInfo`.
 
     Every rank's shard is padded to ceil(N/size) entries; padding and skipped corrupt
     images keep their slot with weight 0 and a blank image, so all ranks run the same
     number of batches and weighted metrics count each image exactly once. Rank r holds
-    original indices r, r + size, ... (see `chexnet.evaluate.gather`).
+    original indices r, r + size, ... (see `chexnet.evaluate.gather`). `split` (val, test,
+    ...) goes into the name of the on-disk cache's folder (`_cache`).
     """
     import tensorflow as tf
 
@@ -334,7 +348,9 @@ def eval_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions
         return image, label, weight
 
     ds = tf.data.Dataset.from_tensor_slices((slots, slot_labels, weights))
-    ds = _cache(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE), options, "eval", rank, size)
+    ds = _cache(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE), options,
+                "eval-" + split if split else "eval",
+                (slots, slot_labels, weights), rank, size)
     ds = ds.batch(batch_size, drop_remainder=False).map(
         lambda x, y, w: (preprocess_images(x, options.preprocessing), y, w),
         num_parallel_calls=tf.data.AUTOTUNE)

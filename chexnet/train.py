@@ -149,7 +149,7 @@ def _inputs(config: ChexnetConfig, data: splits.Data, options):
         return input_pipeline.eval_dataset(
             data.paths["val"], val_split.labels, options,
             batch_size=max(1, config.eval_batch_size // context.size), rank=context.rank,
-            size=context.size)
+            size=context.size, split="val")
     return train, val
 
 
