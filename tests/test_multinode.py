@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from hooks.horovod_glue import describe_placement
 from slurm import cluster as cluster_lib
 from slurm.cluster import ClusterError
 from slurm.virtual_cluster import VirtualCluster
-from tests.conftest import SHARED_DATA
+from tests.conftest import LAUNCH_VAR, SHARED_DATA, TOKEN_VAR, kill_tree, shared_data
 from tests.slurm_jobs import JOB_TIMEOUT, SLURM_DIR, TINY, job_env, read, sbatch, summary, weights
 
 pytestmark = pytest.mark.multinode
@@ -118,6 +117,7 @@ class OneNode:
     def __init__(self, cluster, folder, runs):
         self.cluster, self.folder, self.runs = cluster, folder, runs  # [(script, env)]
         self.proc, self.codes, self.stopped = None, [], False
+        self.token = f"{os.environ[TOKEN_VAR]}-{folder.name}"  # marks all it starts
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -128,8 +128,9 @@ class OneNode:
             with open(self.folder / f"{script}.out", "w") as out:
                 self.proc = subprocess.Popen(
                     self.cluster.command("bash", SLURM_DIR / f"{script}.sbatch", node="node3"),
-                    env=dict(env, LAUNCHER="mpirun", NP="2"), stdout=out,
-                    stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True)
+                    env=dict(env, LAUNCHER="mpirun", NP="2", **{LAUNCH_VAR: self.token}),
+                    stdout=out, stderr=subprocess.STDOUT, cwd=self.folder,
+                    start_new_session=True)
                 self.codes.append(self.proc.wait())  # bounded: wait() kills it at its deadline
 
     def wait(self, timeout=JOB_TIMEOUT):
@@ -147,8 +148,8 @@ class OneNode:
     def kill(self):
         """Stop what still runs (also the runs not started yet)."""
         self.stopped = True
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the script, mpirun and its ranks
+        if self.proc is not None:  # the script, mpirun and its ranks (setsid or not)
+            kill_tree(self.proc, self.token)
         self.thread.join(10)
 
 
@@ -232,8 +233,8 @@ def _per_class_auroc(report_dir):
     return values
 
 
-@pytest.mark.skipif(not (CHEST / "images").is_dir(), reason=f"no ChestX-ray14 sample in {CHEST}")
 def test_chexnet_train_and_evaluate_on_two_nodes_match_one_node(cluster):
+    shared_data(CHEST / "images")
     folders, runs = {}, {}
     for layout in ("one-node", "two-nodes"):
         folder = folders[layout] = _jobs(cluster, f"chexnet-{layout}")

@@ -3,9 +3,7 @@ reference's LARS schedule and flags. Scores are checked against numpy over the r
 import json
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -17,7 +15,17 @@ from imagenet import build_tfrecords, models, sample_images
 from imagenet import input_pipeline as ip
 from imagenet import train as imagenet_train
 from imagenet.config import RunConfig
-from tests.conftest import ROOT, child_env, horovodrun_cmd, mpirun_cmd, python_cmd, run_cmd
+from tests.conftest import (
+    ROOT,
+    horovodrun_cmd,
+    kill_group,
+    mpirun_cmd,
+    python_cmd,
+    run_cmd,
+    shared_data,
+    start_group,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts resnet_main in a subprocess
 
@@ -46,9 +54,7 @@ def ten_val_records(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_tfrecords(tmp_path_factory, request):
-    sample = ROOT / ".." / "shared" / "data" / "imagenet"
-    if not sample.is_dir():
-        pytest.skip(f"shared ImageNet sample not found at {sample.resolve()}")
+    sample = shared_data("imagenet")
     out = tmp_path_factory.mktemp("shared_tfr")
     for split in ("train", "validation"):
         build_tfrecords.build(str(sample / "images"), str(out), split,
@@ -145,14 +151,13 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     cmd = python_cmd("resnet_main.py", "--use_synthetic_data", "--mode=train",
                      f"--model_dir={model_dir}", "--train_steps=400",
                      "--num_label_classes=10", *TINY)
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while not list(model_dir.glob("ckpt-*")) and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc = start_group(cmd)
+    try:
+        wait_for_checkpoint(proc, model_dir)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
     saved = sorted(int(p.name.split("-")[1]) for p in model_dir.glob("ckpt-*"))
     assert saved and saved[-1] < 400, "the run was not killed mid-way"
     last = saved[-1]
