@@ -78,7 +78,7 @@ def cluster():
     try:
         t0 = time.monotonic()
         vc.up(timeout=60)
-        vc.up_seconds = time.monotonic() - t0
+        print(f"\nvirtual cluster up in {time.monotonic() - t0:.1f} s")  # bounded by up()
         vc.host_state_before = before
         (run_dir / "jobs").mkdir()
         yield vc
@@ -179,7 +179,6 @@ def test_placement_line_flags_local_ranks_that_disagree_with_host_names():
 
 
 def test_cluster_is_up_on_three_named_nodes_without_touching_the_host(cluster):
-    assert cluster.up_seconds < 60
     assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
     proc = cluster.run("srun", "--nodes=3", "--ntasks-per-node=1", "--label", "sh", "-c",
                        "echo $(hostname) $(ip -o -4 addr show eth0 | awk '{print $4}')",
