@@ -13,9 +13,13 @@ wrote nothing are the stalled ones (stall_dir is on the shared model_dir, as a c
 checkpoints are). Without a stall_dir the message names the phase that stalled.
 
 Long checkpoint writes by rank 0 must not look like a stall to the waiting ranks: while it
-writes, rank 0 touches `<stall_dir>/chief-alive` (from the watchdog thread, so a stopped rank 0
-stops touching it), and the others keep waiting as long as that file is fresh.
+writes, rank 0 rewrites `<stall_dir>/chief-alive` with a new count (from the watchdog thread,
+so a stopped rank 0 stops), and the others keep waiting as long as they saw the count change
+within `timeout_s` by their own clock (no two nodes' clocks are compared).
+
+All timing reads `clock` (time.monotonic): a test drives it and calls `check()` itself.
 """
+import itertools
 import os
 import socket
 import sys
@@ -37,7 +41,7 @@ class Watchdog:
     def __init__(self, timeout_s: float, rank: int = 0, size: int = 1,
                  hosts: Sequence[str] | None = None, stall_dir: str | None = None,
                  exit=os._exit, stream=None, poll_s: float | None = None,
-                 grace_s: float = _GRACE_S):
+                 grace_s: float = _GRACE_S, clock=time.monotonic):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s, self.rank, self.size = float(timeout_s), rank, size
@@ -45,12 +49,15 @@ class Watchdog:
         self.stall_dir, self.grace_s = stall_dir, grace_s
         self._exit, self._stream = exit, stream
         self._poll_s = poll_s if poll_s is not None else min(1.0, self.timeout_s / 10)
+        self._clock = clock
         self._lock = threading.Lock()
-        self._last = time.monotonic()
+        self._last = clock()
         self._step, self._phase = 0, "start-up"
         self._limit = self.timeout_s + SLOW_PHASE_S
         self._writing = False  # rank 0 is writing a checkpoint
         self._waiting_for_chief = False
+        self._touched, self._touches = float("-inf"), itertools.count(1)  # rank 0's writes
+        self._chief_count, self._chief_seen = None, float("-inf")  # others: what they saw
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
         self.fired = False
@@ -77,7 +84,7 @@ class Watchdog:
         """Progress: restart the clock (and say where we are, for the message). `slow`:
         what comes next may legitimately take SLOW_PHASE_S longer (graph tracing)."""
         with self._lock:
-            self._last = time.monotonic()
+            self._last = self._clock()
             self._limit = self.timeout_s + (SLOW_PHASE_S if slow else 0.0)
             if step is not None:
                 self._step = step
@@ -108,38 +115,46 @@ class Watchdog:
     def _touch_chief_alive(self) -> None:
         if not self.stall_dir:
             return
-        path = os.path.join(self.stall_dir, CHIEF_ALIVE)
+        count = f"{os.getpid()} {next(self._touches)}\n"  # new content at each touch
         try:
             os.makedirs(self.stall_dir, exist_ok=True)
-            with open(path, "a"):
-                os.utime(path)
+            with open(os.path.join(self.stall_dir, CHIEF_ALIVE), "w") as f:
+                f.write(count)
         except OSError:
             pass  # a full disk must not kill the writer from here; the write itself will fail
 
-    def _chief_alive(self) -> bool:
+    def _chief_alive(self, now: float) -> bool:
+        """Whether rank 0's chief-alive count changed within timeout_s before `now`."""
         if not self.stall_dir:
             return False
         try:
-            age = time.time() - os.path.getmtime(os.path.join(self.stall_dir, CHIEF_ALIVE))
+            with open(os.path.join(self.stall_dir, CHIEF_ALIVE)) as f:
+                count = f.read()
         except OSError:
-            return False
-        return age < self.timeout_s
+            count = None
+        if count is not None and count != self._chief_count:
+            self._chief_count, self._chief_seen = count, now
+        return now - self._chief_seen < self.timeout_s
+
+    def check(self) -> bool:
+        """One look (the thread's, every poll_s): touch chief-alive while writing, watch
+        it while waiting, fire after `timeout_s` without progress. True once fired."""
+        now = self._clock()
+        if self._writing and now - self._touched > self.timeout_s / 4:
+            self._touch_chief_alive()
+            self._touched = now
+        chief_alive = self._waiting_for_chief and self._chief_alive(now)
+        with self._lock:
+            idle, limit = now - self._last, self._limit
+        if idle < limit or self._writing or chief_alive:
+            return False  # progress, or rank 0 is alive and writing: keep waiting
+        self._fire(idle)
+        return True
 
     def _run(self) -> None:
-        touched = 0.0
         while not self._stop.wait(self._poll_s):
-            now = time.monotonic()
-            if self._writing and now - touched > self.timeout_s / 4:
-                self._touch_chief_alive()
-                touched = now
-            with self._lock:
-                idle, limit = now - self._last, self._limit
-            if idle < limit:
-                continue
-            if self._writing or (self._waiting_for_chief and self._chief_alive()):
-                continue  # rank 0 is alive and writing: keep waiting
-            self._fire(idle)
-            return
+            if self.check():
+                return
 
     def _stalled_ranks(self) -> list | None:
         """Ranks that did not report within the grace period (None: cannot tell)."""

@@ -19,7 +19,7 @@ from chexnet.config import ChexnetConfig
 from chexnet.model import InitSource
 from hooks.errors import ConfigError
 from hooks.horovod_glue import Context
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, shared_data
 
 CX = SHARED_DATA / "chestxray14"
 QUIET = dict(log=lambda *a, **k: None)
@@ -324,14 +324,14 @@ def test_output_names_are_unique_per_input_path(tmp_path):
 
 
 @pytest.mark.slow  # trains a ResNet-18 on 50 real X-rays (about 1-3 minutes on 2 cores)
-@pytest.mark.skipif(not (CX / "images").is_dir(), reason=f"no shared X-rays under {CX}")
 def test_finetune_can_fit_the_50_real_xrays(tmp_path):
     """All 50 shared X-rays as training data, default optimizer and learning rate (Adam
     1e-3), tiny backbone: in inference mode on the same images every class with >= 3
     positives reaches AUROC >= 0.95 (a network that cannot fit 50 images cannot learn)."""
     from sklearn.metrics import roc_auc_score
 
-    data = dict(csv=str(CX / "Data_Entry_2017.csv.gz"), image_dir=str(CX / "images"),
+    data = dict(csv=str(shared_data(CX / "Data_Entry_2017.csv.gz")),
+                image_dir=str(shared_data(CX / "images")),
                 only_present_images=True, split_fractions=(1.0, 0.0, 0.0), backbone="resnet18",
                 image_size=32, cache="memory", model_dir=str(tmp_path / "run"))
     summary = train.run(ChexnetConfig(mode="train", allow_random_init=True, train_batch_size=16,

@@ -1,11 +1,10 @@
 """ChestX-ray14 labels and splits on the real NIH files in ../shared/data/chestxray14
-(skipped, saying so, where that sample is absent: the pipeline tests need no sample)."""
+(a test that reads them fails naming the missing file; the pipeline tests need no sample)."""
 
 from __future__ import annotations
 
 import gzip
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ import pytest
 from chexnet import splits as data
 from chexnet.labels import CHEXNET_PUBLISHED_AUROC, CLASS_NAMES, NO_FINDING, encode_findings
 from hooks.errors import DataError
+from tests.conftest import SHARED_DATA, shared_data
 
-DATA = (Path(__file__).parents[1] / ".." / "shared" / "data" / "chestxray14").resolve()
+DATA = SHARED_DATA / "chestxray14"
 CSV_2017 = DATA / "Data_Entry_2017.csv.gz"
 CSV_2020 = DATA / "Data_Entry_2017_v2020.csv.gz"
 
@@ -25,22 +25,17 @@ def col(name: str) -> int:
 
 @pytest.fixture(scope="module")
 def table_2017():
-    if not CSV_2017.is_file():
-        pytest.skip(f"ChestX-ray14 label CSV not found at {CSV_2017}")
-    return data.read_data_entry(CSV_2017)
+    return data.read_data_entry(shared_data(CSV_2017))
 
 
 @pytest.fixture(scope="module")
 def table_2020():
-    if not CSV_2020.is_file():
-        pytest.skip(f"ChestX-ray14 v2020 label CSV not found at {CSV_2020}")
-    return data.read_data_entry(CSV_2020)
+    return data.read_data_entry(shared_data(CSV_2020))
 
 
 @pytest.fixture(scope="module")
 def split_lists():
-    if not (DATA / "splits" / "train_list.txt").is_file():
-        pytest.skip(f"CheXNet split lists not found under {DATA / 'splits'}")
+    shared_data(DATA / "splits" / "train_list.txt")
     return data.load_split_lists(DATA / "splits")
 
 
@@ -95,8 +90,7 @@ def test_csv_v2020(table_2017, table_2020):
 
 
 def test_gzip_found_by_content_and_plain_text(tmp_path):
-    if not CSV_2017.is_file():
-        pytest.skip(f"ChestX-ray14 label CSV not found at {CSV_2017}")
+    shared_data(CSV_2017)
     disguised = tmp_path / "labels.csv"  # gzip bytes behind a .csv name
     shutil.copy(CSV_2017, disguised)
     assert len(data.read_data_entry(disguised)) == 112_120

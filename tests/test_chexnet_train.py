@@ -21,7 +21,7 @@ from chexnet.config import ChexnetConfig
 from chexnet.labels import CHEXNET_PUBLISHED_AUROC, CLASS_NAMES
 from hooks.errors import ConfigError, DataError
 from hooks.horovod_glue import Context
-from tests.conftest import ROOT, SHARED_DATA, horovodrun_cmd, python_cmd, run_cmd
+from tests.conftest import ROOT, SHARED_DATA, horovodrun_cmd, python_cmd, run_cmd, shared_data
 
 CX = SHARED_DATA / "chestxray14"
 CSV = CX / "Data_Entry_2017.csv.gz"
@@ -31,10 +31,12 @@ TINY = ["--backbone=resnet18", "--image_size=32"]
 SAMPLE = dict(csv=str(CSV), image_dir=str(IMAGES), only_present_images=True,
               split_fractions=(0.6, 0.2, 0.2), backbone="resnet18", image_size=32)
 
-pytestmark = pytest.mark.skipif(
-    not (IMAGES.is_dir() and CSV.is_file()),
-    reason=f"shared ChestX-ray14 sample not found under {CX}",
-)
+
+
+@pytest.fixture(scope="module")
+def xrays():
+    """The shared sample, or the test fails naming what is missing."""
+    return shared_data(CSV), shared_data(IMAGES)
 
 
 def data_args(image_dir=IMAGES, csv_path=CSV):
@@ -73,7 +75,7 @@ def pretrained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finetuned(pretrained, tmp_path_factory):
+def finetuned(xrays, pretrained, tmp_path_factory):
     """A 2-rank fine-tune of the pre-trained checkpoint on the 50 real images, launched by
     slurm/chexnet_finetune.sbatch outside SLURM (mpirun)."""
     model_dir = tmp_path_factory.mktemp("finetune") / "run"
@@ -353,7 +355,7 @@ def _expect_error(tmp_path, error, match, **kw):
     assert not (tmp_path / "out").exists(), "an error must not leave output behind"
 
 
-def test_missing_image_is_a_clear_error(tmp_path):
+def test_missing_image_is_a_clear_error(xrays, tmp_path):
     names = sorted(p.name for p in IMAGES.glob("*.png"))[:12]
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -370,18 +372,18 @@ def test_missing_image_is_a_clear_error(tmp_path):
     )
 
 
-def test_csv_without_finding_labels(tmp_path):
+def test_csv_without_finding_labels(xrays, tmp_path):
     path = small_csv(tmp_path, [p.name for p in IMAGES.glob("*.png")], drop_column="Finding Labels")
     _expect_error(tmp_path, DataError, "Finding Labels", csv=str(path))
 
 
-def test_unknown_label_name(tmp_path):
+def test_unknown_label_name(xrays, tmp_path):
     path = small_csv(tmp_path, [p.name for p in IMAGES.glob("*.png")], relabel="Pneumonitis")
     _expect_error(tmp_path, DataError, "unknown finding label 'Pneumonitis'", csv=str(path))
 
 
 @pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
-def test_checkpoint_of_another_architecture(pretrained, tmp_path):
+def test_checkpoint_of_another_architecture(xrays, pretrained, tmp_path):
     _expect_error(
         tmp_path,
         model_lib.ModelError,
@@ -410,7 +412,7 @@ def test_checkpoint_of_another_architecture(pretrained, tmp_path):
 
 
 @pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
-def test_cli_error_is_one_line(pretrained, tmp_path):
+def test_cli_error_is_one_line(xrays, pretrained, tmp_path):
     proc = run_cmd(
         python_cmd(
             "-m",
@@ -459,7 +461,7 @@ def test_corrupt_png_fails_or_is_skipped(finetuned, tmp_path):
 
 
 @pytest.mark.slow  # a subprocess pre-trains (and fine-tunes)
-def test_evaluate_requires_a_chexnet_checkpoint(pretrained, tmp_path):
+def test_evaluate_requires_a_chexnet_checkpoint(xrays, pretrained, tmp_path):
     with pytest.raises(ConfigError, match="not a chexnet checkpoint"):
         evaluate.run(ChexnetConfig(mode="evaluate", eval_batch_size=4,
                                    model_dir=str(pretrained), report_dir=str(tmp_path / "out"),

@@ -5,7 +5,8 @@ last commit and ends with exactly the weights of an uninterrupted run; what the 
 the launch check. Under `horovodrun --gloo --min-np 1 --max-np 2 --host-discovery-script`
 (slow): two workers as two host names of this machine (`localhost`, `127.0.0.1`); kill -9 of
 one and the run finishes on the survivor; a host added mid-run joins with identical weights;
-the same for `chexnet train` (losing rank 0)."""
+the same for `chexnet train` (losing rank 0). The change is made while every rank waits at
+a gate after a chosen step (tests/workers/elastic_gate.py), so it cannot race the run's end."""
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from tests.conftest import (
     rank_pids,
     run_cmd,
     start_group,
-    wait_for_checkpoint,
+    wait_until,
 )
 from tests.test_loop import _xray_sample
 
@@ -254,23 +255,57 @@ TINY = [*PLAIN, "--iterations_per_loop=4", "--elastic", "--elastic_commit_steps=
 # 2 values is exact in either order), so bit for bit.
 ELASTIC_ATOL = 0.0
 HOSTS = ("localhost", "127.0.0.1")  # two names of this machine: two "hosts" for Horovod
+GATE_STEP = 5  # between commits (every 2 steps) and after the first checkpoint (step 4)
 
 
-def _elastic_cmd(discovery, np_, *args):
+def _elastic_cmd(discovery, gate, np_, *args):
+    """horovodrun's elastic command; the ranks wait at the gate when the world has
+    `gate[1]` ranks (tests/workers/elastic_gate.py)."""
     import sys
+    gate_dir, size = gate
     return [BIN / "horovodrun", "--gloo", "-np", np_, "--min-np", "1", "--max-np", "2",
             "--network-interface", "lo", "--host-discovery-script", discovery,
-            sys.executable, *args]
+            sys.executable, "-m", "tests.workers.elastic_gate", gate_dir, size, GATE_STEP,
+            *args]
+
+
+def _gate(tmp_path, size):
+    (tmp_path / "gate").mkdir()
+    return tmp_path / "gate", size
+
+
+def _wait_at_gate(proc, gate, ranks):
+    gate_dir, _ = gate
+    wait_until(proc, lambda: all((gate_dir / f"waiting-{r}").exists() for r in ranks),
+               f"ranks {list(ranks)} at the gate after step {GATE_STEP}")
+
+
+def _set_hosts(listing, hosts):
+    """Replace the host list in one step: the discovery script never reads half a file."""
+    (listing.parent / "hosts.tmp").write_text("".join(f"{h}:1\n" for h in hosts))
+    os.replace(listing.parent / "hosts.tmp", listing)
 
 
 def _discovery(tmp_path, hosts):
-    """A discovery script printing `host:1` for each line of a file the test edits."""
-    listing = tmp_path / "hosts.txt"
-    listing.write_text("".join(f"{h}:1\n" for h in hosts))
+    """A discovery script printing `host:1` for each line of a file the test edits; it logs
+    each answer (then `--`) to discovered.log."""
+    listing, log = tmp_path / "hosts.txt", tmp_path / "discovered.log"
+    _set_hosts(listing, hosts)
     script = tmp_path / "discover.sh"
-    script.write_text(f"#!/bin/sh\ncat {listing}\n")
+    script.write_text(f"#!/bin/sh\nhosts=$(cat {listing})\nprintf '%s\\n' \"$hosts\"\n"
+                      f"printf '%s\\n--\\n' \"$hosts\" >> {log}\n")
     script.chmod(0o755)
     return script, listing
+
+
+def _driver_notified(tmp_path, hosts):
+    """Whether Horovod's driver has read `hosts` from the discovery script and asked it
+    again: its discovery thread tells rank 0 of a change (and waits for the answer)
+    before it asks again (horovod/runner/elastic/driver.py, _discover_hosts)."""
+    log = tmp_path / "discovered.log"
+    answers = log.read_text().split("--\n")[:-1] if log.exists() else []
+    wanted = "".join(f"{h}:1\n" for h in hosts)
+    return wanted in answers and answers.index(wanted) < len(answers) - 1
 
 
 def _run(cmd, log_path, during, timeout=600):
@@ -317,12 +352,13 @@ def _reference(tmp_path, change: dict, steps: int) -> dict:
     return checkpoint_values.newest_state(model_dir)
 
 
-def _kill_one(program, model_dir, rank):
+def _kill_one(program, model_dir, gate, rank):
     def during(proc):
-        wait_for_checkpoint(proc, model_dir, seconds=400)
+        _wait_at_gate(proc, gate, (0, 1))
         pids = rank_pids(program, model_dir)
         assert sorted(pids) == [0, 1], pids
         os.kill(pids[rank], signal.SIGKILL)
+        (gate[0] / "go").touch()
     return during
 
 
@@ -331,10 +367,11 @@ def _kill_one(program, model_dir, rank):
 def test_resnet_main_survives_a_killed_worker(tmp_path):
     model_dir = tmp_path / "run"
     discovery, _ = _discovery(tmp_path, HOSTS)
-    steps = 30
-    rc, out = _run(_elastic_cmd(discovery, 2, *TINY, f"--train_steps={steps}",
+    gate = _gate(tmp_path, 2)
+    steps = 12
+    rc, out = _run(_elastic_cmd(discovery, gate, 2, *TINY, f"--train_steps={steps}",
                                 f"--model_dir={model_dir}"), tmp_path / "log.txt",
-                   _kill_one("resnet_main.py", model_dir, rank=1))
+                   _kill_one("resnet_main.py", model_dir, gate, rank=1))
     assert rc == 0, out[-5000:]
     summary = _summary(out)
     (change,) = summary["world_size_changes"]
@@ -356,14 +393,18 @@ def test_resnet_main_survives_a_killed_worker(tmp_path):
 def test_resnet_main_grows_when_a_host_is_added(tmp_path):
     model_dir = tmp_path / "run"
     discovery, listing = _discovery(tmp_path, HOSTS[:1])
-    steps = 40
+    gate = _gate(tmp_path, 1)
+    steps = 12
 
     def add_host(proc):
-        # After the first checkpoint: the worker has registered with the driver, which
-        # ignores hosts added before that (Horovod 0.28).
-        wait_for_checkpoint(proc, model_dir, seconds=400)
-        listing.write_text("".join(f"{h}:1\n" for h in HOSTS))
-    rc, out = _run(_elastic_cmd(discovery, 1, *TINY, f"--train_steps={steps}",
+        # At the gate the worker has registered with the driver, which ignores hosts added
+        # before that (Horovod 0.28); it goes on once the driver has told it of the host.
+        _wait_at_gate(proc, gate, (0,))
+        _set_hosts(listing, HOSTS)
+        wait_until(proc, lambda: _driver_notified(tmp_path, HOSTS),
+                   "the driver's notice of the added host")
+        (gate[0] / "go").touch()
+    rc, out = _run(_elastic_cmd(discovery, gate, 1, *TINY, f"--train_steps={steps}",
                                 f"--model_dir={model_dir}"), tmp_path / "log.txt", add_host)
     assert rc == 0, out[-5000:]
     summary = _summary(out)
@@ -371,6 +412,7 @@ def test_resnet_main_grows_when_a_host_is_added(tmp_path):
     print(f"\nhost added: {_parts(change)}, "
           f"joined at step {change['step']}")
     assert (change["old_size"], change["new_size"], change["steps_redone"]) == (1, 2, 0)
+    assert change["step"] == GATE_STEP + 1  # the first commit after the driver's notice
     assert (summary["final_step"], summary["ranks"]) == (steps, 2)
     # 1 rank to the join, then 2 ranks: a joiner with other weights or optimizer state
     # would send other gradients, and rank 0's weights would differ from these.
@@ -385,6 +427,7 @@ def test_chexnet_train_survives_losing_rank_0(tmp_path):
     csv_path = _xray_sample(tmp_path / "x")
     model_dir = tmp_path / "run"
     discovery, _ = _discovery(tmp_path, HOSTS)
+    gate = _gate(tmp_path, 2)
     steps = 16
     args = ["-m", "chexnet", "train", f"--csv={csv_path}", f"--image_dir={tmp_path / 'x'}",
             "--backbone=resnet18", "--image_size=32", "--split_fractions=0.5,0.5,0.0",
@@ -392,8 +435,8 @@ def test_chexnet_train_survives_losing_rank_0(tmp_path):
             "--steps_per_loop=4", "--log_every_n_steps=1", "--seed=0", "--elastic",
             "--elastic_commit_steps=2", f"--model_dir={model_dir}", "--stall_timeout_s=120",
             "--allow_random_init"]
-    rc, out = _run(_elastic_cmd(discovery, 2, *args), tmp_path / "log.txt",
-                   _kill_one("chexnet", model_dir, rank=0))
+    rc, out = _run(_elastic_cmd(discovery, gate, 2, *args), tmp_path / "log.txt",
+                   _kill_one("chexnet", model_dir, gate, rank=0))
     assert rc == 0, out[-5000:]
     summary = _summary(out)
     (change,) = summary["world_size_changes"]

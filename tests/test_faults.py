@@ -1,6 +1,7 @@
 """Faults in-process (fast tier): divergence (stop and rollback), preemption by a real
 signal, damaged checkpoints, stale temporary folders, a full disk, the stall watchdog.
 The same faults across real launchers are in tests/test_faults_launchers.py."""
+import io
 import json
 import os
 import shutil
@@ -283,33 +284,55 @@ def test_watchdog_fires_without_beats_and_names_the_stalled_rank(tmp_path, capsy
     assert "in gradient all-reduce; stalled rank(s): 1 (node2)" in err
 
 
-def test_watchdog_beats_and_chief_writes_keep_it_quiet(tmp_path):
-    exit_ = _Exit()
-    dog = watchdog.Watchdog(0.4, exit=exit_, poll_s=0.05).start()
+class _Clock:
+    """The watchdogs' clock, moved only by the test: with `check()` called by the test (no
+    thread), what they do depends on no scheduling or load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_watchdog_beats_and_chief_writes_keep_it_quiet():
+    clock, exit_ = _Clock(), _Exit()
+    dog = watchdog.Watchdog(0.4, exit=exit_, clock=clock)
     for _ in range(20):  # 1 s of beats every 50 ms
         dog.beat()
-        time.sleep(0.05)
-    dog.chief_writing(True)  # a write longer than the timeout
-    time.sleep(1.0)
-    dog.chief_writing(False)
-    assert exit_.code is None
-    dog.stop()
+        clock.now += 0.05
+        assert not dog.check()
+    dog.chief_writing(True)  # a write ten timeouts long
+    for _ in range(40):
+        clock.now += 0.1
+        assert not dog.check()
+    dog.chief_writing(False)  # the write's end is progress: a full timeout from here
+    clock.now += 0.39
+    assert not dog.check() and exit_.code is None
+    clock.now += 0.02
+    assert dog.check() and exit_.code == watchdog.STALL_EXIT_CODE
 
 
 def test_waiting_ranks_wait_while_the_chief_writes_and_fire_when_it_stops(tmp_path):
-    stall_dir = str(tmp_path)
-    exit_ = _Exit()
-    chief = watchdog.Watchdog(0.4, rank=0, size=2, stall_dir=stall_dir, exit=_Exit(),
-                              poll_s=0.05, grace_s=0.1).start()
-    other = watchdog.Watchdog(0.4, rank=1, size=2, stall_dir=stall_dir, exit=exit_,
-                              poll_s=0.05, grace_s=0.1).start()
+    clock, exit_, report = _Clock(), _Exit(), io.StringIO()
+    timeout, step = 0.4, 0.04
+    chief = watchdog.Watchdog(timeout, rank=0, size=2, stall_dir=str(tmp_path), exit=_Exit(),
+                              grace_s=0, clock=clock)
+    other = watchdog.Watchdog(timeout, rank=1, size=2, stall_dir=str(tmp_path), exit=exit_,
+                              grace_s=0, clock=clock, stream=report)
     chief.chief_writing(True)
     other.waiting_for_chief(True)
-    time.sleep(1.2)  # three timeouts: the chief's thread keeps chief-alive fresh
-    assert exit_.code is None
-    chief.stop()  # the chief is stopped mid-write (as by SIGSTOP): chief-alive goes stale
-    assert _wait_for(lambda: exit_.code is not None, 10)
-    other.stop()
+    for _ in range(30):  # three timeouts: the chief's look refreshes chief-alive
+        clock.now += step
+        assert not chief.check() and not other.check()
+    stopped = clock.now  # the chief is stopped mid-write (as by SIGSTOP): it looks no more
+    while not other.check():
+        clock.now += step
+        assert clock.now - stopped < 10 * timeout, "the waiting rank never fired"
+    # A timeout after the chief's last touch (it touches every timeout/4, on a look).
+    assert timeout - timeout / 4 - step - 1e-9 <= clock.now - stopped <= timeout + step + 1e-9
+    assert exit_.code == watchdog.STALL_EXIT_CODE
+    assert "rank 1 of 2" in report.getvalue() and "stalled rank(s): 0 (" in report.getvalue()
 
 
 def test_loop_checkpoints_record_the_network_fingerprint(trained):

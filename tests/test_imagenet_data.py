@@ -3,8 +3,6 @@ import collections
 import io
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ from PIL import Image
 
 from imagenet import build_tfrecords as bt
 from imagenet import input_pipeline as ip
+from tests.conftest import SHARED_DATA, python_cmd, run_cmd, shared_data
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_IMAGENET = ROOT.parent / "shared" / "data" / "imagenet"
+SHARED_IMAGENET = SHARED_DATA / "imagenet"
 SYN_A, SYN_B = "n01440764", "n01443537"
 
 
@@ -113,10 +111,9 @@ def test_unknown_synset_folder_fails_before_writing(tmp_path):
     assert not out.exists()
 
     # The command line turns it into one line on stderr and exit status 1.
-    proc = subprocess.run(
-        [sys.executable, "-m", "imagenet.build_tfrecords", f"--input_dir={src}",
-         f"--output_dir={out}", "--split=train", f"--synsets_file={synsets}",
-         "--num_shards=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = run_cmd(python_cmd("-m", "imagenet.build_tfrecords", f"--input_dir={src}",
+                              f"--output_dir={out}", "--split=train",
+                              f"--synsets_file={synsets}", "--num_shards=1"), check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         f"build_tfrecords: error: unknown synset folder 'n99999999' in {src}: "
@@ -136,11 +133,10 @@ def test_bad_validation_labels_file(tmp_path, content, match):
         bt.read_validation_labels(str(path))
 
 
-@pytest.mark.skipif(not (SHARED_IMAGENET / "images").is_dir(),
-                    reason=f"shared ImageNet sample not found at {SHARED_IMAGENET}")
 @pytest.mark.slow  # worker processes
 def test_build_shared_sample_in_parallel(tmp_path):
-    synsets_file = SHARED_IMAGENET / "synsets.txt"
+    shared_data(SHARED_IMAGENET / "images")
+    synsets_file = shared_data(SHARED_IMAGENET / "synsets.txt")
     order = [line.split()[0] for line in synsets_file.read_text().splitlines() if line.strip()]
     files = sorted((SHARED_IMAGENET / "images").glob("*/*.JPEG"))
     # Independent count of what the builder must re-encode.

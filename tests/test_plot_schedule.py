@@ -46,6 +46,6 @@ def test_command_line_errors_on_unknown_preset(tmp_path):
     from tests.conftest import python_cmd, run_cmd
     proc = run_cmd(python_cmd("-m", "hooks.plot_schedule", "--lr_schedule=nope",
                               "--global_batch=256", f"--output={tmp_path / 'x.png'}"),
-                   check=False, timeout=120)
+                   check=False)
     assert proc.returncode == 2
     assert "plot_schedule: error: --lr_schedule must be one of" in proc.stderr

@@ -2,7 +2,6 @@
 reference's LARS schedule and flags. Scores are checked against numpy over the records."""
 import json
 import re
-import subprocess
 import sys
 
 import keras
@@ -18,12 +17,13 @@ from imagenet.config import RunConfig
 from tests import checkpoint_values
 from tests.conftest import (
     ROOT,
-    child_env,
     horovodrun_cmd,
     kill_group,
     mpirun_cmd,
     python_cmd,
     run_cmd,
+    shared_data,
+    start_group,
     wait_for_checkpoint,
 )
 
@@ -54,9 +54,7 @@ def ten_val_records(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shared_tfrecords(tmp_path_factory, request):
-    sample = ROOT / ".." / "shared" / "data" / "imagenet"
-    if not sample.is_dir():
-        pytest.skip(f"shared ImageNet sample not found at {sample.resolve()}")
+    sample = shared_data("imagenet")
     out = tmp_path_factory.mktemp("shared_tfr")
     for split in ("train", "validation"):
         build_tfrecords.build(str(sample / "images"), str(out), split,
@@ -157,9 +155,7 @@ def test_killed_run_resumes_and_ends_as_the_uninterrupted_run(tmp_path):
              "--lr_schedule=tpu_2018", "--seed=11", "--num_intra_threads=1",
              "--num_inter_threads=1"]
     cmd = python_cmd("resnet_main.py", *flags, f"--model_dir={model_dir}", "--train_steps=400")
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = start_group(cmd)
     try:
         wait_for_checkpoint(proc, model_dir)
     finally:

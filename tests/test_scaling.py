@@ -1,15 +1,12 @@
 """Scaling model (imagenet/scaling.py): formulas against hand computations, the 2018 points."""
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from imagenet import scaling
-
-ROOT = scaling.__file__.rsplit("/imagenet/", 1)[0]
+from tests.conftest import ROOT, python_cmd, run_cmd
 
 
 def test_resnet50_counts_match_the_published_ones():
@@ -219,8 +216,7 @@ def test_time_to_train():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "imagenet.scaling", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return run_cmd(python_cmd("-m", "imagenet.scaling", *args), check=False)
 
 
 def test_cli_check_published_summary_and_plot(tmp_path):
