@@ -23,12 +23,22 @@ import threading
 import time
 from collections.abc import Sequence
 
+from hooks.safe_files import is_real_dir, open_for_write, write_text
+
 STALL_EXIT_CODE = 86
 CHIEF_ALIVE = "chief-alive"
 _GRACE_S = 5.0
 # Start-up and the first step of training or evaluation (graph tracing) may take minutes on
 # a loaded node without being a stall: they get this much longer.
 SLOW_PHASE_S = 300.0
+
+
+def _make_real_dir(path: str) -> None:
+    """Create `path` if needed; OSError when it is a link (someone else's, in a shared
+    model_dir: files written through it would land outside)."""
+    os.makedirs(path, exist_ok=True)
+    if not is_real_dir(path):
+        raise OSError(f"{path} is not a folder (a symlink?)")
 
 
 class Watchdog:
@@ -59,7 +69,9 @@ class Watchdog:
     def start(self) -> "Watchdog":
         # The folder is made only when a file is written into it: a run refused at its
         # first checks must leave no model_dir behind.
-        if self.stall_dir and self.rank == 0 and os.path.isdir(self.stall_dir):
+        if self.stall_dir and os.path.islink(self.stall_dir):
+            self.stall_dir = None  # planted in a shared model_dir: never write through it
+        if self.stall_dir and self.rank == 0 and is_real_dir(self.stall_dir):
             try:  # reports of an earlier run must not count as answers
                 for name in os.listdir(self.stall_dir):
                     os.remove(os.path.join(self.stall_dir, name))
@@ -110,9 +122,12 @@ class Watchdog:
             return
         path = os.path.join(self.stall_dir, CHIEF_ALIVE)
         try:
-            os.makedirs(self.stall_dir, exist_ok=True)
-            with open(path, "a"):
-                os.utime(path)
+            _make_real_dir(self.stall_dir)
+            fd = open_for_write(path, append=True)  # a planted link: ELOOP, not followed
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
         except OSError:
             pass  # a full disk must not kill the writer from here; the write itself will fail
 
@@ -120,7 +135,7 @@ class Watchdog:
         if not self.stall_dir:
             return False
         try:
-            age = time.time() - os.path.getmtime(os.path.join(self.stall_dir, CHIEF_ALIVE))
+            age = time.time() - os.lstat(os.path.join(self.stall_dir, CHIEF_ALIVE)).st_mtime
         except OSError:
             return False
         return age < self.timeout_s
@@ -146,9 +161,9 @@ class Watchdog:
         if not self.stall_dir or self.size == 1:
             return None
         try:
-            os.makedirs(self.stall_dir, exist_ok=True)
-            with open(os.path.join(self.stall_dir, f"rank-{self.rank}"), "w") as f:
-                f.write(f"{self._step} {time.time()}\n")
+            _make_real_dir(self.stall_dir)
+            write_text(os.path.join(self.stall_dir, f"rank-{self.rank}"),
+                       f"{self._step} {time.time()}\n")
             time.sleep(self.grace_s)
             present = {int(n.split("-")[1]) for n in os.listdir(self.stall_dir)
                        if n.startswith("rank-") and n.split("-")[1].isdigit()}

@@ -1,0 +1,38 @@
+"""File handling inside folders that others may share (--model_dir, report folders): never
+follow a link we did not create.
+
+Someone with write access to a shared model_dir can plant a symlink named like a file we
+write (DAMAGED.txt, .stall/rank-1) or like a folder we clean up (ckpt-*, .ckpt-*); following
+it would make the job overwrite or delete a file outside the folder. These helpers look at
+the entry itself (lstat) and open with O_NOFOLLOW, so a planted link is left alone or
+refused with an OSError naming it.
+"""
+import os
+import stat
+
+
+def is_real_dir(path: str) -> bool:
+    """A folder that is not a symlink (os.path.isdir follows links)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_for_write(path: str, exclusive: bool = False, append: bool = False) -> int:
+    """A file descriptor to write `path`, created with the umask's mode; OSError (ELOOP)
+    when `path` is a symlink, FileExistsError with `exclusive` when anything is there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    if exclusive:
+        flags |= os.O_EXCL
+    elif append:
+        flags |= os.O_APPEND
+    else:
+        flags |= os.O_TRUNC
+    return os.open(path, flags, 0o666)
+
+
+def write_text(path: str, text: str, exclusive: bool = False) -> None:
+    """Write `text` to `path` without following a link planted there."""
+    with os.fdopen(open_for_write(path, exclusive=exclusive), "w") as f:
+        f.write(text)
