@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from hooks.errors import UserError
-from hooks.safe_files import is_real_dir, write_text
+from hooks.safe_files import follow_umask, is_real_dir, write_text
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"
@@ -101,6 +101,7 @@ def save(model_dir: str, step: int, network: keras.Model,
                      *[np.asarray(v.numpy()) for v in optimizer.variables])
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump(dict(state, step=step), f, indent=1, sort_keys=True, default=float)
+        follow_umask(tmp)  # mkdtemp made it 0700: readable as the umask says, like its files
         _fsync_folder(tmp)
         replaced = None
         if os.path.lexists(final):  # same step written again: swap, never lose both
