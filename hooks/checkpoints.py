@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from hooks.errors import UserError
+from hooks.safe_files import follow_umask, is_real_dir, write_text
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"
@@ -100,9 +101,10 @@ def save(model_dir: str, step: int, network: keras.Model,
                      *[np.asarray(v.numpy()) for v in optimizer.variables])
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump(dict(state, step=step), f, indent=1, sort_keys=True, default=float)
+        follow_umask(tmp)  # mkdtemp made it 0700: readable as the umask says, like its files
         _fsync_folder(tmp)
         replaced = None
-        if os.path.exists(final):  # same step written again: swap, never lose both
+        if os.path.lexists(final):  # same step written again: swap, never lose both
             replaced = tempfile.mkdtemp(dir=model_dir, prefix=f".ckpt-{step:09d}-replaced-")
             os.rename(final, os.path.join(replaced, "old"))
         os.rename(tmp, final)
@@ -127,14 +129,16 @@ def save(model_dir: str, step: int, network: keras.Model,
 
 def remove_stale_temps(model_dir: str | None) -> list[str]:
     """Remove the temporary folders and files that killed writes left in model_dir (call
-    on rank 0 before training); returns what was removed."""
+    on rank 0 before training); returns what was removed. A symlink named like one is
+    left alone: we never create links, so it is not ours, and following it could delete
+    a folder outside model_dir."""
     if not model_dir or not os.path.isdir(model_dir):
         return []
     removed = []
     for name in os.listdir(model_dir):
-        if name.startswith((".ckpt-", ".tmp-")):
-            path = os.path.join(model_dir, name)
-            if os.path.isdir(path):
+        path = os.path.join(model_dir, name)
+        if name.startswith((".ckpt-", ".tmp-")) and not os.path.islink(path):
+            if is_real_dir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.remove(path)
@@ -185,14 +189,16 @@ def read(path: str) -> Checkpoint | None:
 
 
 def list_checkpoints(model_dir: str | None) -> list[Checkpoint]:
-    """Complete checkpoints in model_dir, oldest first (half-written ones are ignored)."""
+    """Complete checkpoints in model_dir, oldest first (half-written ones are ignored, and
+    so are symlinks named like a checkpoint: pruning or moving them aside would follow
+    them out of model_dir)."""
     if not model_dir or not os.path.isdir(model_dir):
         return []
     found = []
     for name in os.listdir(model_dir):
         match = _NAME.match(name)
         path = os.path.join(model_dir, name)
-        state = _read_state(path) if match else None
+        state = _read_state(path) if match and is_real_dir(path) else None
         if state is not None:
             found.append(Checkpoint(int(match.group(1)), path, state))
     return sorted(found)
@@ -281,22 +287,30 @@ class _Damaged(CheckpointError):
 
 
 def _all_folders(model_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every ckpt-* folder, complete or not, oldest first."""
+    """(step, path) of every ckpt-* folder, complete or not, oldest first (not links)."""
     found = []
     for name in os.listdir(model_dir):
         match = _NAME.match(name)
-        if match and os.path.isdir(os.path.join(model_dir, name)):
+        if match and is_real_dir(os.path.join(model_dir, name)):
             found.append((int(match.group(1)), os.path.join(model_dir, name)))
     return sorted(found)
 
 
 def move_aside(path: str, reason: str) -> str:
-    """Rename a damaged checkpoint to damaged-<name>-<time> (kept for inspection)."""
+    """Rename a damaged checkpoint folder to damaged-<name>-<time> (kept for inspection) and
+    write the reason into DAMAGED.txt there. Whatever is already named DAMAGED.txt in the
+    folder (a planted link) is unlinked, never followed; the note is created exclusively.
+    The note is best effort: the caller's warning carries the reason too."""
     folder, name = os.path.split(path)
     target = os.path.join(folder, f"damaged-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(path, target)
-    with open(os.path.join(target, "DAMAGED.txt"), "w") as f:
-        f.write(reason + "\n")
+    note = os.path.join(target, "DAMAGED.txt")
+    try:
+        if os.path.lexists(note) and not is_real_dir(note):
+            os.unlink(note)  # removes a link itself, not what it points at
+        write_text(note, reason + "\n", exclusive=True)
+    except OSError:
+        pass
     return target
 
 

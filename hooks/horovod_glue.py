@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from hooks import elastic_launch
 from hooks.errors import ConfigError, UserError
+from hooks.safe_files import follow_umask
 
 T = TypeVar("T")
 
@@ -362,6 +363,7 @@ def write_atomically(path: str, write: Callable[[str], None], context: Context) 
                                    suffix=suffix)
         os.close(fd)
         write(tmp)
+        follow_umask(tmp)  # mkstemp made it 0600
         with open(tmp, "rb+") as f:  # durable before it replaces the old file
             os.fsync(f.fileno())
         os.replace(tmp, path)

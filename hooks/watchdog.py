@@ -27,12 +27,22 @@ import threading
 import time
 from collections.abc import Sequence
 
+from hooks.safe_files import is_real_dir, write_text
+
 STALL_EXIT_CODE = 86
 CHIEF_ALIVE = "chief-alive"
 _GRACE_S = 5.0
 # Start-up and the first step of training or evaluation (graph tracing) may take minutes on
 # a loaded node without being a stall: they get this much longer.
 SLOW_PHASE_S = 300.0
+
+
+def _make_real_dir(path: str) -> None:
+    """Create `path` if needed; OSError when it is a link (someone else's, in a shared
+    model_dir: files written through it would land outside)."""
+    os.makedirs(path, exist_ok=True)
+    if not is_real_dir(path):
+        raise OSError(f"{path} is not a folder (a symlink?)")
 
 
 class Watchdog:
@@ -66,7 +76,9 @@ class Watchdog:
     def start(self) -> "Watchdog":
         # The folder is made only when a file is written into it: a run refused at its
         # first checks must leave no model_dir behind.
-        if self.stall_dir and self.rank == 0 and os.path.isdir(self.stall_dir):
+        if self.stall_dir and os.path.islink(self.stall_dir):
+            self.stall_dir = None  # planted in a shared model_dir: never write through it
+        if self.stall_dir and self.rank == 0 and is_real_dir(self.stall_dir):
             try:  # reports of an earlier run must not count as answers
                 for name in os.listdir(self.stall_dir):
                     os.remove(os.path.join(self.stall_dir, name))
@@ -117,9 +129,9 @@ class Watchdog:
             return
         count = f"{os.getpid()} {next(self._touches)}\n"  # new content at each touch
         try:
-            os.makedirs(self.stall_dir, exist_ok=True)
-            with open(os.path.join(self.stall_dir, CHIEF_ALIVE), "w") as f:
-                f.write(count)
+            _make_real_dir(self.stall_dir)
+            # a planted link: ELOOP, not followed
+            write_text(os.path.join(self.stall_dir, CHIEF_ALIVE), count)
         except OSError:
             pass  # a full disk must not kill the writer from here; the write itself will fail
 
@@ -128,7 +140,9 @@ class Watchdog:
         if not self.stall_dir:
             return False
         try:
-            with open(os.path.join(self.stall_dir, CHIEF_ALIVE)) as f:
+            fd = os.open(os.path.join(self.stall_dir, CHIEF_ALIVE),
+                         os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as f:
                 count = f.read()
         except OSError:
             count = None
@@ -161,9 +175,9 @@ class Watchdog:
         if not self.stall_dir or self.size == 1:
             return None
         try:
-            os.makedirs(self.stall_dir, exist_ok=True)
-            with open(os.path.join(self.stall_dir, f"rank-{self.rank}"), "w") as f:
-                f.write(f"{self._step} {time.time()}\n")
+            _make_real_dir(self.stall_dir)
+            write_text(os.path.join(self.stall_dir, f"rank-{self.rank}"),
+                       f"{self._step} {time.time()}\n")
             time.sleep(self.grace_s)
             present = {int(n.split("-")[1]) for n in os.listdir(self.stall_dir)
                        if n.startswith("rank-") and n.split("-")[1].isdigit()}

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -70,6 +71,24 @@ def ensure_installed(binaries=BINARIES, timeout=600):
     if proc.returncode != 0 or missing_binaries(binaries):
         raise ClusterError(f"{INSTALL_SCRIPT} failed (rc {proc.returncode}); still missing "
                            f"{missing_binaries(binaries)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def write_munge_key(path: Path) -> None:
+    """A new random munge key at `path`, created exclusively with mode 0400 (never readable
+    by others, not even between a write and a chmod) and never through a link. A key left by
+    an earlier start is reused only if it is a regular file owned by us that nobody else can
+    read; anything else (a planted symlink, another owner's file) is a ClusterError."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    except FileExistsError:
+        info = os.lstat(path)
+        if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
+                or info.st_mode & 0o077):
+            raise ClusterError(f"{path} exists and is not our private munge key (a symlink, "
+                               "another owner's file, or readable by others): remove it") from None
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(1024))
 
 
 def _free_port():
@@ -178,10 +197,7 @@ class SlurmCluster:
         os.chmod(self.root, 0o755)
         for node in self.nodes:
             (self.root / "spool" / f"slurmd-{node.name}").mkdir(exist_ok=True)
-        key = self.root / "munge" / "munge.key"
-        if not key.exists():
-            key.write_bytes(os.urandom(1024))
-            os.chmod(key, 0o400)
+        write_munge_key(self.root / "munge" / "munge.key")
         ctld_port, slurmd_port = self.ports or (_free_port(), _free_port())
         while slurmd_port == ctld_port:
             slurmd_port = _free_port()

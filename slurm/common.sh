@@ -21,7 +21,28 @@ hr_log() { echo "[hpc-resnet] $*"; }
 HR_PREEMPTED=75  # exit status of a rank stopped by SIGTERM/SIGUSR1 after its checkpoint
 hr_die() { echo "[hpc-resnet] error: $*" >&2; exit 2; }
 
+# hr_check_int NAME...: each named variable that is set and not empty must be a whole number
+# (^[0-9]+$); it is rewritten in base 10 (08 -> 8). Bash arithmetic, $(( )), evaluates a
+# variable's value as an expression, and an array index in it runs $(...): BATCH='X[$(cmd)]'
+# would run cmd. So every variable from the environment is checked before arithmetic.
+hr_check_int() {
+  local name value
+  for name in "$@"; do
+    value=${!name:-}
+    [ -z "$value" ] && continue
+    [[ "$value" =~ ^[0-9]+$ ]] || hr_die "$name must be a whole number, not $(printf '%q' "$value")"
+    printf -v "$name" '%d' "$((10#$value))"
+  done
+}
+
+# hr_split VALUE: HR_WORDS=(the words of VALUE, split at blanks and never globbed: a *
+# stays a *). For the *_FLAGS and MODULES variables.
+hr_split() { HR_WORDS=(); read -ra HR_WORDS <<<"$1" || true; }
+
 hr_setup() {
+  hr_check_int NP TASKS_PER_NODE CPUS_PER_TASK RESERVED_CORES INTRA_THREADS INTER_THREADS \
+    HOROVOD_FUSION_THRESHOLD MIN_NP MAX_NP SLURM_JOB_NUM_NODES SLURM_NNODES \
+    SLURM_NTASKS_PER_NODE SLURM_NTASKS SLURM_CPUS_ON_NODE SLURM_CPUS_PER_TASK
   # ---- where am I -------------------------------------------------------------------
   if [ -n "${SLURM_JOB_ID:-}" ]; then IN_SLURM=1; else IN_SLURM=0; fi
   ELASTIC=${ELASTIC:-0}
@@ -41,14 +62,16 @@ hr_setup() {
   # ---- software -----------------------------------------------------------------------
   if [ -n "${MODULES:-}" ]; then
     command -v module >/dev/null 2>&1 || hr_die "MODULES='$MODULES' set but no 'module' command"
-    # shellcheck disable=SC2086
-    module load $MODULES
+    hr_split "$MODULES"
+    module load "${HR_WORDS[@]}"
   fi
   VENV=${VENV:-$PROJECT_DIR/.venv}
   if [ -z "${PYTHON:-}" ]; then
     if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=$(command -v python3 || true); fi
   fi
-  [ -n "$PYTHON" ] && [ -x "$PYTHON" ] || hr_die "no Python: set PYTHON or VENV (tried '$VENV/bin/python')"
+  if [ -z "$PYTHON" ] || [ ! -x "$PYTHON" ]; then
+    hr_die "no Python: set PYTHON or VENV (tried '$VENV/bin/python')"
+  fi
   PATH=$(dirname "$PYTHON"):$PATH
   export PATH PYTHONPATH="$PROJECT_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -110,8 +133,8 @@ hr_launch() {
       cmd=(srun --mpi="${SRUN_MPI:-pmix}" --ntasks="$NP" --ntasks-per-node="$TASKS_PER_NODE"
            --cpus-per-task="$CPUS_PER_TASK" --cpu-bind="${CPU_BIND:-sockets}"
            --kill-on-bad-exit=1 --export=ALL)
-      # shellcheck disable=SC2206
-      cmd+=(${SRUN_FLAGS:-})
+      hr_split "${SRUN_FLAGS:-}"
+      cmd+=("${HR_WORDS[@]}")
       ;;
     mpirun)
       cmd=(mpirun -np "$NP" --map-by "${MPI_MAP_BY:-socket}" --bind-to "${MPI_BIND_TO:-socket}")
@@ -123,8 +146,8 @@ hr_launch() {
                HOROVOD_CYCLE_TIME; do
         [ -n "${!v:-}" ] && cmd+=(-x "$v")
       done
-      # shellcheck disable=SC2206
-      cmd+=(${MPIRUN_FLAGS:-})
+      hr_split "${MPIRUN_FLAGS:-}"
+      cmd+=("${HR_WORDS[@]}")
       ;;
     horovodrun)
       # Elastic: horovodrun starts the ranks (over ssh) on the hosts the discovery script
@@ -134,8 +157,8 @@ hr_launch() {
            --max-np "${MAX_NP:-$NP}" --slots-per-host "$TASKS_PER_NODE"
            --host-discovery-script "${DISCOVERY_SCRIPT:-$PROJECT_DIR/slurm/elastic_discover.sh}")
       [ -n "${HOROVOD_NIC:-}" ] && cmd+=(--network-interface "$HOROVOD_NIC")
-      # shellcheck disable=SC2206
-      cmd+=(${HOROVODRUN_FLAGS:-})
+      hr_split "${HOROVODRUN_FLAGS:-}"
+      cmd+=("${HR_WORDS[@]}")
       ;;
     none) ;;
   esac
