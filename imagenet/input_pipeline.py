@@ -269,11 +269,10 @@ def _training_stream(epoch_records, *, shuffle_buffer: int, key: int, first_posi
     `shuffle_buffer` records are permuted, keyed by (key, epoch), and each record gets an
     augmentation seed from (key, its position), so a run resumed at a position reads and
     augments what the uninterrupted run did (`hooks.data_order`); `key` is
-    `stream_key(seed, rank)`. An
-    epoch is `epoch_size` records (the shard's shuffled records, cycled if it holds fewer;
-    None: all of them, and first_position must be 0), so positions never depend on how
-    many records a shard really holds. The records before `first_position` in its epoch
-    are skipped undecoded."""
+    `stream_key(seed, rank)`. An epoch is `epoch_size` records (the shard's shuffled
+    records, cycled if it holds fewer; None: all of them, and first_position must be 0),
+    so positions never depend on how many records a shard really holds. The records
+    before `first_position` in its epoch are skipped undecoded."""
     if epoch_size is None and first_position:
         raise ValueError("first_position needs epoch_size (the records of a rank's epoch)")
 
