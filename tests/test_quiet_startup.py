@@ -237,7 +237,11 @@ def test_ctrl_c_to_the_whole_job_keeps_its_traceback():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    assert err.decode().splitlines()[-1] == "KeyboardInterrupt", err
+    err = err.decode()
+    # the program's own traceback, and no trace of the filter's
+    assert 'File "<string>", line ' in err, err
+    assert err.splitlines()[-1] == "KeyboardInterrupt", err
+    assert "stderr_filter" not in err, err
     _assert_gone(int(ready[1]))
 
 
