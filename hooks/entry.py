@@ -51,9 +51,11 @@ def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) 
         sys.exit(f"{prog}: error: {err}")
     from hooks import faults, horovod_glue, runtime, watchdog
 
-    runtime.configure(perf)
+    notice = runtime.configure(perf)
     try:
         context = horovod_glue.init(dist.fusion_threshold_mb, dist.cycle_time_ms)
+        if notice and context.is_chief:
+            print(f"{prog}: note: {notice}", file=sys.stderr, flush=True)
         model_dir = getattr(config, "model_dir", None)
         # Elastic: no collective before the first sync (a joining worker runs this while
         # the others wait there); the loop gives the watchdog the host names after it.

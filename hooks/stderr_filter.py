@@ -20,7 +20,9 @@ Only whole lines that match one of PATTERNS exactly are dropped; everything else
 tracebacks, warnings, TF errors, partial lines) passes through unchanged.
 
     python -I -S hooks/stderr_filter.py      (what `install` starts; stdin -> stdout)
+    python -m hooks.stderr_filter horovodrun -np 2 ...   (a launcher, its stderr filtered)
 """
+import atexit
 import os
 import re
 import select
@@ -47,6 +49,8 @@ PATTERNS = tuple(re.compile(p) for p in (
 # A line without its newline is passed on after this long without more input, so a
 # prompt or a progress fragment is not held back.
 FRAGMENT_WAIT_S = 0.05
+# How long a program that exits waits for the filter to pass its last lines on.
+DRAIN_WAIT_S = 5.0
 _IGNORED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 _filter = None  # the running filter process (a reference keeps it from being collected)
 
@@ -84,6 +88,19 @@ def run(read_fd: int, write_fd: int) -> None:
         _write_all(write_fd, kept)
 
 
+def _start(read_end: int, fd: int) -> subprocess.Popen:
+    """The filter process, reading `read_end` and writing to `fd`."""
+    signals = {getattr(signal, name) for name in _IGNORED_SIGNALS}
+    # Blocked across the start: the filter inherits the mask, so a Ctrl-C that arrives
+    # before it has set its signals to "ignore" does not end it.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        return subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__)],
+                                stdin=read_end, stdout=fd, stderr=fd, close_fds=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
 def install(fd: int = 2) -> bool:
     """Route `fd` through a filter process; returns False (and changes nothing) where that
     cannot be done (no usable fd, no interpreter to start). Call before importing
@@ -92,30 +109,55 @@ def install(fd: int = 2) -> bool:
     if _filter is not None:
         return True
     try:
-        os.fstat(fd)
+        saved = os.dup(fd)  # not inherited by children (Python's default)
         read_end, write_end = os.pipe()
     except OSError:
         return False
-    signals = {getattr(signal, name) for name in _IGNORED_SIGNALS}
-    # Blocked across the start: the filter inherits the mask, so a Ctrl-C that arrives
-    # before it has set its signals to "ignore" does not end it.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
-        _filter = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__)],
-                                   stdin=read_end, stdout=fd, stderr=fd, close_fds=True)
+        _filter = _start(read_end, fd)
     except OSError:
-        os.close(write_end)
+        for end in (saved, write_end):
+            os.close(end)
         return False
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(read_end)
     sys.stderr.flush()
-    os.dup2(write_end, fd)  # from now on only the filter holds the original stderr
+    os.dup2(write_end, fd)
     os.close(write_end)
+    atexit.register(_drain, fd, saved, os.getpid())
     return True
 
 
-def main() -> None:
+def _drain(fd: int, saved: int, installer: int) -> None:
+    """At a normal exit (after Python printed any traceback or sys.exit message): send
+    what comes later straight to the original stderr and give the filter DRAIN_WAIT_S to
+    pass on what it holds, so that the program's last lines come before whatever runs next
+    (a shell prompt, a script's next command). A child still writing keeps it running."""
+    if os.getpid() != installer:  # a forked child inherited the registration
+        return
+    try:
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        _filter.wait(timeout=DRAIN_WAIT_S)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+
+
+def main(argv=None) -> None:
+    """No arguments: be the filter (stdin to stdout). A command: run it (exec) with its
+    stderr filtered, unless HPC_RESNET_VERBOSE=1; for launchers that import TensorFlow
+    themselves (horovodrun does, to check its build)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        from hooks import entry  # only here: the filter itself runs isolated (-I -S)
+
+        if not entry.verbose():
+            install()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as err:
+            print(f"stderr_filter: cannot run {argv[0]}: {err.strerror}", file=sys.stderr)
+            sys.exit(127)
     signals = {getattr(signal, name) for name in _IGNORED_SIGNALS}
     for signum in signals:
         signal.signal(signum, signal.SIG_IGN)

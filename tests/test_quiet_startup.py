@@ -272,3 +272,30 @@ def test_verbose_or_a_test_dict_changes_nothing_else():
     entry.quiet_startup(env)
     assert env == {"TF_CPP_MIN_LOG_LEVEL": "2"}
     assert stderr_filter._filter is None  # a dict is not this process: no filter
+
+
+SLOW_FILTER = """
+import os, signal, subprocess, sys
+from hooks import entry, stderr_filter
+entry.quiet_startup()
+pid = stderr_filter._filter.pid
+print(pid, flush=True)
+os.kill(pid, signal.SIGSTOP)  # the filter falls behind: it resumes 1 s after we exit
+subprocess.Popen(["sh", "-c", f"sleep 1; kill -CONT {pid}"], stdin=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+sys.stderr.write("last line\\n")
+sys.exit("bye")
+"""
+
+
+@pytest.mark.slow  # starts subprocesses
+def test_a_programs_last_lines_are_out_when_it_has_exited(tmp_path):
+    """The program waits at exit for the filter to pass its last lines on (stderr to a
+    file, read as soon as the program has ended), so a shell prompt or a script's next
+    command cannot overtake them."""
+    with open(tmp_path / "err", "wb") as err:
+        proc = subprocess.run(python_cmd("-c", SLOW_FILTER), cwd=ROOT, env=quiet_env(),
+                              stdout=subprocess.PIPE, stderr=err, timeout=120)
+    assert proc.returncode == 1
+    assert (tmp_path / "err").read_bytes() == b"last line\nbye\n"
+    _assert_gone(int(proc.stdout.split()[0]))
