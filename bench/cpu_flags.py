@@ -1,21 +1,22 @@
 """What the 2018 CPU settings and today's thread settings do to a conv-net training step on TF 2.21.
 
-    .venv/bin/python -m bench.cpu_flags                  (8 cases, 1 round: under 3 min)
-    .venv/bin/python -m bench.cpu_flags --rounds 2 --cases baseline,omp_1,intra_1
+    .venv/bin/python -m bench.cpu_flags              (8 cases, 1 round: about 3 min here)
+    .venv/bin/python -m bench.cpu_flags --rounds 2 --cases baseline,omp_threads_1,intra_1
 
 The 2018 Intel-optimised command line (`--mkl --kmp_blocktime 1`) set OpenMP variables
-(KMP_BLOCKTIME, KMP_AFFINITY, KMP_SETTINGS, OMP_NUM_THREADS) and TF_ENABLE_ONEDNN_OPTS;
-each case here sets one of them in the environment of a fresh process (they are read when
-the runtime starts), or one TensorFlow thread setting, and trains our ResNet-18 (64 px,
-batch 32, synthetic data, plain Keras fit) for a few steps. Per case: images per
-CPU-second (the robust figure on this capped, shared VM) and wall-clock images/s side by
-side, median [min-max] over the timed repeats of all rounds; the intra-op threads TF reports;
-the threads the process has after training; and the OpenMP runtimes mapped into it (TF
-2.21's wheels link none, so the KMP_*/OMP_* variables have nothing to act on). `lscpu`'s
-model and flags are recorded. Rounds run the cases in turn (interleaved). Writes
-runs/bench/cpu_flags.json.
+(KMP_BLOCKTIME, KMP_AFFINITY, KMP_SETTINGS, OMP_NUM_THREADS) and TF_ENABLE_ONEDNN_OPTS.
+Each case sets one of them in the environment of a fresh process (they are read when the
+runtime starts), or one TensorFlow thread setting, and trains a small conv net (four 3x3
+convolutions with batch norm, 64 px, batch 32, random data, Keras fit) for a few steps.
+Per case: images per CPU-second (the robust figure on this capped, shared VM) and
+wall-clock images/s side by side, median [min-max] over the timed repeats of all rounds;
+the intra-op threads TF reports; the threads the process has after training; the OpenMP
+runtimes mapped into it. Also printed: whether TensorFlow's own libraries link an OpenMP
+runtime (`ldd`; TF 2.21's link none, so the KMP_*/OMP_* variables have nothing in TF to
+act on), and `lscpu`'s model and flags. Rounds run the cases in turn (interleaved).
+Writes runs/bench/cpu_flags.json.
 
-    python -m bench.cpu_flags --worker '{"env": {...}, ...}'   (what each case starts)
+    python -m bench.cpu_flags --worker '{"intra": 0, ...}'   (what each case starts)
 """
 import argparse
 import json
@@ -102,30 +103,45 @@ def tf_openmp_links() -> dict[str, list[str]]:
     return found
 
 
-def worker(job: dict) -> dict:
-    """Train `repeats` x `steps` timed steps after one warm-up; wall and CPU per repeat."""
+def conv_net(image_size: int, num_classes: int = 10):
+    """A small conv net: four 3x3 convolutions with batch norm and ReLU (two of stride 2),
+    global pooling, dense logits; quick to build and trace, conv-bound to train."""
     import keras
+    from keras import layers
+
+    x = inputs = keras.Input((image_size, image_size, 3))
+    for filters, stride in ((32, 1), (64, 2), (64, 1), (128, 2)):
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+    logits = layers.Dense(num_classes)(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, logits)
+
+
+def worker(job: dict) -> dict:
+    """Train `repeats` x `steps` timed steps after a warm-up; wall and CPU per repeat."""
+    import keras
+    import numpy as np
     import tensorflow as tf
 
     if job["intra"]:
         tf.config.threading.set_intra_op_parallelism_threads(job["intra"])
     if job["inter"]:
         tf.config.threading.set_inter_op_parallelism_threads(job["inter"])
-    from imagenet import input_pipeline, models
-
-    net = models.build_classifier("resnet", 10, job["image_size"], depth=18)
+    net = conv_net(job["image_size"])
     net.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=False,
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    data = input_pipeline.synthetic_dataset(per_rank_batch=job["batch"],
-                                            image_size=job["image_size"], num_classes=10)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(job["batch"], job["image_size"], job["image_size"], 3))
+    data = tf.data.Dataset.from_tensors((images.astype("float32"),
+                                         rng.integers(0, 10, job["batch"]))).repeat()
     net.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # tracing, oneDNN primitives
     rounds = []
     for _ in range(job["repeats"]):
         with Clock() as clock:
             net.fit(data, steps_per_epoch=job["steps"], epochs=1, verbose=0)
-        images = job["steps"] * job["batch"]
-        rounds.append({"images_per_cpu_sec": images / clock.cpu,
-                       "images_per_sec": images / clock.wall})
+        images_done = job["steps"] * job["batch"]
+        rounds.append({"images_per_cpu_sec": images_done / clock.cpu,
+                       "images_per_sec": images_done / clock.wall})
     return {"rounds": rounds, "tf_version": tf.__version__,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
@@ -143,7 +159,7 @@ def print_table(results: dict, args, cpu: dict) -> dict:
         table[name].update({k: last[k] for k in ("intra_op_threads", "os_threads",
                                                  "openmp_runtimes", "stderr_lines")})
     base = table.get("baseline", {}).get("images_per_cpu_sec", {}).get("median")
-    print(f"\nTF {runs[-1]['tf_version']}, ResNet-18 {args.image_size} px, batch {args.batch}, "
+    print(f"\nTF {runs[-1]['tf_version']}, conv net {args.image_size} px, batch {args.batch}, "
           f"{args.rounds} round(s) x {args.repeats} repeats x {args.steps} steps, "
           f"{os.cpu_count()} CPUs; median [min-max]\nCPU: {cpu.get('model', '?')}")
     print(f"{'case':<16} {'img/CPU-s':>19} {'vs base':>7} {'img/s wall':>19} "
@@ -162,7 +178,7 @@ def main():
                         help=f"comma-separated, or 'all': {', '.join(CASES)}")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per repeat")
+    parser.add_argument("--steps", type=int, default=6, help="training steps per repeat")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
