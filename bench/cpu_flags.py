@@ -10,7 +10,8 @@ runtime starts), or one TensorFlow thread setting, and trains a small conv net (
 convolutions with batch norm, 64 px, batch 32, random data, Keras fit) for a few steps.
 Per case: images per CPU-second (the robust figure on this capped, shared VM) and
 wall-clock images/s side by side, median [min-max] over the timed repeats of all rounds;
-the intra-op threads TF reports; the threads the process has after training; the OpenMP
+the CPU cores the process kept busy (CPU seconds / wall seconds: what the VM gave it); the
+intra-op threads TF reports; the threads the process has after training; the OpenMP
 runtimes mapped into it. Also printed: whether TensorFlow's own libraries link an OpenMP
 runtime (`ldd`; TF 2.21's link none, so the KMP_*/OMP_* variables have nothing in TF to
 act on), and `lscpu`'s model and flags. Rounds run the cases in turn (interleaved).
@@ -141,7 +142,8 @@ def worker(job: dict) -> dict:
             net.fit(data, steps_per_epoch=job["steps"], epochs=1, verbose=0)
         images_done = job["steps"] * job["batch"]
         rounds.append({"images_per_cpu_sec": images_done / clock.cpu,
-                       "images_per_sec": images_done / clock.wall})
+                       "images_per_sec": images_done / clock.wall,
+                       "cpu_cores": clock.cpu / clock.wall})
     return {"rounds": rounds, "tf_version": tf.__version__,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
@@ -154,7 +156,7 @@ def print_table(results: dict, args, cpu: dict) -> dict:
     for name, runs in results.items():
         rounds = [r for run in runs for r in run["rounds"]]
         table[name] = {k: summary([r[k] for r in rounds])
-                       for k in ("images_per_cpu_sec", "images_per_sec")}
+                       for k in ("images_per_cpu_sec", "images_per_sec", "cpu_cores")}
         last = runs[-1]
         table[name].update({k: last[k] for k in ("intra_op_threads", "os_threads",
                                                  "openmp_runtimes", "stderr_lines")})
@@ -162,12 +164,13 @@ def print_table(results: dict, args, cpu: dict) -> dict:
     print(f"\nTF {runs[-1]['tf_version']}, conv net {args.image_size} px, batch {args.batch}, "
           f"{args.rounds} round(s) x {args.repeats} repeats x {args.steps} steps, "
           f"{os.cpu_count()} CPUs; median [min-max]\nCPU: {cpu.get('model', '?')}")
-    print(f"{'case':<16} {'img/CPU-s':>19} {'vs base':>7} {'img/s wall':>19} "
+    print(f"{'case':<16} {'img/CPU-s':>21} {'vs base':>7} {'img/s wall':>21} {'cores':>5} "
           f"{'intra':>5} {'threads':>7}  OpenMP runtime mapped")
     for name, t in table.items():
         ratio = f"{t['images_per_cpu_sec']['median'] / base:7.0%}" if base else f"{'':>7}"
-        print(f"{name:<16} {fmt(t['images_per_cpu_sec']):>19} {ratio} "
-              f"{fmt(t['images_per_sec']):>19} {t['intra_op_threads']:>5} {t['os_threads']:>7}"
+        print(f"{name:<16} {fmt(t['images_per_cpu_sec']):>21} {ratio} "
+              f"{fmt(t['images_per_sec']):>21} {t['cpu_cores']['median']:>5.2f} "
+              f"{t['intra_op_threads']:>5} {t['os_threads']:>7}"
               f"  {', '.join(map(os.path.basename, t['openmp_runtimes'])) or 'none'}")
     return table
 
