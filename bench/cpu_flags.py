@@ -1,6 +1,6 @@
 """What the 2018 CPU settings and today's thread settings do to a conv-net training step on TF 2.21.
 
-    .venv/bin/python -m bench.cpu_flags              (8 cases, 1 round: about 3 min here)
+    .venv/bin/python -m bench.cpu_flags              (8 cases, 1 round: 2.5-3 min here)
     .venv/bin/python -m bench.cpu_flags --rounds 2 --cases baseline,omp_threads_1,intra_1
 
 The 2018 Intel-optimised command line (`--mkl --kmp_blocktime 1`) set OpenMP variables
