@@ -11,16 +11,13 @@ Batch sizes are global. This is the only file that defines resnet_main's flags; 
 work is done by imagenet.train.run(). Every flag of the TPU reference is accepted: those
 without a CPU meaning are ignored with a warning or refused (flags/tpu_compat.py).
 """
+from absl import app
+from absl import flags as absl_flags
+
+import flags
+from flags import tpu_compat
 from hooks import entry
-
-entry.quiet_startup()  # before TensorFlow is imported
-
-from absl import app  # noqa: E402
-from absl import flags as absl_flags  # noqa: E402
-
-import flags  # noqa: E402
-from flags import tpu_compat  # noqa: E402
-from imagenet import config as config_lib  # noqa: E402
+from imagenet import config as config_lib
 
 FLAGS = absl_flags.FLAGS
 RunConfig = config_lib.RunConfig
@@ -123,6 +120,7 @@ def main(argv):
 
 
 def run_main():
+    entry.quiet_startup()  # before TensorFlow is imported (nothing above imports it)
     define_flags()
     app.run(main)
 

@@ -19,8 +19,11 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hooks import entry  # noqa: E402
+
+if __name__ == "__main__":
+    entry.quiet_startup()  # before TensorFlow is imported
 
 import numpy as np
 

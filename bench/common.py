@@ -92,3 +92,19 @@ def forward_macs(model) -> int:
             total += c_in * c_out
     return int(total)
 
+
+
+def lscpu() -> dict[str, str]:
+    """`lscpu`'s model name, flags and CPU count ({} where lscpu is missing): which
+    instructions the kernels could use, recorded with every result."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30,
+                             env=dict(os.environ, LC_ALL="C")).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {key: fields[name].strip() for key, name in
+            (("model", "Model name"), ("flags", "Flags"), ("cpus", "CPU(s)"))
+            if name in fields}

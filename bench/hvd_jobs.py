@@ -153,4 +153,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from hooks import entry
+
+    entry.quiet_startup()  # before TensorFlow is imported
     main()

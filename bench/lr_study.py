@@ -333,4 +333,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from hooks import entry
+
+    entry.quiet_startup()  # before TensorFlow is imported
     main()

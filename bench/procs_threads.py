@@ -18,6 +18,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hooks import entry  # noqa: E402
+
+if __name__ == "__main__":
+    entry.quiet_startup()  # before TensorFlow is imported
 
 from bench.common import fmt, summary, write_json  # noqa: E402
 from bench.hvd_jobs import Job, run_job  # noqa: E402

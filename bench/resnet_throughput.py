@@ -23,8 +23,11 @@ import os
 import statistics
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hooks import entry  # noqa: E402
+
+if __name__ == "__main__":
+    entry.quiet_startup()  # before TensorFlow is imported
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -9,15 +9,12 @@ Batch sizes are GLOBAL. Runs under horovodrun / mpirun / srun like resnet_main.p
       --init_checkpoint=best --train_batch_size=64 --train_epochs=5 --model_dir=/runs/chexnet
 """
 
+from absl import app
+from absl import flags as absl_flags
+
+import flags
+from chexnet import config as config_lib
 from hooks import entry
-
-entry.quiet_startup()  # before TensorFlow is imported
-
-from absl import app  # noqa: E402
-from absl import flags as absl_flags  # noqa: E402
-
-import flags  # noqa: E402
-from chexnet import config as config_lib  # noqa: E402
 
 FLAGS = absl_flags.FLAGS
 ChexnetConfig = config_lib.ChexnetConfig
@@ -146,6 +143,7 @@ def main(argv):
 
 
 def run_main():
+    entry.quiet_startup()  # before TensorFlow is imported (nothing above imports it)
     define_flags()
     app.run(main)
 

@@ -146,14 +146,17 @@ BASE_HELP = {
     "train_epochs": "Training length in epochs. Give this or --train_steps, not both.",
 }
 PERFORMANCE_HELP = {
-    "num_intra_threads": "Threads per op (TF intra-op pool) in each rank; 0 = TF picks.",
+    "num_intra_threads": "Threads per op (TF intra-op pool, which also runs oneDNN) in each "
+                         "rank; 0 = OMP_NUM_THREADS if set (the 2018 meaning), else TF picks.",
     "num_inter_threads": "Ops run in parallel (TF inter-op pool) in each rank; 0 = TF picks.",
-    "mkl": "Set KMP_BLOCKTIME, KMP_AFFINITY, KMP_SETTINGS and OMP_NUM_THREADS "
-           "(= num_intra_threads) before TensorFlow starts, as the 2018 Intel-optimised "
-           "runs did.",
-    "kmp_blocktime": "KMP_BLOCKTIME in ms when --mkl (time an OpenMP thread spins).",
-    "kmp_affinity": "KMP_AFFINITY when --mkl.",
-    "kmp_settings": "KMP_SETTINGS=1 when --mkl (prints them).",
+    "mkl": "Accepted for the 2018 command line; changes nothing (says so at start): TF 2.21 "
+           "uses oneDNN by default (TF_ENABLE_ONEDNN_OPTS=0 turns it off).",
+    "kmp_blocktime": "Accepted for the 2018 command line; changes nothing: TF 2.21 links no "
+                     "OpenMP runtime (oneDNN runs on TF's intra-op pool).",
+    "kmp_affinity": "Accepted for the 2018 command line; changes nothing (no OpenMP runtime): "
+                    "bind ranks to cores with the launcher (srun --cpu-bind, mpirun "
+                    "--bind-to).",
+    "kmp_settings": "Accepted for the 2018 command line; changes nothing (no OpenMP runtime).",
 }
 PRECISION_HELP = {
     "precision": "Compute precision; bfloat16 uses Keras mixed_bfloat16 (fp32 weights).",
@@ -220,7 +223,8 @@ def define_base(config_cls, flag_values=FLAGS, data_dir=True, mode=True):
 
 
 def define_performance(flag_values=FLAGS):
-    """CPU threading and Intel OpenMP/MKL settings (a `PerformanceConfig`)."""
+    """CPU threading (a `PerformanceConfig`), and the 2018 Intel OpenMP/MKL flags, accepted
+    but without effect on TF 2.21 (hooks.runtime.legacy_cpu_notice says so at start)."""
     define_fields(PerformanceConfig, PERFORMANCE_HELP, flag_values)
     for name in ("num_intra_threads", "num_inter_threads", "kmp_blocktime"):
         _non_negative(name, flag_values)

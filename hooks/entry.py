@@ -10,14 +10,27 @@ from collections.abc import Callable
 VERBOSE_ENV = "HPC_RESNET_VERBOSE"
 
 
-def quiet_startup(environ=None) -> None:
-    """Hide TensorFlow's C++ start-up lines (oneDNN notice, CPU feature guard, absl
-    pre-init warning) unless the user set TF_CPP_MIN_LOG_LEVEL or HPC_RESNET_VERBOSE=1.
-    Call before TensorFlow is imported."""
+def verbose(environ=None) -> bool:
+    """Whether the user asked for TensorFlow's start-up lines (HPC_RESNET_VERBOSE=1)."""
     env = os.environ if environ is None else environ
-    if env.get(VERBOSE_ENV, "") not in ("", "0"):
+    return env.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_startup(environ=None) -> None:
+    """Hide TensorFlow's C++ start-up lines (absl pre-init warning, oneDNN notice, CPU
+    feature guard) unless HPC_RESNET_VERBOSE=1: TF_CPP_MIN_LOG_LEVEL=2 unless the user set
+    it (TF's own INFO and WARNING lines), and a filter on fd 2 for the lines TF 2.21
+    prints whatever that level says (hooks/stderr_filter.py says why). Call from a
+    program's main, before TensorFlow is imported; everything else on stderr passes.
+    With `environ` (a test's dict) only that dict is changed."""
+    env = os.environ if environ is None else environ
+    if verbose(env):
         return
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if environ is None:  # the real process, not a test's dict
+        from hooks import stderr_filter
+
+        stderr_filter.install()
 
 
 def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) -> None:
@@ -38,9 +51,11 @@ def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) 
         sys.exit(f"{prog}: error: {err}")
     from hooks import faults, horovod_glue, runtime, watchdog
 
-    runtime.configure(perf)
+    notice = runtime.configure(perf)
     try:
         context = horovod_glue.init(dist.fusion_threshold_mb, dist.cycle_time_ms)
+        if notice and context.is_chief:
+            print(f"{prog}: note: {notice}", file=sys.stderr, flush=True)
         model_dir = getattr(config, "model_dir", None)
         # Elastic: no collective before the first sync (a joining worker runs this while
         # the others wait there); the loop gives the watchdog the host names after it.

@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_out}
 NP=${NP:-2}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 SAMPLE=../shared/data/imagenet
+# horovodrun imports TensorFlow itself (to check its build): its stderr goes through the
+# filter that hides TF's start-up lines (the ranks and our other programs do that themselves).
+QUIET=(python -m hooks.stderr_filter)
 
 mkdir -p "$OUT"
 if [ ! -d "$OUT/tfrecords" ]; then
@@ -27,7 +29,7 @@ if [ ! -d "$OUT/tfrecords" ]; then
 fi
 
 rm -rf "$OUT/resnet"
-horovodrun -np "$NP" --gloo python resnet_main.py --mode=train_and_eval \
+"${QUIET[@]}" horovodrun -np "$NP" --gloo python resnet_main.py --mode=train_and_eval \
   --data_dir="$OUT/tfrecords" --model_dir="$OUT/resnet" --resnet_depth=18 \
   --image_size=64 --train_batch_size=16 --eval_batch_size=16 --train_steps=20 \
   --iterations_per_loop=10 --steps_per_eval=10 --num_train_images=40 \
@@ -42,7 +44,7 @@ if [ -d "$X/images" ]; then
   # Adam at CheXNet's 1e-3 (not the checkpoint's SGD rate), the whole X-ray resized to
   # --image_size, batch-norm statistics recomputed before each evaluation and checkpoint.
   rm -rf "$OUT/chexnet"
-  horovodrun -np "$NP" --gloo python -m chexnet train --csv="$X/Data_Entry_2017.csv.gz" \
+  "${QUIET[@]}" horovodrun -np "$NP" --gloo python -m chexnet train --csv="$X/Data_Entry_2017.csv.gz" \
     --image_dir="$X/images" --only_present_images --split_fractions=0.6,0.2,0.2 \
     --backbone=resnet18 --image_size=64 --train_batch_size=8 --eval_batch_size=8 \
     --train_epochs=2 --pretrained_model_dir="$OUT/resnet" --init_checkpoint=best \

@@ -9,7 +9,7 @@
 #     elastic Horovod over the allocation's usable nodes, docs/elastic.md);
 #   * loads MODULES, activates VENV / picks PYTHON, puts the project on PYTHONPATH;
 #   * derives the per-rank thread counts from the CPUs each task owns (SLURM_CPUS_PER_TASK,
-#     else the node's CPUs / tasks per node): OMP_NUM_THREADS, TF's intra/inter-op pools,
+#     else the node's CPUs / tasks per node): TF's intra/inter-op pools (and OMP_NUM_THREADS),
 #     and exports Horovod's fusion settings;
 #   * launches one rank per socket (srun --cpu-bind=sockets / mpirun --map-by socket
 #     --bind-to socket) and prints a header a human (and tests) can read in the job log.
@@ -102,20 +102,17 @@ hr_setup() {
   INTRA_THREADS=${INTRA_THREADS:-$(( CPUS_PER_TASK - RESERVED_CORES ))}
   [ "$INTRA_THREADS" -ge 1 ] || INTRA_THREADS=1
   INTER_THREADS=${INTER_THREADS:-2}
+  # TensorFlow 2.21 takes its threads from --num_intra_threads (it links no OpenMP runtime);
+  # OMP_NUM_THREADS keeps numpy's OpenBLAS and scikit-learn's OpenMP to the rank's CPUs.
   export OMP_NUM_THREADS=$INTRA_THREADS
   export TF_NUM_INTRAOP_THREADS=$INTRA_THREADS TF_NUM_INTEROP_THREADS=$INTER_THREADS
   export HOROVOD_FUSION_THRESHOLD=${HOROVOD_FUSION_THRESHOLD:-134217728}
   [ -n "${HOROVOD_CYCLE_TIME:-}" ] && export HOROVOD_CYCLE_TIME
   export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
   # Performance flags shared by resnet_main.py and `python -m chexnet` (flags.define_performance).
-  MKL=${MKL:-1}
-  KMP_BLOCKTIME_MS=${KMP_BLOCKTIME_MS:-1}
-  KMP_AFFINITY_VALUE=${KMP_AFFINITY_VALUE:-granularity=fine,compact,1,0}
+  # The 2018 --mkl/--kmp_* flags are not passed: TF 2.21 has no OpenMP runtime for them to
+  # tune (docs/benchmarks.md, "The 2018 CPU flags"); resnet_main still accepts them.
   PERF_FLAGS=(--num_intra_threads="$INTRA_THREADS" --num_inter_threads="$INTER_THREADS")
-  if [ "$MKL" = 1 ]; then
-    PERF_FLAGS+=(--mkl=true --kmp_blocktime="$KMP_BLOCKTIME_MS"
-                          --kmp_affinity="$KMP_AFFINITY_VALUE" --kmp_settings="${KMP_SETTINGS:-false}")
-  fi
 }
 
 hr_header() {

@@ -135,16 +135,6 @@ def test_launcher_world_size(env, size):
     assert flags.launcher_world_size(env) == size
 
 
-def test_mkl_environment_follows_the_2018_command_line():
-    env = runtime.cpu_environment(mkl=True, num_intra_threads=24, kmp_blocktime=1,
-                                  kmp_affinity="granularity=fine,compact,1,0",
-                                  kmp_settings=True)
-    assert env == {"TF_ENABLE_ONEDNN_OPTS": "1", "KMP_BLOCKTIME": "1",
-                   "KMP_AFFINITY": "granularity=fine,compact,1,0", "KMP_SETTINGS": "1",
-                   "OMP_NUM_THREADS": "24"}
-    assert runtime.cpu_environment(False, 24, 1, "x", True) == {}
-
-
 def test_default_batch_is_not_checked_against_ranks(monkeypatch):
     # An evaluation on 3 ranks must not fail on the (unused) default training batch.
     monkeypatch.setenv("HOROVOD_SIZE", "3")

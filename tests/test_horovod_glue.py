@@ -7,7 +7,6 @@ import pytest
 
 from hooks import horovod_glue
 from hooks.errors import UserError
-from tests.conftest import python_cmd, run_cmd
 
 
 def test_init_without_launcher_sets_fusion_env(monkeypatch):
@@ -81,20 +80,3 @@ def test_write_atomically_only_on_chief_and_keeps_old_file_on_failure(tmp_path):
         horovod_glue.write_atomically(str(target), broken, horovod_glue.Context())
     assert target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]
-
-
-@pytest.mark.slow  # starts a subprocess
-def test_runtime_configure_sets_threads_and_env_before_tf_starts():
-    script = (
-        "import os\n"
-        "from hooks import runtime\n"
-        "from flags import PerformanceConfig\n"
-        "env = runtime.configure(PerformanceConfig(3, 2, True, 1, 'compact', True))\n"
-        "runtime.set_precision('bfloat16')\n"
-        "import tensorflow as tf, keras\n"
-        "print(tf.config.threading.get_intra_op_parallelism_threads(),"
-        " tf.config.threading.get_inter_op_parallelism_threads(),"
-        " os.environ['OMP_NUM_THREADS'], os.environ['KMP_BLOCKTIME'],"
-        " keras.mixed_precision.global_policy().name)\n")
-    out = run_cmd(python_cmd("-c", script)).stdout.split()
-    assert out == ["3", "2", "3", "1", "mixed_bfloat16"]
