@@ -175,4 +175,7 @@ def test_two_ranks_stop_together_on_a_full_disk(tmp_path):
     assert sorted(_rank_lines(out, "no space left on device")) == [0], out[-3000:]
     assert sorted(_rank_lines(out, "error: rank 0 could not write a checkpoint")) == [1], (
         out[-3000:])
-    assert "Traceback" not in out
+    # No traceback of ours. (h5py's file object of the failed write reports, when it is
+    # freed at exit, that it could not flush: "Exception ignored in ... __dealloc__".)
+    ours = [line for line in out.splitlines() if "Traceback" in line]
+    assert len(ours) == out.count("h5py._objects.ObjectID.__dealloc__"), out[-3000:]
