@@ -1,5 +1,6 @@
 """Shared test helpers: launching real multi-process jobs, making sure none of their
 processes outlives its test, and locating sample data."""
+import contextlib
 import itertools
 import os
 import subprocess
@@ -202,11 +203,28 @@ def leftover_processes(token, grace=10.0):
     return [(p.pid, cmdline) for p, cmdline in left]
 
 
+def _session_token_value() -> str:
+    return f"hpcr-{os.getpid()}-session"
+
+
+@contextlib.contextmanager
+def owned_by_session():
+    """Processes started inside belong to a module fixture, not to the test (a cluster
+    node the test brings back): they carry the session's token, so the test's check
+    leaves them to the fixture's teardown (and the session's check)."""
+    test_token = os.environ[TOKEN_VAR]
+    os.environ[TOKEN_VAR] = _session_token_value()
+    try:
+        yield
+    finally:
+        os.environ[TOKEN_VAR] = test_token
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_token():
     """Processes started outside a test (module fixtures: clusters, pre-trained models)
     carry this token; none may be left when the session ends."""
-    token = os.environ[TOKEN_VAR] = f"hpcr-{os.getpid()}-session"
+    token = os.environ[TOKEN_VAR] = _session_token_value()
     yield
     left = leftover_processes(token)
     if left:

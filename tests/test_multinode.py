@@ -33,7 +33,14 @@ from slurm import cluster as cluster_lib
 from slurm.cluster import ClusterError
 from slurm.virtual_cluster import VirtualCluster
 from tests.checkpoint_values import assert_same_state, newest_state, weights
-from tests.conftest import LAUNCH_VAR, SHARED_DATA, TOKEN_VAR, kill_tree, shared_data
+from tests.conftest import (
+    LAUNCH_VAR,
+    SHARED_DATA,
+    TOKEN_VAR,
+    kill_tree,
+    owned_by_session,
+    shared_data,
+)
 from tests.slurm_jobs import JOB_TIMEOUT, SLURM_DIR, TINY, job_env, read, sbatch, summary
 
 pytestmark = pytest.mark.multinode
@@ -334,7 +341,8 @@ def test_node_loss_requeues_and_resumes_on_the_live_nodes(cluster):
     finally:
         reference.kill()
         cluster.run("scancel", job_id, check=False)
-        cluster.up()  # brings node2 back (idempotent for the rest)
+        with owned_by_session():  # the module's cluster, not this test's
+            cluster.up()  # brings node2 back (idempotent for the rest)
     assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
 
 
@@ -382,7 +390,8 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(cluster):
               f"{change['seconds_lost']:.1f} s lost")
     finally:
         cluster.run("scancel", job_id, check=False)
-        cluster.up()  # brings node2 back
+        with owned_by_session():
+            cluster.up()  # brings node2 back
     assert cluster.node_states() == {"node1": "idle", "node2": "idle", "node3": "idle"}
 
 
