@@ -227,7 +227,10 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         if "plateau" in resumed.state:  # older checkpoints: the counters start afresh
             plateau.load_state_dict(resumed.state["plateau"])
     start = int(optimizer.iterations.numpy())
-    if start and not config.elastic:  # resumed: the batches the uninterrupted run read next
+    if start and not config.elastic:
+        # Resumed: the batches the uninterrupted run read next. Made again (the step is
+        # known only now) with the same file check, so the shard, and so the order, is
+        # the one the first attempt had even when --on_corrupt=skip dropped images.
         pipelines["train"] = train_input(context, start)[0]
     chief_log(f"chexnet: {network.name} ({network.count_params():,} parameters) from "
               f"{init.describe()}; {context.size} rank(s), global batch "
