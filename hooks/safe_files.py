@@ -42,6 +42,12 @@ def write_text(path: str, text: str, exclusive: bool = False) -> None:
         f.write(text)
 
 
+def read_text(path: str) -> str:
+    """The text of `path`; OSError (ELOOP) when it is a symlink."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
+        return f.read()
+
+
 def umask() -> int:
     """The process umask, read without changing it (setting it, even for a moment, would
     change it for every thread: a file created meanwhile would get the wrong mode)."""

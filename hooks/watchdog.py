@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from hooks.safe_files import is_real_dir, write_text
+from hooks.safe_files import is_real_dir, read_text, write_text
 
 STALL_EXIT_CODE = 86
 CHIEF_ALIVE = "chief-alive"
@@ -140,10 +140,7 @@ class Watchdog:
         if not self.stall_dir:
             return False
         try:
-            fd = os.open(os.path.join(self.stall_dir, CHIEF_ALIVE),
-                         os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd) as f:
-                count = f.read()
+            count = read_text(os.path.join(self.stall_dir, CHIEF_ALIVE))  # no link followed
         except OSError:
             count = None
         if count is not None and count != self._chief_count:
