@@ -9,7 +9,7 @@ so a vector of steps gives the vector of learning rates (handy for plots and tes
 Building blocks: `scale_learning_rate`, `to_steps`, `LinearWarmup`, `PolynomialDecay`,
 `StepDecay`, `PiecewiseConstant`, and `PhasedSchedule` of `Phase`s (warm-up + poly
 decay per phase, weight decay per phase, snapshot phases for collapsed ensembles).
-`preset(name, ...)` builds the reference schedules of DESIGN.md at any global batch.
+`preset(name, ...)` builds the published recipes of `hooks.recipes` at any global batch.
 `TPUStepSchedule` / `tpu_milestones` and `TPULarsSchedule` / `lars_defaults` are
 tensorflow/tpu's resnet_main.py and lars_util.py schedules, formula for formula.
 """
@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import keras
 from keras import ops
 
+from hooks import recipes
 from hooks.steps import check_int as _check_int
 from hooks.steps import check_number as _check_number
 from hooks.steps import round_half_up, run_steps, to_steps
@@ -506,17 +507,17 @@ def step_decay(peak, steps_per_epoch, *, warmup_epochs=5.0, warmup_start_lr=0.0,
     return LinearWarmup(decay, warmup, warmup_start_lr)
 
 
-def _step_decay_preset(lr_scale, epoch_scale, spe, *, warmup_start_lr):
+def _step_decay_preset(recipe, lr_scale, epoch_scale, spe):
     schedule = step_decay(0.1 * lr_scale, spe, warmup_epochs=5 * epoch_scale,
-                          warmup_start_lr=warmup_start_lr, epoch_scale=epoch_scale)
-    total = to_steps(epochs=90 * epoch_scale, steps_per_epoch=spe)
-    return schedule, PiecewiseConstant([], [1e-4]), total, (), "sgd"
+                          warmup_start_lr=recipe.warmup_start_lr, epoch_scale=epoch_scale)
+    total = to_steps(epochs=recipe.reference_epochs * epoch_scale, steps_per_epoch=spe)
+    return schedule, PiecewiseConstant([], [1e-4]), total, ()
 
 
-def _phased_preset(specs, lr_scale, epoch_scale, spe, optimizer):
+def _phased_preset(recipe, lr_scale, epoch_scale, spe):
     lr_keys = ("peak_lr", "warmup_start_lr", "end_lr")
     scaled = []
-    for spec in specs:
+    for spec in recipe.phases:
         spec = dict(spec)
         spec["epochs"] *= epoch_scale
         spec["warmup_epochs"] = spec.get("warmup_epochs", 0.0) * epoch_scale
@@ -524,59 +525,11 @@ def _phased_preset(specs, lr_scale, epoch_scale, spe, optimizer):
         scaled.append(spec)
     schedule = PhasedSchedule(phases_from_epochs(scaled, spe))
     return (schedule, schedule.weight_decay_schedule(), schedule.total_steps,
-            tuple(schedule.snapshot_steps()), optimizer)
+            tuple(schedule.snapshot_steps()))
 
 
-# Reference solver, batch 4096, 72 epochs (DESIGN.md). The cycle lengths 15/15/12 are our
-# pick inside the stated 12-15 epochs so that the run sums to 72. Cycles decay fully
-# (stop_fraction 1; the solver's cut-off is not recorded) and the warmed-up cycles start
-# from 0, the previous phase's final value. Snapshots: the end of each cycle and collapse.
-_SURFSARA_4096 = (
-    dict(name="init", epochs=25, peak_lr=1.6, power=1.0, warmup_epochs=5,
-         warmup_start_lr=0.1, weight_decay=5e-5),
-    dict(name="cycle1", epochs=15, peak_lr=1.02, power=2.0, weight_decay=5e-5, snapshot=True),
-    dict(name="cycle2", epochs=15, peak_lr=0.764, power=2.0, warmup_epochs=3,
-         weight_decay=5e-5, snapshot=True),
-    dict(name="cycle3", epochs=12, peak_lr=0.572, power=2.0, warmup_epochs=3,
-         weight_decay=5e-5, snapshot=True),
-    dict(name="collapse", epochs=5, peak_lr=0.143, power=2.0, weight_decay=2e-4,
-         snapshot=True),
-)
-
-# Batch-14336 run: 90 epochs, peak 4.8, power 1, 5 warm-up epochs from 0.1. Our collapse:
-# the linear decay is laid out over the full 90 epochs but cut at 85 (a partial collapse,
-# stop_fraction 80/85), and the last 5 epochs collapse with power 2 from the value reached
-# (4.8 * 5/85, so the lr is continuous) to 0, with weight decay x4 as in the 4096 solver.
-_SURFSARA_14336 = (
-    dict(name="main", epochs=85, peak_lr=4.8, power=1.0, warmup_epochs=5,
-         warmup_start_lr=0.1, weight_decay=5e-5, stop_fraction=80 / 85),
-    dict(name="collapse", epochs=5, peak_lr=4.8 * 5 / 85, power=2.0, weight_decay=2e-4,
-         snapshot=True),
-)
-
-# LARS at batch 32K: peak 34, 12 warm-up epochs from 0, poly power 2 to 0 over 90 epochs
-# (epoch count is our pick), weight decay 5e-5 (the large-batch value of DESIGN.md).
-_LARS_32K = (
-    dict(name="lars", epochs=90, peak_lr=34.0, power=2.0, warmup_epochs=12,
-         weight_decay=5e-5),
-)
-
-# name -> (reference global batch, reference epochs, builder(lr_scale, epoch_scale, spe)).
-# tpu/goyal are defined per 256 images (0.1 * B/256); goyal warms up from the unscaled
-# base lr 0.1 (Goyal et al. 2017), tpu from 0. Both use weight decay 1e-4.
-_PRESETS = {
-    "tpu": (256, 90, lambda ls, es, spe: _step_decay_preset(
-        ls, es, spe, warmup_start_lr=0.0)),
-    "goyal": (256, 90, lambda ls, es, spe: _step_decay_preset(
-        ls, es, spe, warmup_start_lr=0.1)),
-    "surfsara_4096": (4096, 72, lambda ls, es, spe: _phased_preset(
-        _SURFSARA_4096, ls, es, spe, "sgd")),
-    "surfsara_14336": (14336, 90, lambda ls, es, spe: _phased_preset(
-        _SURFSARA_14336, ls, es, spe, "sgd")),
-    "lars_32k": (32768, 90, lambda ls, es, spe: _phased_preset(
-        _LARS_32K, ls, es, spe, "lars")),
-}
-PRESETS = tuple(_PRESETS)
+_BUILDERS = {"step_decay": _step_decay_preset, "phased": _phased_preset}
+PRESETS = recipes.NAMES
 
 
 def preset(name, *, global_batch, steps_per_epoch, epochs=None):
@@ -586,16 +539,16 @@ def preset(name, *, global_batch, steps_per_epoch, epochs=None):
     length (phases, warm-ups, step-decay epochs) scales by epochs / reference epochs;
     without, the reference epoch count is used.
     """
-    if name not in _PRESETS:
-        raise ValueError(f"name must be one of {PRESETS}, got {name!r}")
+    recipe = recipes.recipe(name)
     global_batch = _check_int("global_batch", global_batch, minimum=1)
     steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, minimum=1)
-    reference_batch, reference_epochs, build = _PRESETS[name]
     if epochs is None:
-        epochs = float(reference_epochs)
+        epochs = float(recipe.reference_epochs)
     epochs = _check_number("epochs", epochs, minimum=0.0, strictly=True)
-    schedule, weight_decay, total_steps, snapshots, optimizer = build(
-        global_batch / reference_batch, epochs / reference_epochs, steps_per_epoch)
+    schedule, weight_decay, total_steps, snapshots = _BUILDERS[recipe.kind](
+        recipe, global_batch / recipe.reference_batch, epochs / recipe.reference_epochs,
+        steps_per_epoch)
     return Preset(name=name, learning_rate=schedule, weight_decay=weight_decay,
-                  total_steps=total_steps, snapshot_steps=snapshots, optimizer=optimizer,
-                  reference_batch=reference_batch, epochs=epochs)
+                  total_steps=total_steps, snapshot_steps=snapshots,
+                  optimizer=recipe.optimizer, reference_batch=recipe.reference_batch,
+                  epochs=epochs)

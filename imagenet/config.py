@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import os
 
+from hooks import recipes
 from hooks.errors import ConfigError
 from hooks.steps import run_steps
 
@@ -15,11 +16,9 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DEFAULT_EPOCHS = 90.0  # the TPU reference's run length when neither length flag is given
 # --lr_schedule values: "tpu" (today's reference: milestones follow the run length) and
 # "tpu_2018" (fixed epochs 5/30/60/80) are driven by --base_learning_rate / --warmup_epochs;
-# the other presets bring their own values (see hooks.schedules.preset).
-# hooks.schedules' other presets, named here without importing it (it imports Keras, and a
-# flag error must come in a second, not after TensorFlow's start-up); test_fidelity checks
-# that the two lists agree.
-PRESET_NAMES = ("goyal", "surfsara_4096", "surfsara_14336", "lars_32k")
+# the other recipes of hooks.recipes (Keras-free, so a flag error comes before TensorFlow's
+# start-up) bring their own values (see hooks.schedules.preset).
+PRESET_NAMES = tuple(name for name in recipes.NAMES if name != "tpu")
 LR_SCHEDULES = ("tpu", "tpu_2018") + PRESET_NAMES
 # The TPU reference reads labels 1..1000 as 0..999, except with 1001 classes, where
 # class 0 is a background class and labels are used as they are.

@@ -1,6 +1,10 @@
 """resnet_main against tensorflow/tpu's resnet_main.py / lars_util.py, in-process and cheap:
 learning rates against the reference formulas written out in numpy here, Nesterov momentum,
 label smoothing, the reference's command-line flags, chexnet's weighted BCE."""
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -256,9 +260,16 @@ def test_reference_flags_this_version_cannot_honour_are_one_line_errors(arg):
     assert f"--{name} is not supported: " in message and "\n" not in message
 
 
-def test_resnet_main_lists_every_named_preset():
-    """imagenet.config names the presets without importing hooks.schedules (Keras): the
-    names must be the schedules' own."""
+@pytest.mark.slow
+def test_the_recipe_registry_imports_no_keras():
+    """Flag checks read the recipe names before TensorFlow starts: importing the registry
+    and resnet_main's config must load neither Keras nor TensorFlow."""
+    code = ("import sys, hooks.recipes, imagenet.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('keras', 'tensorflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"
     from imagenet import config as config_lib
 
     assert set(config_lib.PRESET_NAMES) == set(schedules.PRESETS) - {"tpu"}

@@ -292,7 +292,7 @@ def test_optimizer_accepts_schedule_and_uses_its_step():
 # ---------------------------------------------------------------- presets
 SPE = 10  # steps per epoch: small so whole runs are a few hundred steps
 
-SURFSARA_4096 = [  # DESIGN.md reference solver in steps at SPE, written out by hand
+SURFSARA_4096 = [  # Codreanu et al. 2017, 4096 solver, in steps at SPE, by hand
     dict(length=250, peak_lr=1.6, power=1.0, warmup=50, warmup_start_lr=0.1),
     dict(length=150, peak_lr=1.02, power=2.0),
     dict(length=150, peak_lr=0.764, power=2.0, warmup=30),
