@@ -207,10 +207,11 @@ def run_rung(rung: Rung, seed, data, context, args, workdir) -> dict[str, float]
         callbacks += [saver, ensemble]
     steps_per_loop = max(1, math.ceil(spe * args.eval_every_epochs))
     result = loop.train(
-        trainer, train_stream(x_tr, y_tr, rung.batch, rung.total_steps, seed, context),
-        context=context, total_steps=rung.total_steps, steps_per_loop=steps_per_loop,
-        global_batch=rung.batch, steps_per_epoch=spe, evaluate=evaluate,
-        eval_every_steps=steps_per_loop, log_every_n_steps=10 ** 9, extra_callbacks=callbacks)
+        trainer, loop.Input(train_stream(x_tr, y_tr, rung.batch, rung.total_steps, seed,
+                                         context)),
+        loop.Plan(rung.total_steps, steps_per_loop, rung.batch, spe), context=context,
+        validation=loop.Validation(evaluate, steps_per_loop),
+        progress=loop.Progress(print, every_n_steps=10 ** 9), extra_callbacks=callbacks)
     final = (result.last_eval["val_top_1"] if "val_top_1" in result.last_eval
              else evaluate()["top_1"])
     out = {"top_1": final, "seconds": result.wall_seconds,

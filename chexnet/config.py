@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from hooks import settings
 from hooks.errors import ConfigError
 from imagenet.config import check_vgg16_input
 
@@ -31,7 +32,7 @@ ADAM_MAX_LEARNING_RATE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
-class ChexnetConfig:
+class ChexnetConfig(settings.Settings):
     mode: str = "train"  # the command, not a flag
     # data
     csv: str | None = None
@@ -56,9 +57,8 @@ class ChexnetConfig:
     allow_random_init: bool = False
     image_view: str = "whole"
     weight_decay: float = 0.0
-    precision: str = "float32"
     # training
-    train_batch_size: int = 16
+    train_batch_size: int = 16  # CheXNet's batch
     eval_batch_size: int = 16
     train_steps: int | None = None
     train_epochs: float | None = None
@@ -74,15 +74,7 @@ class ChexnetConfig:
     bn_stats_images: int = 1024
     keep_checkpoints: int = 3
     log_every_n_steps: int = 10
-    fp16_allreduce: bool = False
-    on_nonfinite: str = "stop"
-    max_rollbacks: int = 3
-    stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
-    elastic: bool = False
-    elastic_commit_steps: int = 10
-    seed: int | None = None
     # outputs
-    model_dir: str | None = None
     report_dir: str | None = None
     checkpoint: str | None = None  # evaluate/predict: chexnet checkpoint folder or model_dir
     predictions_csv: str | None = None  # evaluate: score this file, no model
@@ -120,7 +112,7 @@ def validate(config: ChexnetConfig) -> None:
     check_vgg16_input(arch, config.image_size, config.weights_file, flag="--backbone")
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
-    _one_of("on_nonfinite", config.on_nonfinite, ("stop", "rollback"))
+    settings.check(config)
     if config.eval_split is not None:
         _one_of("eval_split", config.eval_split, EVAL_SPLITS)
     if len(config.split_fractions) != 3:

@@ -13,6 +13,7 @@ from flags.core import (  # noqa: F401
     define_fields,
     define_performance,
     define_precision,
+    define_run_records,
     define_schedule,
     fill,
     get_distributed_config,
