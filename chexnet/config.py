@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from chexnet.backbones import parse_backbone
 from hooks import settings
 from hooks.errors import ConfigError
 from imagenet.config import check_vgg16_input
@@ -104,11 +105,9 @@ def _one_of(name: str, value, choices) -> None:
 
 def validate(config: ChexnetConfig) -> None:
     """Cheap checks of everything a user can get wrong, before Horovod or a model starts."""
-    from chexnet import model as model_lib
-
     if config.mode not in COMMANDS:
         raise ConfigError(f"command must be one of {', '.join(COMMANDS)}, got {config.mode!r}")
-    arch = model_lib.parse_backbone(config.backbone)[0]
+    arch = parse_backbone(config.backbone)[0]
     check_vgg16_input(arch, config.image_size, config.weights_file, flag="--backbone")
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
@@ -180,11 +179,9 @@ def starts_from_weights(config: ChexnetConfig) -> bool:
 def check_init(config: ChexnetConfig) -> None:
     """ConfigError for an initialisation that cannot be what the user meant: two sources,
     ImageNet weights Keras does not publish for the backbone, or (silently) random weights."""
-    from chexnet import model as model_lib
-
     if config.pretrained_model_dir and config.weights_file:
         raise ConfigError("give --pretrained_model_dir or --weights_file, not both")
-    if config.weights_file and model_lib.parse_backbone(config.backbone)[0] == "resnet":
+    if config.weights_file and parse_backbone(config.backbone)[0] == "resnet":
         raise ConfigError(f"--weights_file applies to densenet121/vgg16/vgg16_pooled; "
                           f"--backbone={config.backbone} starts from a resnet_main checkpoint "
                           "(--pretrained_model_dir)")
