@@ -13,8 +13,9 @@ import time
 import keras
 import tensorflow as tf
 
-from hooks import evaluation, horovod_glue, loop, practices, runner, schedules
+from hooks import evaluation, horovod_glue, loop, runner, schedules, snapshots, weight_decay
 from hooks.lars import LARS
+from hooks.time_to_accuracy import TimeToAccuracy
 from imagenet import input_pipeline, models
 from imagenet.config import RunConfig
 
@@ -79,19 +80,19 @@ def practice_callbacks(config: RunConfig, preset, network, optimizer, context, e
     if preset is not None:
         # LARS applies weight decay itself; SGD gets it as an L2 whose factor can change.
         target = (optimizer if isinstance(optimizer, LARS) else
-                  practices.attach_scheduled_l2(network, preset.weight_decay_at(0)))
-        callbacks.append(practices.WeightDecayScheduler(preset.weight_decay_at, target))
+                  weight_decay.attach_scheduled_l2(network, preset.weight_decay_at(0)))
+        callbacks.append(weight_decay.WeightDecayScheduler(preset.weight_decay_at, target))
         steps = [s for s in preset.snapshot_steps if s <= config.total_steps]
         folder = config.snapshot_dir or (config.model_dir and
                                          os.path.join(config.model_dir, "snapshots"))
         if steps and folder:
-            saver = practices.SnapshotSaver(steps, folder, context, network)
+            saver = snapshots.SnapshotSaver(steps, folder, context, network)
             callbacks.append(saver)
             if config.collapsed_ensemble:
-                callbacks.append(practices.CollapsedEnsembleEvaluator(
+                callbacks.append(snapshots.CollapsedEnsembleEvaluator(
                     saver.paths(), network, eval_data(), context))
     if config.target_top_1 is not None:
-        callbacks.append(practices.TimeToAccuracy(
+        callbacks.append(TimeToAccuracy(
             "val_top_1", config.target_top_1, stop=config.stop_at_target,
             steps_per_epoch=config.steps_per_epoch))
     return callbacks
