@@ -79,12 +79,7 @@ HELP = {
 def define_flags(flag_values=FLAGS):
     fv = flag_values
     flags.define_base(RunConfig, fv)
-    flags.define_performance(fv)
-    flags.define_precision(RunConfig, fv)
-    flags.define_distributed(fv)
-    flags.define_faults(RunConfig, fv)
-    flags.define_elastic(RunConfig, fv)
-    flags.define_run_records(RunConfig, fv)
+    flags.define_shared(RunConfig, fv)
     flags.define_schedule(RunConfig, fv)
     flags.define_fields(RunConfig, HELP, fv, enums={
         "architecture": config_lib.ARCHITECTURES, "lr_schedule": config_lib.LR_SCHEDULES})
@@ -116,9 +111,7 @@ def main(argv):
 
 
 def run_main():
-    entry.quiet_startup()  # before TensorFlow is imported (nothing above imports it)
-    define_flags()
-    app.run(main)
+    entry.start(define_flags, main)  # nothing above imports TensorFlow
 
 
 if __name__ == "__main__":

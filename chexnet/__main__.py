@@ -92,12 +92,7 @@ HELP = {
 def define_flags(flag_values=FLAGS):
     fv = flag_values
     flags.define_base(ChexnetConfig, fv, data_dir=False, mode=False)
-    flags.define_performance(fv)
-    flags.define_precision(ChexnetConfig, fv)
-    flags.define_distributed(fv)
-    flags.define_faults(ChexnetConfig, fv)
-    flags.define_elastic(ChexnetConfig, fv)
-    flags.define_run_records(ChexnetConfig, fv)
+    flags.define_shared(ChexnetConfig, fv)
     flags.define_fields(ChexnetConfig, HELP, fv, enums={
         "on_corrupt": config_lib.ON_CORRUPT, "eval_split": config_lib.EVAL_SPLITS,
         "optimizer": config_lib.OPTIMIZERS, "image_view": config_lib.IMAGE_VIEWS})
@@ -140,9 +135,7 @@ def main(argv):
 
 
 def run_main():
-    entry.quiet_startup()  # before TensorFlow is imported (nothing above imports it)
-    define_flags()
-    app.run(main)
+    entry.start(define_flags, main)  # nothing above imports TensorFlow
 
 
 if __name__ == "__main__":

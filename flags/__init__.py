@@ -15,6 +15,7 @@ from flags.core import (  # noqa: F401
     define_precision,
     define_run_records,
     define_schedule,
+    define_shared,
     fill,
     get_distributed_config,
     get_performance_config,

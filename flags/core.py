@@ -270,6 +270,17 @@ def define_run_records(config_cls, flag_values=FLAGS):
     positive(("keep_checkpoints", "log_every_n_steps"), flag_values)
 
 
+def define_shared(config_cls, flag_values=FLAGS):
+    """Every group both entry points have: threads, precision, Horovod, faults, elastic,
+    seed and records (`config_cls` extends `hooks.settings.Settings`)."""
+    define_performance(flag_values)
+    define_precision(config_cls, flag_values)
+    define_distributed(flag_values)
+    define_faults(config_cls, flag_values)
+    define_elastic(config_cls, flag_values)
+    define_run_records(config_cls, flag_values)
+
+
 def define_schedule(config_cls, flag_values=FLAGS):
     """Optimiser and learning-rate basics; the LR scales with the global batch."""
     define_fields(config_cls, SCHEDULE_HELP, flag_values)
