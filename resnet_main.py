@@ -62,14 +62,10 @@ HELP = {
                  "(the reference's default on TPU hosts; off here: a rank's share of "
                  "ImageNet may not fit).",
     "eval_after_training": "With --mode=train, evaluate once after training.",
-    "keep_checkpoints": "Newest checkpoints kept (plus the best).",
-    "log_every_n_steps": "Progress line every N global steps.",
     "reference_images_per_sec": "Images/s of a 1-rank run; when set, the summary reports "
                                 "scaling efficiency against it.",
     "weights_file": "Keras weights file: *_notop.h5 for densenet121/vgg16_pooled, VGG16's "
                     "with top (at --image_size) for vgg16.",
-    "seed": "Random seed (initialisation, shuffling, augmentation).",
-    "json_progress": "Also print progress as JSON lines.",
     "snapshot_dir": "Where a preset's snapshots (end of each collapse) go; default "
                     "MODEL_DIR/snapshots.",
     "collapsed_ensemble": "At the end, evaluate the average of the snapshots' predictions "
@@ -83,11 +79,7 @@ HELP = {
 def define_flags(flag_values=FLAGS):
     fv = flag_values
     flags.define_base(RunConfig, fv)
-    flags.define_performance(fv)
-    flags.define_precision(RunConfig, fv)
-    flags.define_distributed(fv)
-    flags.define_faults(RunConfig, fv)
-    flags.define_elastic(RunConfig, fv)
+    flags.define_shared(RunConfig, fv)
     flags.define_schedule(RunConfig, fv)
     flags.define_fields(RunConfig, HELP, fv, enums={
         "architecture": config_lib.ARCHITECTURES, "lr_schedule": config_lib.LR_SCHEDULES})
@@ -99,8 +91,7 @@ def define_flags(flag_values=FLAGS):
     f.register_validator("poly_rate", lambda v: v >= 0, message="--poly_rate must be >= 0",
                          flag_values=fv)
     flags.positive(("image_size", "num_label_classes", "num_train_images", "num_eval_images",
-                    "steps_per_eval", "iterations_per_loop", "keep_checkpoints",
-                    "log_every_n_steps"), fv)
+                    "steps_per_eval", "iterations_per_loop"), fv)
     flags.positive(("num_parallel_calls",), fv, allow_none=True)
 
 
@@ -120,9 +111,7 @@ def main(argv):
 
 
 def run_main():
-    entry.quiet_startup()  # before TensorFlow is imported (nothing above imports it)
-    define_flags()
-    app.run(main)
+    entry.start(define_flags, main)  # nothing above imports TensorFlow
 
 
 if __name__ == "__main__":

@@ -178,11 +178,11 @@ def build_ladder(args, n_train) -> list[Rung]:
 def run_rung(rung: Rung, seed, data, context, args, workdir) -> dict[str, float]:
     import keras
 
-    from hooks import evaluation, horovod_glue, loop
-    from hooks import practices as L
+    from hooks import evaluation, horovod_glue, loop, snapshots, weight_decay
+    from hooks.time_to_accuracy import TimeToAccuracy
     (x_tr, y_tr), (x_te, y_te) = data
     network = small_resnet(seed)
-    factor = L.attach_scheduled_l2(network, rung.weight_decay(0))
+    factor = weight_decay.attach_scheduled_l2(network, rung.weight_decay(0))
     optimizer = keras.optimizers.SGD(learning_rate=rung.learning_rate, momentum=0.9)
     trainer = horovod_glue.DistributedTrainer(
         network, context, metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")])
@@ -197,20 +197,21 @@ def run_rung(rung: Rung, seed, data, context, args, workdir) -> dict[str, float]
         return evaluation.evaluate(network, test, [metric], context)[0]
 
     spe = len(x_tr) / rung.batch
-    callbacks = [L.WeightDecayScheduler(rung.weight_decay, factor),
-                 L.TimeToAccuracy("val_top_1", args.target, steps_per_epoch=spe)]
+    callbacks = [weight_decay.WeightDecayScheduler(rung.weight_decay, factor),
+                 TimeToAccuracy("val_top_1", args.target, steps_per_epoch=spe)]
     saver = ensemble = None
     if len(rung.snapshot_steps) > 1:
         directory = os.path.join(workdir, f"{len(os.listdir(workdir))}")
-        saver = L.SnapshotSaver(list(rung.snapshot_steps), directory, context)
-        ensemble = L.CollapsedEnsembleEvaluator(saver.paths(), network, test, context)
+        saver = snapshots.SnapshotSaver(list(rung.snapshot_steps), directory, context)
+        ensemble = snapshots.CollapsedEnsembleEvaluator(saver.paths(), network, test, context)
         callbacks += [saver, ensemble]
     steps_per_loop = max(1, math.ceil(spe * args.eval_every_epochs))
     result = loop.train(
-        trainer, train_stream(x_tr, y_tr, rung.batch, rung.total_steps, seed, context),
-        context=context, total_steps=rung.total_steps, steps_per_loop=steps_per_loop,
-        global_batch=rung.batch, steps_per_epoch=spe, evaluate=evaluate,
-        eval_every_steps=steps_per_loop, log_every_n_steps=10 ** 9, extra_callbacks=callbacks)
+        trainer, loop.Input(train_stream(x_tr, y_tr, rung.batch, rung.total_steps, seed,
+                                         context)),
+        loop.Plan(rung.total_steps, steps_per_loop, rung.batch, spe), context=context,
+        validation=loop.Validation(evaluate, steps_per_loop),
+        progress=loop.Progress(print, every_n_steps=10 ** 9), extra_callbacks=callbacks)
     final = (result.last_eval["val_top_1"] if "val_top_1" in result.last_eval
              else evaluate()["top_1"])
     out = {"top_1": final, "seconds": result.wall_seconds,

@@ -79,9 +79,6 @@ HELP = {
     "bn_stats_images": "Before each evaluation and checkpoint, batch-norm moving statistics "
                        "are recomputed from this many training images (average of batch "
                        "statistics, 'precise BN'); 0 keeps the moving averages.",
-    "keep_checkpoints": "Newest checkpoints kept (plus the best).",
-    "log_every_n_steps": "Progress line every N global steps.",
-    "seed": "Random seed.",
     # outputs
     "report_dir": "Reports (default: train MODEL_DIR/report, evaluate MODEL_DIR/report-<split>).",
     "checkpoint": "evaluate/predict: a chexnet ckpt-* folder or model_dir.",
@@ -95,16 +92,11 @@ HELP = {
 def define_flags(flag_values=FLAGS):
     fv = flag_values
     flags.define_base(ChexnetConfig, fv, data_dir=False, mode=False)
-    flags.define_performance(fv)
-    flags.define_precision(ChexnetConfig, fv)
-    flags.define_distributed(fv)
-    flags.define_faults(ChexnetConfig, fv)
-    flags.define_elastic(ChexnetConfig, fv)
+    flags.define_shared(ChexnetConfig, fv)
     flags.define_fields(ChexnetConfig, HELP, fv, enums={
         "on_corrupt": config_lib.ON_CORRUPT, "eval_split": config_lib.EVAL_SPLITS,
         "optimizer": config_lib.OPTIMIZERS, "image_view": config_lib.IMAGE_VIEWS})
-    flags.positive(("image_size", "keep_checkpoints", "log_every_n_steps", "plateau_patience"),
-                   fv)
+    flags.positive(("image_size", "plateau_patience"), fv)
     flags.positive(("max_images", "steps_per_loop"), fv, allow_none=True)
     absl_flags.register_validator("plateau_factor", lambda v: 0 < v <= 1,
                                   message="--plateau_factor must be in (0, 1]", flag_values=fv)
@@ -143,9 +135,7 @@ def main(argv):
 
 
 def run_main():
-    entry.quiet_startup()  # before TensorFlow is imported (nothing above imports it)
-    define_flags()
-    app.run(main)
+    entry.start(define_flags, main)  # nothing above imports TensorFlow
 
 
 if __name__ == "__main__":

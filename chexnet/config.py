@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from chexnet.backbones import parse_backbone
+from hooks import settings
 from hooks.errors import ConfigError
 from imagenet.config import check_vgg16_input
 
@@ -31,7 +33,7 @@ ADAM_MAX_LEARNING_RATE = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
-class ChexnetConfig:
+class ChexnetConfig(settings.Settings):
     mode: str = "train"  # the command, not a flag
     # data
     csv: str | None = None
@@ -56,9 +58,8 @@ class ChexnetConfig:
     allow_random_init: bool = False
     image_view: str = "whole"
     weight_decay: float = 0.0
-    precision: str = "float32"
     # training
-    train_batch_size: int = 16
+    train_batch_size: int = 16  # CheXNet's batch
     eval_batch_size: int = 16
     train_steps: int | None = None
     train_epochs: float | None = None
@@ -74,15 +75,7 @@ class ChexnetConfig:
     bn_stats_images: int = 1024
     keep_checkpoints: int = 3
     log_every_n_steps: int = 10
-    fp16_allreduce: bool = False
-    on_nonfinite: str = "stop"
-    max_rollbacks: int = 3
-    stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
-    elastic: bool = False
-    elastic_commit_steps: int = 10
-    seed: int | None = None
     # outputs
-    model_dir: str | None = None
     report_dir: str | None = None
     checkpoint: str | None = None  # evaluate/predict: chexnet checkpoint folder or model_dir
     predictions_csv: str | None = None  # evaluate: score this file, no model
@@ -112,15 +105,13 @@ def _one_of(name: str, value, choices) -> None:
 
 def validate(config: ChexnetConfig) -> None:
     """Cheap checks of everything a user can get wrong, before Horovod or a model starts."""
-    from chexnet import model as model_lib
-
     if config.mode not in COMMANDS:
         raise ConfigError(f"command must be one of {', '.join(COMMANDS)}, got {config.mode!r}")
-    arch = model_lib.parse_backbone(config.backbone)[0]
+    arch = parse_backbone(config.backbone)[0]
     check_vgg16_input(arch, config.image_size, config.weights_file, flag="--backbone")
     _one_of("optimizer", config.optimizer, OPTIMIZERS)
     _one_of("on_corrupt", config.on_corrupt, ON_CORRUPT)
-    _one_of("on_nonfinite", config.on_nonfinite, ("stop", "rollback"))
+    settings.check(config)
     if config.eval_split is not None:
         _one_of("eval_split", config.eval_split, EVAL_SPLITS)
     if len(config.split_fractions) != 3:
@@ -188,11 +179,9 @@ def starts_from_weights(config: ChexnetConfig) -> bool:
 def check_init(config: ChexnetConfig) -> None:
     """ConfigError for an initialisation that cannot be what the user meant: two sources,
     ImageNet weights Keras does not publish for the backbone, or (silently) random weights."""
-    from chexnet import model as model_lib
-
     if config.pretrained_model_dir and config.weights_file:
         raise ConfigError("give --pretrained_model_dir or --weights_file, not both")
-    if config.weights_file and model_lib.parse_backbone(config.backbone)[0] == "resnet":
+    if config.weights_file and parse_backbone(config.backbone)[0] == "resnet":
         raise ConfigError(f"--weights_file applies to densenet121/vgg16/vgg16_pooled; "
                           f"--backbone={config.backbone} starts from a resnet_main checkpoint "
                           "(--pretrained_model_dir)")

@@ -17,31 +17,14 @@ import os
 
 import keras
 
+from chexnet.backbones import BACKBONES_HELP, VGG16S, ModelError, parse_backbone  # noqa: F401
 from chexnet.config import IMAGENET_WEIGHTS
 from chexnet.labels import NUM_CLASSES
 from hooks import checkpoints
-from hooks.errors import UserError
 from imagenet import models
 from imagenet.config import check_vgg16_input
 
-BACKBONES_HELP = ("densenet121, resnet50, vgg16 (its 2x4096 fc layers kept), vgg16_pooled "
-                  "(or resnet18/34/101/152/200)")
-VGG16S = ("vgg16", "vgg16_pooled")
 HEAD_NAME = "chexnet_probs"
-
-
-class ModelError(UserError):
-    """A backbone name, checkpoint or weights file that cannot be used (one-line message)."""
-
-
-def parse_backbone(backbone: str) -> tuple[str, int]:
-    """'resnet50' -> ('resnet', 50); 'densenet121' -> ('densenet121', 0)."""
-    name = backbone.lower()
-    if name in ("densenet121", *VGG16S):
-        return name, 0
-    if name.startswith("resnet") and name[6:].isdigit() and int(name[6:]) in models.RESNET_LAYERS:
-        return "resnet", int(name[6:])
-    raise ModelError(f"unknown backbone {backbone!r}; choose one of {BACKBONES_HELP}")
 
 
 def preprocessing_for(backbone: str, init_kind: str) -> str:

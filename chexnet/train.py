@@ -13,13 +13,17 @@ import json
 import math
 import time
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from chexnet import batchnorm, evaluate, input_pipeline, splits
 from chexnet import config as config_lib
 from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES, NUM_CLASSES
+from hooks import callbacks as cb
+from hooks import checkpoints, evaluation, horovod_glue, loop, runner, schedules, steps
 from hooks.errors import DataError
 
 
@@ -50,8 +54,6 @@ def peak_learning_rate(config: ChexnetConfig, init: model_lib.InitSource) -> tup
     optimizer: Adam gets CheXNet's 1e-3 (never the checkpoint's rate: that is an SGD rate,
     e.g. 0.1 * batch / 256, which makes Adam's steps 100x too large); SGD gets the rate
     recorded in the pre-training checkpoint (the 2018 advice), else 0.1 * batch / 256."""
-    from hooks import schedules
-
     if config.learning_rate is not None:
         return config.learning_rate, "--learning_rate"
     if config.optimizer == "adam":
@@ -66,8 +68,6 @@ def peak_learning_rate(config: ChexnetConfig, init: model_lib.InitSource) -> tup
 def warmup_steps(warmup_epochs: float, global_batch: int, steps_per_epoch: float) -> int:
     """Warm-up proportional to the global batch: ``warmup_epochs * global_batch / 256``
     epochs (so batch 256 warms up for warmup_epochs, batch 4096 for 16x as many)."""
-    from hooks import steps
-
     epochs = warmup_epochs * global_batch / 256.0
     return steps.to_steps(epochs=epochs, steps_per_epoch=steps_per_epoch)
 
@@ -87,8 +87,6 @@ def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoc
     end of the warm-up (`warmup_steps`, at most the run), then stays there; times the
     plateau factor (`ScaledSchedule.factor`, lowered by ReduceOnPlateau) but never below
     min(--min_learning_rate, the unscaled rate)."""
-    from hooks import schedules
-
     warm = min(warmup_steps(config.warmup_epochs, config.train_batch_size, steps_per_epoch),
                total_steps)
     schedule = schedules.ScaledSchedule(schedules.LinearWarmup(peak_lr, warm),
@@ -99,8 +97,6 @@ def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoc
 def build_optimizer(config: ChexnetConfig, learning_rate):
     """--optimizer: Adam with Keras' defaults (beta 0.9 / 0.999, epsilon 1e-7: CheXNet's
     "standard parameters"), or SGD with classic (not Nesterov) momentum --momentum."""
-    import keras
-
     if config.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate=learning_rate)
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
@@ -110,8 +106,6 @@ def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):
     """Weighted BCE on probabilities, per class: -(w+ y log p + w- (1-y) log(1-p)),
     averaged over classes and images (Keras' ``class_weight`` cannot do this for 14
     sigmoid outputs). Unweighted when the weights are None."""
-    import tensorflow as tf
-
     wp = tf.constant(pos_weight if pos_weight is not None else np.ones(NUM_CLASSES), tf.float32)
     wn = tf.constant(neg_weight if neg_weight is not None else np.ones(NUM_CLASSES), tf.float32)
     eps = 1e-7
@@ -131,8 +125,6 @@ def _inputs(config: ChexnetConfig, data: splits.Data, options):
     empty split). `statistics`: the training images in one fixed order, for the batch-norm
     statistics pass (files already checked by the training pipeline; not cached: a second
     writer of the training pipeline's cache file would fail)."""
-    from hooks import horovod_glue
-
     train_split, val_split = data.splits["train"], data.splits["val"]
 
     def train(context, first_step=0, statistics=False):
@@ -153,163 +145,184 @@ def _inputs(config: ChexnetConfig, data: splits.Data, options):
     return train, val
 
 
-def run(config: ChexnetConfig, context, log=print) -> dict:
-    """Fine-tune as configured; returns (and rank 0 prints) a summary, writes reports."""
-    import keras
+class ChexnetTask(runner.Task):
+    """Fine-tuning on ChestX-ray14 (14 labels, weighted BCE, per-class AUROC), for
+    `hooks.runner.run`. Its data are checked, and its pipelines made, before any model."""
 
-    from hooks import callbacks as cb
-    from hooks import checkpoints, evaluation, horovod_glue, loop, runtime, schedules
+    def __init__(self, config: ChexnetConfig):
+        self.config = config
+        self.pipelines = {}  # this world's {"context", "train", "val", "statistics"}
 
-    chief_log = log if context.is_chief else (lambda *a, **k: None)
-    if not config.elastic:  # elastic: any world size (uneven shares, weighted gradients)
-        horovod_glue.check_global_batches(context, train_batch_size=config.train_batch_size,
-                                          eval_batch_size=config.eval_batch_size)
-    data = splits.load_data(config)
-    chief_log("chexnet splits (patient-wise):\n" + data.summary)
-    config_lib.check_learning_rate(config)
-    pretrained = resolve_init(config)  # ModelError before any model is built
-    train_split, val_split = data.splits["train"], data.splits["val"]
-    if len(train_split) == 0:
-        raise DataError("the train split is empty")
-    pos_w, neg_w = splits.class_weights(train_split.labels) if config.weighted_loss else (None,
-                                                                                          None)
-    options = input_pipeline.InputOptions(
-        config.image_size, model_lib.preprocessing_for(config.backbone, init_kind(config)),
-        config.cache, config.on_corrupt, view=config.image_view)
-    train_input, val_input = _inputs(config, data, options)
-    pipelines = {}  # this world's {"context", "train", "val"}: an elastic reset replaces it
+    def batch_sizes(self) -> dict:
+        return {"train_batch_size": self.config.train_batch_size,
+                "eval_batch_size": self.config.eval_batch_size}
 
-    def pipelines_for(world) -> dict:
+    def check_input(self, context, log) -> None:
+        """Splits, starting weights and every training/validation file (elastic: the
+        pipelines are made in the loop for each world, with no collective before it)."""
+        config = self.config
+        self.data = splits.load_data(config)
+        log("chexnet splits (patient-wise):\n" + self.data.summary)
+        config_lib.check_learning_rate(config)
+        self.pretrained = resolve_init(config)  # ModelError before any model is built
+        self.train_split, self.val_split = self.data.splits["train"], self.data.splits["val"]
+        if len(self.train_split) == 0:
+            raise DataError("the train split is empty")
+        self.weights = (splits.class_weights(self.train_split.labels) if config.weighted_loss
+                        else (None, None))
+        self.options = input_pipeline.InputOptions(
+            config.image_size, model_lib.preprocessing_for(config.backbone, init_kind(config)),
+            config.cache, config.on_corrupt, view=config.image_view)
+        self.inputs = _inputs(config, self.data, self.options)
+        if not config.elastic:
+            self._pipelines_for(context, log)
+
+    def _pipelines_for(self, world, log) -> dict:
         """This rank's pipelines in `world`, made once per world (bad input fails on every
         rank)."""
-        if pipelines.get("context") != world:
+        if self.pipelines.get("context") != world:
+            train_input, val_input = self.inputs
             (train, train_info), (val, val_info) = horovod_glue.all_ranks_ok(
                 lambda: (train_input(world), val_input(world)), world)
-            pipelines.update(context=world, train=train, val=val,
-                             statistics=train_input(world, statistics=True)[0])
+            self.pipelines.update(context=world, train=train, val=val,
+                                  statistics=train_input(world, statistics=True)[0])
             for info in (train_info, val_info):
                 if info is not None and info.skipped:
-                    chief_log(f"rank {world.rank}: skipped {len(info.skipped)} corrupt images")
-        return pipelines
+                    log(f"rank {world.rank}: skipped {len(info.skipped)} corrupt images")
+        return self.pipelines
 
-    # Datasets first: missing/corrupt files fail here, before the model and any output.
-    # Elastic: made in the loop for each world (no collective before it).
-    if not config.elastic:
-        pipelines_for(context)
+    def build(self, context, log):
+        config = self.config
+        network, self.init = build_network(config, self.pretrained)
+        self.steps_per_epoch = max(len(self.train_split) / config.train_batch_size, 1e-9)
+        self.total_steps = schedules.run_steps(config.train_steps, config.train_epochs,
+                                               self.steps_per_epoch)
+        self.peak_lr, self.lr_source = peak_learning_rate(config, self.init)
+        self.warnings = [w for w in [config_lib.learning_rate_warning(config.optimizer,
+                                                                      self.peak_lr)] if w]
+        if self.init.kind == "none":
+            self.warnings.append("the backbone starts from RANDOM weights "
+                                 "(--allow_random_init); CheXNet starts from ImageNet weights")
+        self.bn_batches = math.ceil(min(config.bn_stats_images, len(self.train_split))
+                                    / config.train_batch_size)
+        self.schedule, self.warm = learning_rate_schedule(config, self.peak_lr,
+                                                          self.steps_per_epoch, self.total_steps)
+        self.plateau = cb.ReduceOnPlateau(self.schedule, config.plateau_patience,
+                                          config.plateau_factor)
+        self.network, self.optimizer = network, build_optimizer(config, self.schedule)
+        return runner.Model(network, self.optimizer, make_loss(*self.weights),
+                            callbacks=[self.plateau], state_variables=[self.schedule.factor])
 
-    runtime.set_precision(config.precision)
-    if (warning := runtime.precision_warning(config.precision)) is not None:
-        chief_log(f"WARNING: {warning}")
-    if config.seed is not None:
-        keras.utils.set_random_seed(config.seed)
-    network, init = build_network(config, pretrained)
-    steps_per_epoch = max(len(train_split) / config.train_batch_size, 1e-9)
-    total_steps = schedules.run_steps(config.train_steps, config.train_epochs, steps_per_epoch)
-    peak_lr, lr_source = peak_learning_rate(config, init)
-    warnings = [w for w in [config_lib.learning_rate_warning(config.optimizer, peak_lr)] if w]
-    if init.kind == "none":
-        warnings.append("the backbone starts from RANDOM weights (--allow_random_init); "
-                        "CheXNet starts from ImageNet weights")
-    bn_batches = math.ceil(min(config.bn_stats_images, len(train_split))
-                           / config.train_batch_size)
-    schedule, warm = learning_rate_schedule(config, peak_lr, steps_per_epoch, total_steps)
-    optimizer = build_optimizer(config, schedule)
-    trainer = horovod_glue.DistributedTrainer(network, context,
-                                              fp16_allreduce=config.fp16_allreduce)
-    trainer.compile(optimizer=optimizer, loss=make_loss(pos_w, neg_w), jit_compile=False)
-    # From here on the world is trainer.context: an elastic reset replaces it.
-    chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
-    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
-                                     log=chief_log, elastic=config.elastic)
-    plateau = cb.ReduceOnPlateau(schedule, config.plateau_patience, config.plateau_factor)
-    if resumed is not None:
-        schedule.factor.assign(float(resumed.state.get("lr_factor", 1.0)))
-        if "plateau" in resumed.state:  # older checkpoints: the counters start afresh
-            plateau.load_state_dict(resumed.state["plateau"])
-    start = int(optimizer.iterations.numpy())
-    if start and not config.elastic:
-        # Resumed: the batches the uninterrupted run read next. Made again (the step is
-        # known only now) with the same file check, so the shard, and so the order, is
-        # the one the first attempt had even when --on_corrupt=skip dropped images.
-        pipelines["train"] = train_input(context, start)[0]
-    chief_log(f"chexnet: {network.name} ({network.count_params():,} parameters) from "
-              f"{init.describe()}; {context.size} rank(s), global batch "
-              f"{config.train_batch_size}, {total_steps} steps, peak lr {peak_lr:.3g} "
-              f"({lr_source}), warm-up {warm} steps, {config.optimizer}, "
-              f"{'weighted' if config.weighted_loss else 'unweighted'} BCE; input "
-              f"{options.view} {config.image_size} px, {options.preprocessing} normalisation; "
-              + (f"batch-norm statistics recomputed from {bn_batches * config.train_batch_size}"
-                 " training images before each evaluation and checkpoint" if bn_batches else
-                 "batch-norm moving averages as trained (--bn_stats_images=0)")
-              + (f"; resuming at step {start}" if resumed else ""))
-    for warning in warnings:
-        chief_log(f"WARNING: {warning}")
-    if not len(val_split):
-        chief_log("no validation images: no evaluation during training, no report; the "
-                  "last checkpoint is the result (run evaluate on it)")
+    def restore(self, checkpoint) -> None:
+        self.schedule.factor.assign(float(checkpoint.state.get("lr_factor", 1.0)))
+        if "plateau" in checkpoint.state:  # older checkpoints: the counters start afresh
+            self.plateau.load_state_dict(checkpoint.state["plateau"])
 
-    def validate() -> evaluation.Evaluation:
+    def start_lines(self, trainer, context, start, resumed) -> list[str]:
+        config, options = self.config, self.options
+        bn_images = self.bn_batches * config.train_batch_size
+        line = (f"chexnet: {self.network.name} ({self.network.count_params():,} parameters) "
+                f"from {self.init.describe()}; {context.size} rank(s), global batch "
+                f"{config.train_batch_size}, {self.total_steps} steps, peak lr "
+                f"{self.peak_lr:.3g} ({self.lr_source}), warm-up {self.warm} steps, "
+                f"{config.optimizer}, {'weighted' if config.weighted_loss else 'unweighted'} "
+                f"BCE; input {options.view} {config.image_size} px, {options.preprocessing} "
+                "normalisation; "
+                + (f"batch-norm statistics recomputed from {bn_images} training images before "
+                   "each evaluation and checkpoint" if self.bn_batches else
+                   "batch-norm moving averages as trained (--bn_stats_images=0)")
+                + (f"; resuming at step {start}" if resumed else ""))
+        lines = [line] + [f"WARNING: {warning}" for warning in self.warnings]
+        if not len(self.val_split):
+            lines.append("no validation images: no evaluation during training, no report; "
+                         "the last checkpoint is the result (run evaluate on it)")
+        return lines
+
+    def plan(self):
+        steps_per_loop = min(self.config.steps_per_loop or max(1, round(self.steps_per_epoch)),
+                             self.total_steps)
+        return loop.Plan(self.total_steps, steps_per_loop, self.config.train_batch_size,
+                         self.steps_per_epoch)
+
+    def train_input(self, context, start):
+        train_input = self.inputs[0]
+        if self.config.elastic:
+            return loop.Input(make=lambda world, step: train_input(world, step)[0])
+        if start:
+            # Resumed: the batches the uninterrupted run read next. Made again (the step is
+            # known only now) with the same file check, so the shard, and so the order, is
+            # the one the first attempt had even when --on_corrupt=skip dropped images.
+            self.pipelines["train"] = train_input(context, start)[0]
+        return loop.Input(self.pipelines["train"])
+
+    def validation(self, trainer, log):
+        return loop.Validation(lambda: self.validate(trainer, log), self.plan().steps_per_loop)
+
+    def validate(self, trainer, log):
+        """Batch-norm statistics recomputed, then AUROC on the validation split."""
         world = trainer.context
-        inputs = pipelines_for(world)
+        inputs = self._pipelines_for(world, log)
         # Its own pipeline: the training iterator's prefetching must not change which
         # images the statistics see (a seeded run gives the same weights every time).
-        batchnorm.recompute(network, inputs["statistics"], bn_batches, world)
-        step = int(optimizer.iterations.numpy())
+        batchnorm.recompute(self.network, inputs["statistics"], self.bn_batches, world)
+        step = int(self.optimizer.iterations.numpy())
         if inputs["val"] is None:
             return evaluation.Evaluation({}, 0, step)
-        scored = evaluate.score(*evaluate.gather(network, inputs["val"], len(val_split), world),
-                                pos_w, neg_w)
-        chief_log(f"eval at step {step}: mean AUROC {scored.auroc.mean_auroc:.4f} over "
-                  f"{scored.auroc.num_defined} classes, loss {scored.values['loss']:.4f} "
-                  f"({len(scored.labels)} images)")
+        scored = evaluate.score(*evaluate.gather(self.network, inputs["val"],
+                                                 len(self.val_split), world), *self.weights)
+        log(f"eval at step {step}: mean AUROC {scored.auroc.mean_auroc:.4f} over "
+            f"{scored.auroc.num_defined} classes, loss {scored.values['loss']:.4f} "
+            f"({len(scored.labels)} images)")
         for warning in scored.warnings:
-            chief_log(f"WARNING at step {step}: {warning}")
+            log(f"WARNING at step {step}: {warning}")
         return evaluation.Evaluation(scored.values, len(scored.labels), step, scored)
 
-    steps_per_loop = min(config.steps_per_loop or max(1, round(steps_per_epoch)), total_steps)
-    state = lambda: {  # noqa: E731 - recorded in every checkpoint
-        "task": "chexnet", "backbone": config.backbone, "image_size": config.image_size,
-        "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES),
-        "global_batch": config.train_batch_size, "init": init.describe(),
-        "preprocessing": options.preprocessing, "image_view": options.view,
-        "lr_factor": float(schedule.factor.numpy()), "plateau": plateau.state_dict()}
-    t0 = time.perf_counter()
-    result = loop.train(
-        trainer, None if config.elastic else pipelines["train"], context=context,
-        make_dataset=(lambda world, step: train_input(world, step)[0]) if config.elastic
-        else None,
-        elastic_commit_steps=config.elastic_commit_steps if config.elastic else None,
-        state_variables=[schedule.factor], total_steps=total_steps,
-        steps_per_loop=steps_per_loop, global_batch=config.train_batch_size,
-        steps_per_epoch=steps_per_epoch, evaluate=validate, eval_every_steps=steps_per_loop,
-        model_dir=config.model_dir, checkpoint_state=state,
-        keep_checkpoints=config.keep_checkpoints, best_metric="mean_auroc", best_mode="max",
-        log_every_n_steps=config.log_every_n_steps,
-        extra_callbacks=[plateau], log=chief_log,
-        faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
-    scored = result.last_eval.details
-    context = result.context
-    summary = {"mode": "train", "ranks": context.size, "global_batch": config.train_batch_size,
-               "model": network.name, "init": init.describe(), "peak_learning_rate": peak_lr,
-               "learning_rate_source": lr_source, "optimizer": config.optimizer,
-               "final_step": result.final_step,
-               "train_seconds": time.perf_counter() - t0,
-               "images_per_sec": result.images_per_sec,
-               "val_images": len(scored.labels) if scored else 0,
-               "mean_auroc": scored.auroc.mean_auroc if scored else None}
-    summary.update({k: v for k, v in result.practices.items()
-                    if k in ("world_size_changes", "elastic_seconds_lost")})
-    best = checkpoints.best(config.model_dir, "mean_auroc", "max") if config.model_dir else None
-    if best is not None:
-        summary["best_checkpoint"] = best.path
-    elif config.model_dir:
-        last = checkpoints.latest(config.model_dir)
-        summary["last_checkpoint"] = last.path if last else None
-    if scored is None:
-        summary["warnings"] = warnings
-        chief_log("SUMMARY " + json.dumps(summary, sort_keys=True, default=float))
+    def saving(self):
+        saving = super().saving()
+        return saving and dataclasses.replace(saving, best_metric="mean_auroc")
+
+    def checkpoint_state(self) -> dict:
+        """Recorded in every checkpoint: what rebuilds the model and resumes the run."""
+        config = self.config
+        return {"task": "chexnet", "backbone": config.backbone,
+                "image_size": config.image_size, "num_classes": NUM_CLASSES,
+                "class_names": list(CLASS_NAMES), "global_batch": config.train_batch_size,
+                "init": self.init.describe(), "preprocessing": self.options.preprocessing,
+                "image_view": self.options.view,
+                "lr_factor": float(self.schedule.factor.numpy()),
+                "plateau": self.plateau.state_dict()}
+
+    def finish(self, trainer, outcome, log) -> dict:
+        config, result, context = self.config, outcome.result, outcome.context
+        scored = result.last_eval.details
+        summary = {"mode": "train", "ranks": context.size,
+                   "global_batch": config.train_batch_size, "model": self.network.name,
+                   "init": self.init.describe(), "peak_learning_rate": self.peak_lr,
+                   "learning_rate_source": self.lr_source, "optimizer": config.optimizer,
+                   "final_step": result.final_step,
+                   "train_seconds": time.perf_counter() - outcome.started,
+                   "images_per_sec": result.images_per_sec,
+                   "val_images": len(scored.labels) if scored else 0,
+                   "mean_auroc": scored.auroc.mean_auroc if scored else None}
+        summary.update({k: v for k, v in result.practices.items()
+                        if k in ("world_size_changes", "elastic_seconds_lost")})
+        best = (checkpoints.best(config.model_dir, "mean_auroc", "max") if config.model_dir
+                else None)
+        if best is not None:
+            summary["best_checkpoint"] = best.path
+        elif config.model_dir:
+            last = checkpoints.latest(config.model_dir)
+            summary["last_checkpoint"] = last.path if last else None
+        if scored is None:
+            summary["warnings"] = self.warnings
+            log("SUMMARY " + json.dumps(summary, sort_keys=True, default=float))
+            return summary
+        scored.warnings[:0] = self.warnings  # the run's own warnings head the report's
+        title = f"{self.network.name} fine-tuned, val split, step {result.final_step}"
+        evaluate.report(config.reports_to, scored, title, summary, context, log)
         return summary
-    scored.warnings[:0] = warnings  # the run's own warnings head the report's
-    title = f"{network.name} fine-tuned, val split, step {result.final_step}"
-    evaluate.report(config.reports_to, scored, title, summary, context, chief_log)
-    return summary
+
+
+def run(config: ChexnetConfig, context, log=print) -> dict:
+    """Fine-tune as configured; returns (and rank 0 prints) a summary, writes reports."""
+    return runner.run(ChexnetTask(config), context, log)

@@ -12,11 +12,11 @@ import typing
 
 from absl import flags
 
-from hooks import elastic_launch
+from hooks import elastic_launch, settings
 
 FLAGS = flags.FLAGS
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = settings.PRECISIONS
 MODES = ("train", "eval", "train_and_eval")
 
 
@@ -189,6 +189,13 @@ ELASTIC_HELP = {
                             "steps (and at each checkpoint); a lost worker costs at most the "
                             "steps since the last commit.",
 }
+RUN_RECORDS_HELP = {
+    "seed": "Random seed (initialisation, shuffling, augmentation); a seeded run resumed "
+            "from a checkpoint reads the batches the uninterrupted run would have.",
+    "keep_checkpoints": "Newest checkpoints kept (plus the best).",
+    "log_every_n_steps": "Progress line every N global steps.",
+    "json_progress": "Also print progress as JSON lines.",
+}
 SCHEDULE_HELP = {
     "base_learning_rate": "Learning rate per 256 images; the peak is "
                           "base_learning_rate * train_batch_size / 256.",
@@ -246,7 +253,7 @@ def define_distributed(flag_values=FLAGS):
 def define_faults(config_cls, flag_values=FLAGS):
     """What a run does on divergence and stalls (fields of the entry point's config)."""
     define_fields(config_cls, FAULTS_HELP, flag_values,
-                  enums={"on_nonfinite": ("stop", "rollback")})
+                  enums={"on_nonfinite": settings.ON_NONFINITE})
     _non_negative("max_rollbacks", flag_values)
     _non_negative("stall_timeout_s", flag_values)
 
@@ -255,6 +262,23 @@ def define_elastic(config_cls, flag_values=FLAGS):
     """Elastic Horovod (fields of the entry point's config)."""
     define_fields(config_cls, ELASTIC_HELP, flag_values)
     _positive("elastic_commit_steps", flag_values)
+
+
+def define_run_records(config_cls, flag_values=FLAGS):
+    """Seed, checkpoints kept and progress lines (fields of `hooks.settings.Settings`)."""
+    define_fields(config_cls, RUN_RECORDS_HELP, flag_values)
+    positive(("keep_checkpoints", "log_every_n_steps"), flag_values)
+
+
+def define_shared(config_cls, flag_values=FLAGS):
+    """Every group both entry points have: threads, precision, Horovod, faults, elastic,
+    seed and records (`config_cls` extends `hooks.settings.Settings`)."""
+    define_performance(flag_values)
+    define_precision(config_cls, flag_values)
+    define_distributed(flag_values)
+    define_faults(config_cls, flag_values)
+    define_elastic(config_cls, flag_values)
+    define_run_records(config_cls, flag_values)
 
 
 def define_schedule(config_cls, flag_values=FLAGS):

@@ -15,10 +15,7 @@ import keras
 import numpy as np
 
 from hooks import checkpoints, evaluation, horovod_glue, watchdog
-
-
-def _step(model) -> int:
-    return int(model.optimizer.iterations.numpy())
+from hooks.steps import global_step
 
 
 def current_learning_rate(optimizer) -> float:
@@ -47,7 +44,7 @@ class StopAtStep(keras.callbacks.Callback):
         self.total_steps = total_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if _step(self.model) >= self.total_steps:
+        if global_step(self.model) >= self.total_steps:
             self.model.stop_training = True
 
 
@@ -70,10 +67,10 @@ class ProgressLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         # Restart the clock after each loop, so evaluation time is not counted.
-        self._t0, self._s0 = time.perf_counter(), _step(self.model)
+        self._t0, self._s0 = time.perf_counter(), global_step(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = _step(self.model)
+        step = global_step(self.model)
         if step % self.every and step != self.total:
             return
         now = time.perf_counter()
@@ -139,7 +136,7 @@ class PeriodicEvaluation(keras.callbacks.Callback):
         self.last: evaluation.Evaluation | None = None
 
     def on_train_begin(self, logs=None):
-        self._last_period = _step(self.model) // self.every
+        self._last_period = global_step(self.model) // self.every
 
     # What an elastic reset restores and broadcasts (hooks.elastic): every rank must agree
     # on whether the final weights still need an evaluation.
@@ -150,7 +147,7 @@ class PeriodicEvaluation(keras.callbacks.Callback):
         self.last = state["last"]
 
     def on_epoch_end(self, epoch, logs=None):
-        step = _step(self.model)
+        step = global_step(self.model)
         if step // self.every == self._last_period and step < self.total:
             return
         if self.model.stop_training and step < self.total:
@@ -239,7 +236,7 @@ class CheckpointSaver(keras.callbacks.Callback):
                                               "error names the folder)")
 
     def _save(self, logs):
-        step = _step(self.model)
+        step = global_step(self.model)
         last = self.evaluation.last if self.evaluation is not None else None
         state = dict(self.state(), epoch=step / self.steps_per_epoch,
                      learning_rate=current_learning_rate(self.model.optimizer),

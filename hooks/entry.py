@@ -33,6 +33,16 @@ def quiet_startup(environ=None) -> None:
         stderr_filter.install()
 
 
+def start(define_flags: Callable, main: Callable) -> None:
+    """A program's start: quiet TensorFlow's start-up lines (before it is imported),
+    define the flags, then let absl parse them and call `main(argv)`."""
+    from absl import app
+
+    quiet_startup()
+    define_flags()
+    app.run(main)
+
+
 def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) -> None:
     """Run the cheap checks (before TensorFlow is imported: a mistake is reported in a
     second), configure threads (before TF starts its pools), start Horovod and the stall

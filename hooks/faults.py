@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from hooks import checkpoints
+from hooks.steps import global_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": a checkpoint was written, resubmit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -38,9 +39,6 @@ class Diverged(checkpoints.NonFiniteError):
         self.step = step
 
 
-def _step(model) -> int:
-    return int(model.optimizer.iterations.numpy())
-
 
 class FiniteGuard(keras.callbacks.Callback):
     """Raises `Diverged` at the first non-finite global loss, and at a loop end whose
@@ -55,7 +53,7 @@ class FiniteGuard(keras.callbacks.Callback):
         return list(self.model.network.weights) + list(self.model.optimizer.variables)
 
     def _keep(self):
-        self.good = (_step(self.model), [np.array(v.numpy()) for v in self._variables()])
+        self.good = (global_step(self.model), [np.array(v.numpy()) for v in self._variables()])
 
     def on_train_begin(self, logs=None):
         if self.good is None:
@@ -64,14 +62,14 @@ class FiniteGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            step = _step(self.model)
+            step = global_step(self.model)
             raise Diverged(f"training diverged: the global loss is {loss} at step {step}; "
                            f"no checkpoint was written after step {self.good[0]}", step)
 
     def on_epoch_end(self, epoch, logs=None):
         bad = checkpoints.non_finite(v.numpy() for v in self._variables())
         if bad:
-            step = _step(self.model)
+            step = global_step(self.model)
             raise Diverged(f"training diverged: {bad} weight tensors are not finite at step "
                            f"{step}; no checkpoint was written after step {self.good[0]}",
                            step)
@@ -119,6 +117,6 @@ class Preemption(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if float((logs or {}).get("stop_request", 0.0)) > 0:
-            self.stopped_at = _step(self.model)
+            self.stopped_at = global_step(self.model)
             self.signal_name = self.signal_name or "a signal to another rank"
             self.model.stop_training = True

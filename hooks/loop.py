@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 import keras
 
 from hooks import callbacks as cb
-from hooks import checkpoints, faults, horovod_glue, watchdog
+from hooks import checkpoints, faults, horovod_glue, settings, watchdog
 from hooks.errors import ConfigError
 from hooks.evaluation import Evaluation
 
-ON_NONFINITE = ("stop", "rollback")
+ON_NONFINITE = settings.ON_NONFINITE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,111 +120,94 @@ def _fit(trainer, dataset, callbacks, guard, heartbeat, preemption, total_steps,
     return history, rollbacks
 
 
-def train(trainer: horovod_glue.DistributedTrainer, dataset=None, *,
-          context: horovod_glue.Context, total_steps: int, steps_per_loop: int,
-          global_batch: int, steps_per_epoch: float,
-          evaluate: Callable[[], Evaluation] | None = None,
-          eval_every_steps: int | None = None, model_dir: str | None = None,
-          checkpoint_state: Callable[[], dict] = dict, keep_checkpoints: int = 5,
-          best_metric: str | None = None, best_mode: str = "max",
-          log_every_n_steps: int = 100, json_progress: bool = False,
-          extra_callbacks: Sequence[keras.callbacks.Callback] = (),
-          faults_policy: FaultPolicy = FaultPolicy(),
-          make_dataset: Callable[[horovod_glue.Context, int], object] | None = None,
-          elastic_commit_steps: int | None = None, state_variables: Sequence = (),
-          log=print) -> LoopResult:
-    """Train from the optimizer's current step to `total_steps`.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How far and in which pieces: train to `total_steps`; a loop (evaluation when due,
+    then a checkpoint) ends every `steps_per_loop` steps."""
+    total_steps: int
+    steps_per_loop: int
+    global_batch: int
+    steps_per_epoch: float
 
-    Every `steps_per_loop` steps a loop ends: evaluation when due, then a checkpoint. With
-    `evaluate`, the result always holds an evaluation of the final weights (run here when
-    there was nothing left to train). Extra callbacks with a `summary()` method report
-    into `LoopResult.practices`. Raises `faults.Diverged` (non-finite loss or weights, no
-    checkpoint of them) or `faults.Preempted` (a signal; a checkpoint was written).
 
-    The input is `dataset`, or `make_dataset(context, step)`: this rank's batches from
-    global step `step` on. With `elastic_commit_steps` the run is elastic (`hooks.elastic`):
-    it needs `make_dataset` (the input is rebuilt for each world), commits its state every
-    that many steps and at each checkpoint, and `state_variables` (e.g. a schedule factor)
-    travel with the network and optimizer. `evaluate` and the extra callbacks must read the
-    world from `trainer.context` / their `context` attribute, which a reset replaces.
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """This rank's batches: a fixed `dataset`, or `make(context, step)` giving them from
+    global step `step` on (an elastic run needs `make`: the input of each world)."""
+    dataset: object = None
+    make: Callable[[horovod_glue.Context, int], object] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """`evaluate()` every `every_steps` (None: at the end only) and of the final weights."""
+    evaluate: Callable[[], Evaluation]
+    every_steps: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Saving:
+    """Checkpoints in `model_dir` at each loop end, recording `state()`; keep `keep` and
+    the best by `best_metric`."""
+    model_dir: str
+    state: Callable[[], dict] = dict
+    keep: int = 5
+    best_metric: str | None = None
+    best_mode: str = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Rank 0's progress lines: every `every_n_steps` steps, as JSON with `json_lines`."""
+    log: Callable = print
+    every_n_steps: int = 100
+    json_lines: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Elastic:
+    """An elastic run (`hooks.elastic`): commit every `commit_steps` steps and at each
+    checkpoint; `state_variables` (e.g. a schedule factor) travel with the weights."""
+    commit_steps: int
+    state_variables: Sequence = ()
+
+
+def train(trainer: horovod_glue.DistributedTrainer, data: Input, plan: Plan, *,
+          context: horovod_glue.Context, validation: Validation | None = None,
+          saving: Saving | None = None, progress: Progress = Progress(),
+          faults_policy: FaultPolicy = FaultPolicy(), elastic: Elastic | None = None,
+          extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> LoopResult:
+    """Train from the optimizer's current step to `plan.total_steps`.
+
+    With `validation`, the result always holds an evaluation of the final weights (run
+    here when there was nothing left to train). Extra callbacks with a `summary()` method
+    report into `LoopResult.practices`. Raises `faults.Diverged` (non-finite loss or
+    weights, no checkpoint of them) or `faults.Preempted` (a signal; a checkpoint was
+    written). Elastic: `validation.evaluate` and the extra callbacks must read the world
+    from `trainer.context` / their `context` attribute, which a reset replaces.
     """
     if faults_policy.on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got "
                          f"{faults_policy.on_nonfinite!r}")
-    if (dataset is None) == (make_dataset is None):
-        raise ValueError("give dataset or make_dataset, not both")
-    if elastic_commit_steps is not None and make_dataset is None:
-        raise ValueError("elastic training needs make_dataset (the input of each world)")
+    if (data.dataset is None) == (data.make is None):
+        raise ValueError("give Input(dataset) or Input(make=...), not both")
+    if elastic is not None and data.make is None:
+        raise ValueError("elastic training needs Input(make=...) (the input of each world)")
     start = int(trainer.optimizer.iterations.numpy())
-    meter = cb.ThroughputMeter(global_batch)
-    evaluation = (cb.PeriodicEvaluation(evaluate, eval_every_steps or total_steps, total_steps)
-                  if evaluate is not None else None)
-    guard, heartbeat = faults.FiniteGuard(), _Heartbeat()
-    preemption = faults.Preemption(trainer.stop_request)
-    # Callbacks that do not depend on the world; the others are made for each context.
-    steady = [heartbeat, cb.StopAtStep(total_steps), meter, cb.LearningRateLogger(),
-              guard, preemption]
-    chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
-
-    def callbacks_for(ctx: horovod_glue.Context) -> list:
-        callbacks = steady + [cb.ProgressLogger(global_batch, ctx, log_every_n_steps,
-                                                total_steps, json_lines=json_progress)]
-        if evaluation is not None:
-            callbacks.append(evaluation)
-        callbacks += list(extra_callbacks)
-        if model_dir:
-            callbacks += horovod_glue.chief_only(
-                [keras.callbacks.TensorBoard(f"{model_dir}/tensorboard", update_freq="epoch",
-                                             write_graph=False)], ctx)
-            # Saver last: it records the evaluation results of the same loop; the guard
-            # (before it) has checked the weights are finite.
-            callbacks.append(cb.CheckpointSaver(model_dir, trainer.network, ctx,
-                                                checkpoint_state, steps_per_epoch,
-                                                keep=keep_checkpoints, best_metric=best_metric,
-                                                best_mode=best_mode, evaluation=evaluation))
-        return callbacks
-
-    def fit(ctx, data, more=()):
-        return _fit(trainer, data, callbacks_for(ctx) + list(more), guard, heartbeat,
-                    preemption, total_steps, steps_per_loop, faults_policy, chief_log)
-
+    parts = _Parts(trainer, plan, validation, saving, progress, faults_policy,
+                   list(extra_callbacks))
     t0 = time.perf_counter()
-    practices, elastic = {}, None
+    practices = {}
     try:
-        if elastic_commit_steps is None:
-            history, rollbacks = fit(context, dataset if dataset is not None
-                                     else make_dataset(context, start))
+        if elastic is None:
+            history, rollbacks = parts.fit(context, data.dataset if data.dataset is not None
+                                           else data.make(context, start))
+            last_eval = _last_evaluation(parts.evaluation, validation)
         else:
-            from hooks import elastic as elastic_lib
-
-            stateful = {f"callback_{i}": c for i, c in enumerate(steady + [evaluation]
-                                                                 + list(extra_callbacks))
-                        if hasattr(c, "state_dict") and hasattr(c, "load_state_dict")}
-            elastic = elastic_lib.ElasticRun(trainer, elastic_commit_steps, state_variables,
-                                             stateful, log=chief_log)
-
-            def body(ctx):
-                _new_world(trainer, ctx, guard, extra_callbacks, chief_log)
-                step = int(trainer.optimizer.iterations.numpy())
-                data = _dataset_for(make_dataset, ctx, step, global_batch)
-                # The global batch stays the same: a rank's share may be one example more
-                # than another's, and its gradient is weighted by its share.
-                trainer.gradient_weight = (horovod_glue.rank_batch(global_batch, ctx)
-                                           * ctx.size / global_batch)
-                history, rollbacks = fit(ctx, data, [elastic.callback()])
-                # Collectives that must see the final world: inside the elastic run.
-                last = _last_evaluation(evaluation, evaluate)
-                elastic_lib.check_identical_weights(trainer, chief_log)
-                return history, rollbacks, last
-
-            history, rollbacks, last_eval = elastic.run(body)
-            context = trainer.context
-            practices["world_size_changes"] = [dataclasses.asdict(c) for c in elastic.changes]
-            practices["elastic_seconds_lost"] = elastic.seconds_lost
+            history, rollbacks, last_eval, context = _train_elastic(parts, data, elastic,
+                                                                    practices)
     finally:
-        preemption.uninstall()
-    if elastic is None:
-        last_eval = _last_evaluation(evaluation, evaluate)
+        parts.preemption.uninstall()
     if rollbacks:
         practices["rollbacks"] = rollbacks
     for callback in extra_callbacks:
@@ -233,14 +216,90 @@ def train(trainer: horovod_glue.DistributedTrainer, dataset=None, *,
     return LoopResult(history=history, first_step=start,
                       final_step=int(trainer.optimizer.iterations.numpy()),
                       wall_seconds=time.perf_counter() - t0,
-                      images_per_sec=meter.images_per_sec, last_eval=last_eval,
+                      images_per_sec=parts.meter.images_per_sec, last_eval=last_eval,
                       practices=practices, context=context)
 
 
-def _last_evaluation(evaluation, evaluate) -> Evaluation | None:
+class _Parts:
+    """The callbacks of one `train` call and its fit: those that do not depend on the
+    world are made once; the others (progress, chief-only ones, the saver) per world."""
+
+    def __init__(self, trainer, plan: Plan, validation, saving, progress, policy, extra):
+        self.trainer, self.plan, self.saving, self.progress = trainer, plan, saving, progress
+        self.validation, self.policy, self.extra = validation, policy, extra
+        self.meter = cb.ThroughputMeter(plan.global_batch)
+        self.evaluation = (cb.PeriodicEvaluation(validation.evaluate,
+                                                 validation.every_steps or plan.total_steps,
+                                                 plan.total_steps)
+                           if validation is not None else None)
+        self.guard, self.heartbeat = faults.FiniteGuard(), _Heartbeat()
+        self.preemption = faults.Preemption(trainer.stop_request)
+        self.steady = [self.heartbeat, cb.StopAtStep(plan.total_steps), self.meter,
+                       cb.LearningRateLogger(), self.guard, self.preemption]
+        self.chief_log = horovod_glue.chief_logger(progress.log, lambda: trainer.context)
+
+    def callbacks_for(self, ctx: horovod_glue.Context) -> list:
+        callbacks = self.steady + [cb.ProgressLogger(
+            self.plan.global_batch, ctx, self.progress.every_n_steps, self.plan.total_steps,
+            json_lines=self.progress.json_lines)]
+        if self.evaluation is not None:
+            callbacks.append(self.evaluation)
+        callbacks += self.extra
+        if self.saving is not None:
+            saving = self.saving
+            callbacks += horovod_glue.chief_only(
+                [keras.callbacks.TensorBoard(f"{saving.model_dir}/tensorboard",
+                                             update_freq="epoch", write_graph=False)], ctx)
+            # Saver last: it records the evaluation results of the same loop; the guard
+            # (before it) has checked the weights are finite.
+            callbacks.append(cb.CheckpointSaver(
+                saving.model_dir, self.trainer.network, ctx, saving.state,
+                self.plan.steps_per_epoch, keep=saving.keep, best_metric=saving.best_metric,
+                best_mode=saving.best_mode, evaluation=self.evaluation))
+        return callbacks
+
+    def fit(self, ctx, data, more=()):
+        return _fit(self.trainer, data, self.callbacks_for(ctx) + list(more), self.guard,
+                    self.heartbeat, self.preemption, self.plan.total_steps,
+                    self.plan.steps_per_loop, self.policy, self.chief_log)
+
+
+def _train_elastic(parts: _Parts, data: Input, elastic: Elastic, practices: dict):
+    """`hooks.elastic`'s run of the loop: (history, rollbacks, last evaluation, final
+    world); the world changes go into `practices`."""
+    from hooks import elastic as elastic_lib
+
+    trainer, global_batch = parts.trainer, parts.plan.global_batch
+    stateful = {f"callback_{i}": c for i, c in enumerate(parts.steady + [parts.evaluation]
+                                                         + parts.extra)
+                if hasattr(c, "state_dict") and hasattr(c, "load_state_dict")}
+    run = elastic_lib.ElasticRun(trainer, elastic.commit_steps, elastic.state_variables,
+                                 stateful, log=parts.chief_log)
+
+    def body(ctx):
+        _new_world(trainer, ctx, parts.guard, parts.extra, parts.chief_log)
+        step = int(trainer.optimizer.iterations.numpy())
+        batches = _dataset_for(data.make, ctx, step, global_batch)
+        # The global batch stays the same: a rank's share may be one example more than
+        # another's, and its gradient is weighted by its share.
+        trainer.gradient_weight = (horovod_glue.rank_batch(global_batch, ctx)
+                                   * ctx.size / global_batch)
+        history, rollbacks = parts.fit(ctx, batches, [run.callback()])
+        # Collectives that must see the final world: inside the elastic run.
+        last = _last_evaluation(parts.evaluation, parts.validation)
+        elastic_lib.check_identical_weights(trainer, parts.chief_log)
+        return history, rollbacks, last
+
+    history, rollbacks, last_eval = run.run(body)
+    practices["world_size_changes"] = [dataclasses.asdict(c) for c in run.changes]
+    practices["elastic_seconds_lost"] = run.seconds_lost
+    return history, rollbacks, last_eval, trainer.context
+
+
+def _last_evaluation(evaluation, validation) -> Evaluation | None:
     if evaluation is None:
         return None
-    return evaluation.last if evaluation.last is not None else evaluate()
+    return evaluation.last if evaluation.last is not None else validation.evaluate()
 
 
 def _new_world(trainer, context, guard, extra_callbacks, log) -> None:

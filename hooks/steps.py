@@ -35,6 +35,11 @@ def check_int(name, value, *, minimum=0):
     return value
 
 
+def global_step(model) -> int:
+    """The global step of a compiled model: its optimizer's iteration count."""
+    return int(model.optimizer.iterations.numpy())
+
+
 def round_half_up(x):
     """Nearest int, halves rounded up (Python's round() would round 2.5 to 2)."""
     return int(math.floor(x + 0.5))

@@ -7,7 +7,7 @@ import dataclasses
 import glob
 import os
 
-from hooks import recipes
+from hooks import recipes, settings
 from hooks.errors import ConfigError
 from hooks.steps import run_steps
 
@@ -26,16 +26,13 @@ BACKGROUND_CLASSES = 1001
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(settings.Settings):
     data_dir: str | None = None
-    model_dir: str | None = None
     mode: str = "train_and_eval"
     architecture: str = "resnet"
     resnet_depth: int = 50
     image_size: int = 224
     num_label_classes: int = 1000
-    train_batch_size: int = 1024
-    eval_batch_size: int = 1024
     train_steps: int | None = None
     train_epochs: float | None = None
     num_train_images: int = 1281167
@@ -51,25 +48,14 @@ class RunConfig:
     lr_schedule: str = "tpu"
     enable_lars: bool = False
     poly_rate: float = 0.0
-    precision: str = "float32"
-    fp16_allreduce: bool = False
-    on_nonfinite: str = "stop"
-    max_rollbacks: int = 3
-    stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds
-    elastic: bool = False
-    elastic_commit_steps: int = 10
     use_synthetic_data: bool = False
     tfds_data_dir: str | None = None
     num_parallel_calls: int | None = None
     use_cache: bool = False
     eval_after_training: bool = False
     export_dir: str | None = None
-    keep_checkpoints: int = 5
-    log_every_n_steps: int = 100
     reference_images_per_sec: float | None = None
     weights_file: str | None = None
-    seed: int | None = None
-    json_progress: bool = False
     snapshot_dir: str | None = None
     collapsed_ensemble: bool = False
     target_top_1: float | None = None
@@ -121,6 +107,7 @@ def validate(config: RunConfig) -> None:
     if config.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"--lr_schedule={config.lr_schedule} is not one of "
                           f"{', '.join(LR_SCHEDULES)}")
+    settings.check(config)
     _ = config.total_steps  # raises on --train_steps with --train_epochs
     if config.use_synthetic_data or config.tfds_data_dir:
         pass
@@ -135,8 +122,6 @@ def validate(config: RunConfig) -> None:
     from hooks import checkpoints  # imports Keras: only when it is needed
 
     checkpoints.check_model_dir(config.model_dir, writable=config.mode != "eval")
-    if config.on_nonfinite not in ("stop", "rollback"):
-        raise ConfigError(f"--on_nonfinite={config.on_nonfinite} is not stop or rollback")
     if config.mode == "eval":
         if not checkpoints.latest(config.model_dir):
             raise ConfigError(f"--mode=eval needs a checkpoint in "

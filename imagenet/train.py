@@ -4,6 +4,7 @@ resnet_main.py fills an `imagenet.config.RunConfig` from its flags and checks it
 (`imagenet.config.validate`) before Horovod starts; this module never reads flags. The
 loop, checkpoints and evaluation come from `hooks`, shared with chexnet.
 """
+import dataclasses
 import json
 import math
 import os
@@ -12,8 +13,9 @@ import time
 import keras
 import tensorflow as tf
 
-from hooks import evaluation, horovod_glue, loop, practices, runtime, schedules
+from hooks import evaluation, horovod_glue, loop, runner, schedules, snapshots, weight_decay
 from hooks.lars import LARS
+from hooks.time_to_accuracy import TimeToAccuracy
 from imagenet import input_pipeline, models
 from imagenet.config import RunConfig
 
@@ -78,19 +80,19 @@ def practice_callbacks(config: RunConfig, preset, network, optimizer, context, e
     if preset is not None:
         # LARS applies weight decay itself; SGD gets it as an L2 whose factor can change.
         target = (optimizer if isinstance(optimizer, LARS) else
-                  practices.attach_scheduled_l2(network, preset.weight_decay_at(0)))
-        callbacks.append(practices.WeightDecayScheduler(preset.weight_decay_at, target))
+                  weight_decay.attach_scheduled_l2(network, preset.weight_decay_at(0)))
+        callbacks.append(weight_decay.WeightDecayScheduler(preset.weight_decay_at, target))
         steps = [s for s in preset.snapshot_steps if s <= config.total_steps]
         folder = config.snapshot_dir or (config.model_dir and
                                          os.path.join(config.model_dir, "snapshots"))
         if steps and folder:
-            saver = practices.SnapshotSaver(steps, folder, context, network)
+            saver = snapshots.SnapshotSaver(steps, folder, context, network)
             callbacks.append(saver)
             if config.collapsed_ensemble:
-                callbacks.append(practices.CollapsedEnsembleEvaluator(
+                callbacks.append(snapshots.CollapsedEnsembleEvaluator(
                     saver.paths(), network, eval_data(), context))
     if config.target_top_1 is not None:
-        callbacks.append(practices.TimeToAccuracy(
+        callbacks.append(TimeToAccuracy(
             "val_top_1", config.target_top_1, stop=config.stop_at_target,
             steps_per_epoch=config.steps_per_epoch))
     return callbacks
@@ -182,129 +184,134 @@ def model_description(config: RunConfig) -> dict:
             "num_label_classes": config.num_label_classes, "image_size": config.image_size}
 
 
-# ---------------------------------------------------------------- run
+# ---------------------------------------------------------------- the task
+class ImagenetTask(runner.Task):
+    """ResNet (or another --architecture) on ImageNet, as tensorflow/tpu's resnet_main.py:
+    train and/or evaluate as `config.mode` says."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.files, self.preset, self.network, self.optimizer = [], None, None, None
+
+    def batch_sizes(self) -> dict:
+        config = self.config
+        used = {"train": ("train_batch_size",), "eval": ("eval_batch_size",),
+                "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
+        if config.mode == "train" and config.eval_after_training:
+            used += ("eval_batch_size",)
+        return {n: getattr(config, n) for n in used}
+
+    def check_input(self, context, log) -> None:
+        """Every rank checks the head of its own shards."""
+        self.files = tfrecord_files(self.config, context)
+        input_pipeline.check_records(self.files, self.config.num_label_classes,
+                                     self.config.include_background_label)
+
+    def build(self, context, log) -> runner.Model:
+        config = self.config
+        learning_rate, self.preset = build_learning_rate(config)
+        lars = uses_lars(config, self.preset)
+        self.network = models.build_classifier(config.architecture, config.num_label_classes,
+                                               config.image_size, config.resnet_depth,
+                                               0.0 if lars else config.weight_decay,
+                                               config.weights_file)
+        self.optimizer = build_optimizer(config, learning_rate, lars)
+        extra = practice_callbacks(config, self.preset, self.network, self.optimizer,
+                                   context, lambda: eval_dataset(config, context))
+        return runner.Model(
+            self.network, self.optimizer,
+            build_loss(config.label_smoothing, config.num_label_classes),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")], callbacks=extra)
+
+    def start_lines(self, trainer, context, start, resumed) -> list[str]:
+        config = self.config
+        return [f"resnet_main: {self.network.name} ({self.network.count_params():,} "
+                f"parameters), {context.size} rank(s), global batch {config.train_batch_size}"
+                f" ({horovod_glue.rank_batch(config.train_batch_size, context)} per rank), "
+                f"precision {config.precision}, "
+                + (f"resuming from {resumed.path} at step {start}" if resumed
+                   else "starting from step 0")]
+
+    def plan(self) -> loop.Plan | None:
+        config = self.config
+        if config.mode == "eval":
+            return None
+        return loop.Plan(config.total_steps, min(config.iterations_per_loop, config.total_steps),
+                         config.train_batch_size, config.steps_per_epoch)
+
+    def train_input(self, context, start) -> loop.Input:
+        if self.config.elastic:
+            return loop.Input(make=lambda world, step: train_dataset(self.config, world, step))
+        return loop.Input(train_dataset(self.config, context, start))
+
+    def validation(self, trainer, log) -> loop.Validation | None:
+        if self.config.mode != "train_and_eval":
+            return None
+        return loop.Validation(lambda: self.evaluate(trainer, log), self.config.steps_per_eval)
+
+    def saving(self) -> loop.Saving | None:
+        saving = super().saving()
+        return saving and dataclasses.replace(saving, best_metric="top_1")
+
+    def checkpoint_state(self) -> dict:
+        return dict(model_description(self.config), global_batch=self.config.train_batch_size)
+
+    def evaluate(self, trainer, log) -> evaluation.Evaluation:
+        """Top-1/top-5 and loss over the whole validation set, in the current world."""
+        world = trainer.context
+        values, count = evaluation.evaluate(self.network, eval_dataset(self.config, world),
+                                            eval_metrics(self.config.num_label_classes),
+                                            world)
+        step = int(self.optimizer.iterations.numpy())
+        log(f"eval at step {step}: top_1 {values['top_1']:.4f} top_5 {values['top_5']:.4f} "
+            f"loss {values['loss']:.4f} ({count} images)")
+        return evaluation.Evaluation(values, count, step)
+
+    def read_error(self, err, context) -> Exception | None:
+        return input_pipeline.read_error(err, self.files, context.rank)
+
+    def finish(self, trainer, outcome: runner.Outcome, log) -> dict:
+        config, context, result = self.config, outcome.context, outcome.result
+        summary = {"ranks": context.size, "global_batch": config.train_batch_size,
+                   "model": self.network.name, "precision": config.precision,
+                   "start_step": outcome.start_step}
+        last_eval = None
+        if result is None:
+            last_eval = self.evaluate(trainer, log)
+        else:
+            last_eval = result.last_eval
+            summary.update(_training_figures(config, result))
+            if config.mode == "train" and config.eval_after_training:
+                last_eval = self.evaluate(trainer, log)  # the reference's --eval_after_training
+        if last_eval is not None:
+            summary.update(last_eval.metrics)
+            summary["eval_images"] = last_eval.count
+        summary["wall_seconds"] = time.perf_counter() - outcome.started
+        if config.export_dir:
+            path = os.path.join(config.export_dir, f"{self.network.name}.keras")
+            horovod_glue.write_atomically(path, self.network.save, context)
+            summary["exported"] = path
+        _report(summary, config, context, log)
+        return summary
+
+
+def _training_figures(config: RunConfig, result: loop.LoopResult) -> dict:
+    size = result.context.size
+    figures = dict(ranks=size, final_step=result.final_step, train_seconds=result.wall_seconds,
+                   images_per_sec=result.images_per_sec,
+                   images_per_sec_per_rank=result.images_per_sec / size, **result.practices)
+    if config.reference_images_per_sec and math.isfinite(result.images_per_sec):
+        figures["scaling_efficiency"] = result.images_per_sec / (
+            size * config.reference_images_per_sec)
+    return figures
+
+
 def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     """Train and/or evaluate as `config.mode` says; returns (and rank 0 prints) a summary.
 
     Expects a config that passed `imagenet.config.validate` (the entry point checks it
     before Horovod starts)."""
-    used = {"train": ("train_batch_size",), "eval": ("eval_batch_size",),
-            "train_and_eval": ("train_batch_size", "eval_batch_size")}[config.mode]
-    if config.mode == "train" and config.eval_after_training:
-        used += ("eval_batch_size",)
-    if not config.elastic:  # elastic: any world size (uneven shares, weighted gradients)
-        horovod_glue.check_global_batches(context, **{n: getattr(config, n) for n in used})
-    files = tfrecord_files(config, context)
-    check = lambda: input_pipeline.check_records(  # noqa: E731
-        files, config.num_label_classes, config.include_background_label)
-    # Every rank checks the head of its own shards; one bad shard stops every rank
-    # (elastic: no collective before the loop, so each rank stops on its own).
-    horovod_glue.all_ranks_ok(check, context) if not config.elastic else check()
-    runtime.set_precision(config.precision)
-    if config.seed is not None:
-        keras.utils.set_random_seed(config.seed)
-    chief_log = horovod_glue.chief_logger(log, lambda: context)
-    if (warning := runtime.precision_warning(config.precision)) is not None:
-        chief_log(f"WARNING: {warning}")
-
-    learning_rate, preset = build_learning_rate(config)
-    lars = uses_lars(config, preset)
-    network = models.build_classifier(config.architecture, config.num_label_classes,
-                                      config.image_size, config.resnet_depth,
-                                      0.0 if lars else config.weight_decay,
-                                      config.weights_file)
-    optimizer = build_optimizer(config, learning_rate, lars)
-    extra_callbacks = practice_callbacks(config, preset, network, optimizer, context,
-                                         lambda: eval_dataset(config, context))
-    trainer = horovod_glue.DistributedTrainer(
-        network, context, metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")],
-        fp16_allreduce=config.fp16_allreduce)
-    trainer.compile(optimizer=optimizer,
-                    loss=build_loss(config.label_smoothing, config.num_label_classes),
-                    jit_compile=False)  # Horovod ops cannot be XLA-compiled
-    # From here on the world is trainer.context: an elastic reset replaces it.
-    chief_log = horovod_glue.chief_logger(log, lambda: trainer.context)
-    resumed = loop.restore_and_sync(config.model_dir, trainer, optimizer, context,
-                                     log=chief_log, elastic=config.elastic)
-    start = int(optimizer.iterations.numpy())
-    chief_log(f"resnet_main: {network.name} ({network.count_params():,} parameters), "
-              f"{context.size} rank(s), global batch {config.train_batch_size} "
-              f"({horovod_glue.rank_batch(config.train_batch_size, context)} per rank), "
-              f"precision {config.precision}, "
-              + (f"resuming from {resumed.path} at step {start}" if resumed
-                 else "starting from step 0"))
-
-    metrics = eval_metrics(config.num_label_classes)
-
-    def evaluate() -> evaluation.Evaluation:
-        world = trainer.context
-        values, count = evaluation.evaluate(network, eval_dataset(config, world), metrics,
-                                            world)
-        step = int(optimizer.iterations.numpy())
-        chief_log(f"eval at step {step}: top_1 {values['top_1']:.4f} top_5 "
-                  f"{values['top_5']:.4f} loss {values['loss']:.4f} ({count} images)")
-        return evaluation.Evaluation(values, count, step)
-
-    t0 = time.perf_counter()
-    summary = {"ranks": context.size, "global_batch": config.train_batch_size,
-               "model": network.name, "precision": config.precision, "start_step": start}
-    try:
-        last_eval = _train_or_evaluate(config, context, trainer, evaluate, extra_callbacks,
-                                       summary, chief_log)
-    except tf.errors.OpError as err:
-        problem = input_pipeline.read_error(err, files, context.rank)
-        if problem is None:
-            raise
-        raise problem from err
-    if last_eval is not None:
-        summary.update(last_eval.metrics)
-        summary["eval_images"] = last_eval.count
-    summary["wall_seconds"] = time.perf_counter() - t0
-    if config.export_dir:
-        path = os.path.join(config.export_dir, f"{network.name}.keras")
-        horovod_glue.write_atomically(path, network.save, context)
-        summary["exported"] = path
-    _report(summary, config, context, chief_log)
-    return summary
-
-
-def _train_or_evaluate(config: RunConfig, context, trainer, evaluate, extra_callbacks,
-                       summary: dict, chief_log) -> evaluation.Evaluation | None:
-    """The mode's work; adds the training figures to `summary`, returns the last
-    evaluation (None when nothing was evaluated)."""
-    if config.mode == "eval":
-        last_eval = evaluate()
-    else:
-        result = loop.train(
-            trainer, None if config.elastic else train_dataset(
-                config, context, int(trainer.optimizer.iterations.numpy())),
-            make_dataset=(lambda world, step: train_dataset(config, world, step))
-            if config.elastic else None,
-            elastic_commit_steps=config.elastic_commit_steps if config.elastic else None,
-            context=context,
-            total_steps=config.total_steps,
-            steps_per_loop=min(config.iterations_per_loop, config.total_steps),
-            global_batch=config.train_batch_size, steps_per_epoch=config.steps_per_epoch,
-            evaluate=evaluate if config.mode == "train_and_eval" else None,
-            eval_every_steps=config.steps_per_eval, model_dir=config.model_dir,
-            checkpoint_state=lambda: dict(model_description(config),
-                                          global_batch=config.train_batch_size),
-            keep_checkpoints=config.keep_checkpoints, best_metric="top_1",
-            log_every_n_steps=config.log_every_n_steps, json_progress=config.json_progress,
-            extra_callbacks=extra_callbacks, log=chief_log,
-            faults_policy=loop.FaultPolicy(config.on_nonfinite, config.max_rollbacks))
-        last_eval = result.last_eval
-        context = result.context
-        summary.update(ranks=context.size, final_step=result.final_step,
-                       train_seconds=result.wall_seconds, images_per_sec=result.images_per_sec,
-                       images_per_sec_per_rank=result.images_per_sec / context.size)
-        summary.update(result.practices)
-        if config.reference_images_per_sec and math.isfinite(result.images_per_sec):
-            summary["scaling_efficiency"] = result.images_per_sec / (
-                context.size * config.reference_images_per_sec)
-        if config.mode == "train" and config.eval_after_training:
-            last_eval = evaluate()  # the reference's --eval_after_training
-    return last_eval
+    return runner.run(ImagenetTask(config), context, log)
 
 
 def _report(summary: dict, config: RunConfig, context, chief_log) -> None:

@@ -70,10 +70,10 @@ class _Once(keras.callbacks.Callback):
 
 def _train(trainer, extra=(), commit=COMMIT, **kwargs):
     lines = []
-    result = loop.train(trainer, make_dataset=_batches, context=Context(), total_steps=TOTAL,
-                        steps_per_loop=4, global_batch=2, steps_per_epoch=4,
-                        elastic_commit_steps=commit, extra_callbacks=list(extra),
-                        log=lines.append, **kwargs)
+    result = loop.train(trainer, loop.Input(make=_batches), loop.Plan(TOTAL, 4, 2, 4),
+                        context=Context(), elastic=loop.Elastic(commit),
+                        extra_callbacks=list(extra), progress=loop.Progress(lines.append),
+                        **kwargs)
     return result, lines
 
 

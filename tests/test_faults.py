@@ -42,9 +42,9 @@ def _stream(nan_at=None, n=64):
 
 
 def _train(trainer, data, tmp_path, total=8, **kw):
-    return loop.train(trainer, data, context=Context(), total_steps=total, steps_per_loop=2,
-                      global_batch=2, steps_per_epoch=4, model_dir=str(tmp_path),
-                      log_every_n_steps=100, log=lambda *a, **k: None, **kw)
+    return loop.train(trainer, loop.Input(data), loop.Plan(total, 2, 2, 4), context=Context(),
+                      saving=loop.Saving(str(tmp_path)),
+                      progress=loop.Progress(lambda *a, **k: None), **kw)
 
 
 def _steps(model_dir):

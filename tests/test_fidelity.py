@@ -262,9 +262,9 @@ def test_reference_flags_this_version_cannot_honour_are_one_line_errors(arg):
 
 @pytest.mark.slow
 def test_the_recipe_registry_imports_no_keras():
-    """Flag checks read the recipe names before TensorFlow starts: importing the registry
-    and resnet_main's config must load neither Keras nor TensorFlow."""
-    code = ("import sys, hooks.recipes, imagenet.config; "
+    """Flag checks run before TensorFlow starts: importing the recipe registry and both
+    configs (chexnet's names its backbones without chexnet.model) loads no Keras or TF."""
+    code = ("import sys, hooks.recipes, imagenet.config, chexnet.config; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('keras', 'tensorflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -145,10 +145,9 @@ def test_loop_evaluates_every_n_steps_and_at_the_end(tmp_path):
         seen.append(step)
         return evaluation.Evaluation({"score": float(step)}, 8, step)
 
-    result = loop.train(trainer, _data().repeat(), context=Context(), total_steps=7,
-                        steps_per_loop=2, global_batch=2, steps_per_epoch=4,
-                        evaluate=evaluate, eval_every_steps=4, model_dir=str(tmp_path),
-                        log_every_n_steps=100)
+    result = loop.train(trainer, loop.Input(_data().repeat()), loop.Plan(7, 2, 2, 4),
+                        context=Context(), validation=loop.Validation(evaluate, 4),
+                        saving=loop.Saving(str(tmp_path)))
     assert seen == [4, 7] and result.final_step == 7
     assert result.last_eval.metrics == {"score": 7.0} and result.last_eval.count == 8
     assert result.history["val_score"] == [4.0, 7.0]  # in the logs of evaluating loops
@@ -162,8 +161,8 @@ def test_loop_collects_practice_summaries():
         def summary(self):
             return {"practice": 42}
 
-    result = loop.train(_tiny_trainer(), _data().repeat(), context=Context(), total_steps=2,
-                        steps_per_loop=2, global_batch=2, steps_per_epoch=4,
+    result = loop.train(_tiny_trainer(), loop.Input(_data().repeat()), loop.Plan(2, 2, 2, 4),
+                        context=Context(),
                         extra_callbacks=[Reports(), keras.callbacks.Callback()])
     assert result.practices == {"practice": 42} and result.last_eval is None
 
@@ -172,9 +171,9 @@ def test_loop_with_nothing_left_to_train_still_evaluates():
     trainer = _tiny_trainer()
     trainer.optimizer.build(trainer.trainable_variables)
     trainer.optimizer.iterations.assign(5)
-    result = loop.train(trainer, _data().repeat(), context=Context(), total_steps=5,
-                        steps_per_loop=2, global_batch=2, steps_per_epoch=4,
-                        evaluate=lambda: evaluation.Evaluation({"score": 1.0}, 8, 5))
+    result = loop.train(trainer, loop.Input(_data().repeat()), loop.Plan(5, 2, 2, 4),
+                        context=Context(), validation=loop.Validation(
+                            lambda: evaluation.Evaluation({"score": 1.0}, 8, 5)))
     assert (result.first_step, result.final_step, result.history) == (5, 5, {})
     assert result.last_eval.metrics == {"score": 1.0}
 

@@ -1,4 +1,5 @@
-"""hooks.practices with values: the loss after a weight-decay boundary, snapshot contents,
+"""The large-batch practices with values (hooks.weight_decay, hooks.snapshots,
+hooks.time_to_accuracy): the loss after a weight-decay boundary, snapshot contents,
 ensemble top-1 against numpy, time-to-accuracy; plus a 2-rank horovodrun run."""
 import json
 import os
@@ -8,8 +9,7 @@ import keras  # noqa: E402
 import numpy as np
 import pytest
 
-from hooks import horovod_glue
-from hooks import practices as L
+from hooks import horovod_glue, snapshots, time_to_accuracy, weight_decay
 from hooks import schedules as S
 from hooks.lars import LARS
 from tests.conftest import horovodrun_cmd, run_cmd
@@ -53,11 +53,11 @@ def _np_softmax(logits):
 def test_scheduled_l2_changes_the_loss_at_the_boundary():
     x, y = _data()
     net = _dense()
-    factor = L.attach_scheduled_l2(net, 0.0)
+    factor = weight_decay.attach_scheduled_l2(net, 0.0)
     schedule = S.PiecewiseConstant([2, 4], [0.0, 0.1, 0.3])
     trainer = _trainer(net, keras.optimizers.SGD(learning_rate=0.0))  # weights stay fixed
     history = trainer.fit(x, y, batch_size=len(x), epochs=6, shuffle=False, verbose=0,
-                          callbacks=[L.WeightDecayScheduler(schedule.value_at, factor)])
+                          callbacks=[weight_decay.WeightDecayScheduler(schedule.value_at, factor)])
     kernel, bias = net.get_weights()
     data_loss = _np_xent(x @ kernel + bias, y)
     wds = [schedule.value_at(s) for s in range(6)]  # one step per epoch
@@ -90,29 +90,29 @@ def test_weight_decay_scheduler_drives_lars():
         float(keras.ops.convert_to_numpy(optimizer.current_weight_decay))))
     trainer = _trainer(net, optimizer)
     history = trainer.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
-                          callbacks=[L.WeightDecayScheduler(schedule.value_at, optimizer),
-                                     record])
+                          callbacks=[weight_decay.WeightDecayScheduler(schedule.value_at,
+                                                                       optimizer), record])
     np.testing.assert_allclose(seen, [5e-5] * 3 + [2e-4] * 5, rtol=1e-6)
     np.testing.assert_allclose(history.history["weight_decay"], [2e-4, 2e-4], rtol=1e-6)
 
 
 def test_attach_scheduled_l2_selects_l2_variables_and_validates():
     net = _dense()
-    factor = L.attach_scheduled_l2(net, 1e-4)
-    assert isinstance(net.layers[0].kernel.regularizer, L.ScheduledL2)
+    factor = weight_decay.attach_scheduled_l2(net, 1e-4)
+    assert isinstance(net.layers[0].kernel.regularizer, weight_decay.ScheduledL2)
     assert net.layers[0].bias.regularizer is None
     assert float(keras.ops.convert_to_numpy(factor)) == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="no variable of network"):
-        L.attach_scheduled_l2(_dense(l2=0.0), 1e-4)
+        weight_decay.attach_scheduled_l2(_dense(l2=0.0), 1e-4)
     with pytest.raises(ValueError, match="weight_decay must be >= 0.0, got -1"):
-        L.attach_scheduled_l2(net, -1.0)
+        weight_decay.attach_scheduled_l2(net, -1.0)
 
 
 def test_weight_decay_scheduler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="schedule must be callable"):
-        L.WeightDecayScheduler(0.1, keras.Variable(0.0))
+        weight_decay.WeightDecayScheduler(0.1, keras.Variable(0.0))
     with pytest.raises(ValueError, match="target must be .* got SGD"):
-        L.WeightDecayScheduler(lambda s: 0.1, keras.optimizers.SGD(weight_decay=1e-4))
+        weight_decay.WeightDecayScheduler(lambda s: 0.1, keras.optimizers.SGD(weight_decay=1e-4))
 
 
 # ---------------------------------------------------------------- snapshots
@@ -122,8 +122,8 @@ def test_snapshots_hold_the_weights_of_their_step(tmp_path):
     after_step = {}
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: after_step.
                                             __setitem__(len(after_step) + 1, net.get_weights()))
-    saver = L.SnapshotSaver([2, 5], tmp_path / "snaps", CTX)
-    other_rank = L.SnapshotSaver([2, 5], tmp_path / "rank1", horovod_glue.Context(1, 2))
+    saver = snapshots.SnapshotSaver([2, 5], tmp_path / "snaps", CTX)
+    other_rank = snapshots.SnapshotSaver([2, 5], tmp_path / "rank1", horovod_glue.Context(1, 2))
     trainer = _trainer(net, keras.optimizers.SGD(learning_rate=0.5))
     trainer.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
                 callbacks=[record, saver, other_rank])
@@ -141,11 +141,11 @@ def test_snapshots_hold_the_weights_of_their_step(tmp_path):
 
 def test_snapshot_saver_validates():
     with pytest.raises(ValueError, match=r"snapshot_steps\[1\] must be >= 1, got 0"):
-        L.SnapshotSaver([3, 0], "d", CTX)
+        snapshots.SnapshotSaver([3, 0], "d", CTX)
     with pytest.raises(ValueError, match="must not repeat"):
-        L.SnapshotSaver([3, 3], "d", CTX)
+        snapshots.SnapshotSaver([3, 3], "d", CTX)
     with pytest.raises(ValueError, match="context must be"):
-        L.SnapshotSaver([3], "d", None)
+        snapshots.SnapshotSaver([3], "d", None)
 
 
 # ---------------------------------------------------------------- collapsed ensemble
@@ -162,7 +162,7 @@ def test_ensemble_top_1_matches_numpy(tmp_path):
     before = scratch.get_weights()
     import tensorflow as tf
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)
-    evaluator = L.CollapsedEnsembleEvaluator(paths, scratch, dataset, CTX)
+    evaluator = snapshots.CollapsedEnsembleEvaluator(paths, scratch, dataset, CTX)
     results = evaluator.evaluate()
     want = {f"snapshot_{i + 1}_top_1": float(np.mean(p.argmax(-1) == y))
             for i, p in enumerate(probs)}
@@ -174,7 +174,7 @@ def test_ensemble_top_1_matches_numpy(tmp_path):
     for got, orig in zip(scratch.get_weights(), before):  # scratch weights put back
         np.testing.assert_array_equal(got, orig)
     # A builder function works the same way; as a callback the values reach the logs.
-    built = L.CollapsedEnsembleEvaluator(paths, lambda: _dense(l2=0.0), dataset, CTX,
+    built = snapshots.CollapsedEnsembleEvaluator(paths, lambda: _dense(l2=0.0), dataset, CTX,
                                          at_step=0)
     built.set_model(types.SimpleNamespace(optimizer=keras.optimizers.SGD()))
     logs = {}
@@ -186,13 +186,13 @@ def test_ensemble_helpers_and_validation():
     p = np.array([[0.6, 0.4], [0.3, 0.7], [0.55, 0.45]])
     q = np.array([[0.1, 0.9], [0.4, 0.6], [0.6, 0.4]])
     y = np.array([1, 1, 0])
-    assert L.top_1(p, y) == pytest.approx(2 / 3)
-    assert L.ensemble_top_1([p, q], y) == pytest.approx(1.0)
-    assert L.top_1(p, np.eye(2)[y]) == pytest.approx(2 / 3)  # one-hot labels
+    assert snapshots.top_1(p, y) == pytest.approx(2 / 3)
+    assert snapshots.ensemble_top_1([p, q], y) == pytest.approx(1.0)
+    assert snapshots.top_1(p, np.eye(2)[y]) == pytest.approx(2 / 3)  # one-hot labels
     with pytest.raises(ValueError, match="snapshot_paths must not be empty"):
-        L.CollapsedEnsembleEvaluator([], lambda: None, None, CTX)
+        snapshots.CollapsedEnsembleEvaluator([], lambda: None, None, CTX)
     with pytest.raises(ValueError, match="activation must be"):
-        L.CollapsedEnsembleEvaluator(["a"], lambda: None, None, CTX, activation="relu")
+        snapshots.CollapsedEnsembleEvaluator(["a"], lambda: None, None, CTX, activation="relu")
 
 
 # ---------------------------------------------------------------- time to accuracy
@@ -200,7 +200,7 @@ def test_time_to_accuracy_records_the_first_epoch_reaching_target():
     step = keras.Variable(0, dtype="int64")
     model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=step),
                                   stop_training=False)
-    tta = L.TimeToAccuracy("val_top_1", 0.9, stop=True, steps_per_epoch=2.5)
+    tta = time_to_accuracy.TimeToAccuracy("val_top_1", 0.9, stop=True, steps_per_epoch=2.5)
     tta.set_model(model)
     tta.on_train_begin()
     logged = []
@@ -220,16 +220,16 @@ def test_time_to_accuracy_min_mode_and_validation():
     step = keras.Variable(0, dtype="int64")
     model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=step),
                                   stop_training=False)
-    tta = L.TimeToAccuracy("loss", 0.2, mode="min")
+    tta = time_to_accuracy.TimeToAccuracy("loss", 0.2, mode="min")
     tta.set_model(model)
     tta.on_train_begin()
     for epoch, value in enumerate([0.5, 0.3, 0.2, 0.1]):
         tta.on_epoch_end(epoch, {"loss": value})
     assert tta.reached["epoch"] == 3.0 and not model.stop_training
     with pytest.raises(ValueError, match="mode must be 'max' or 'min', got 'up'"):
-        L.TimeToAccuracy("loss", 0.2, mode="up")
-    with pytest.raises(ValueError, match="target must be a finite number, got nan"):
-        L.TimeToAccuracy("loss", float("nan"))
+        time_to_accuracy.TimeToAccuracy("loss", 0.2, mode="up")
+    with pytest.raises(ValueError, match="target must be finite, got nan"):
+        time_to_accuracy.TimeToAccuracy("loss", float("nan"))
 
 
 # ---------------------------------------------------------------- 2 ranks

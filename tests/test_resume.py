@@ -39,9 +39,9 @@ def _stream(first_batch=0):
 
 
 def _train(trainer, data, total, model_dir=None):
-    return loop.train(trainer, data, context=Context(), total_steps=total, steps_per_loop=2,
-                      global_batch=2, steps_per_epoch=4,
-                      model_dir=str(model_dir) if model_dir else None, **QUIET)
+    return loop.train(trainer, loop.Input(data), loop.Plan(total, 2, 2, 4), context=Context(),
+                      saving=loop.Saving(str(model_dir)) if model_dir else None,
+                      progress=loop.Progress(QUIET["log"]))
 
 
 def state_of(trainer) -> list[np.ndarray]:
@@ -81,10 +81,11 @@ def test_rollback_ends_as_a_run_that_never_saw_the_diverging_batch():
     poisoned = x.copy()
     poisoned[8] = np.nan  # batch 4
     rolled = _trainer(seed=0)
-    result = loop.train(rolled, tf.data.Dataset.from_tensor_slices((poisoned, y)).batch(2),
-                        context=Context(), total_steps=8, steps_per_loop=2, global_batch=2,
-                        steps_per_epoch=4, faults_policy=loop.FaultPolicy("rollback", 1),
-                        **QUIET)
+    result = loop.train(rolled, loop.Input(tf.data.Dataset.from_tensor_slices((poisoned, y))
+                                           .batch(2)),
+                        loop.Plan(8, 2, 2, 4), context=Context(),
+                        faults_policy=loop.FaultPolicy("rollback", 1),
+                        progress=loop.Progress(QUIET["log"]))
     assert result.practices["rollbacks"] == 1
     keep = np.r_[0:8, 10:40]  # every example but those of batch 4
     reference = _trainer(seed=0)

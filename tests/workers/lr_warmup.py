@@ -21,8 +21,7 @@ def main(out_dir):
     import numpy as np
     import tensorflow as tf
 
-    from hooks import loop
-    from hooks import practices as L
+    from hooks import loop, snapshots
     from hooks import schedules as S
 
     per_rank = GLOBAL_BATCH // ctx.size
@@ -50,11 +49,10 @@ def main(out_dir):
         record["steps"].append(int(optimizer.iterations.numpy()))
         record["lr"].append(float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
 
-    saver = L.SnapshotSaver(list(SNAPSHOT_STEPS), os.path.join(out_dir, "snaps"), ctx)
-    loop.train(trainer, dataset, context=ctx, total_steps=TOTAL_STEPS, steps_per_loop=3,
-               global_batch=GLOBAL_BATCH, steps_per_epoch=8.0, log_every_n_steps=100,
-               extra_callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=before_step),
-                                saver])
+    saver = snapshots.SnapshotSaver(list(SNAPSHOT_STEPS), os.path.join(out_dir, "snaps"), ctx)
+    loop.train(trainer, loop.Input(dataset), loop.Plan(TOTAL_STEPS, 3, GLOBAL_BATCH, 8.0),
+               context=ctx, extra_callbacks=[
+                   keras.callbacks.LambdaCallback(on_train_batch_begin=before_step), saver])
     record["saved"] = saver.saved
     with open(os.path.join(out_dir, f"lr-rank{ctx.rank}.json"), "w") as f:
         json.dump(record, f)
