@@ -310,15 +310,60 @@ def _check_output_dir(output_dir: str, split: str, num_shards: int) -> None:
 
 
 # ---------------------------------------------------------------- the build
+class _Tally:
+    """Counts what the finished shards wrote and logs progress every `interval_s`."""
+
+    def __init__(self, num_shards: int, num_images: int, start: float, log, interval_s: float):
+        self.num_shards, self.num_images, self.start = num_shards, num_images, start
+        self.log, self.interval_s = log, interval_s
+        self.counts, self.skipped = collections.Counter(), []
+        self.records = self.done = self.images_done = 0
+        self.last_log = 0.0
+
+    def add(self, result, n_images: int) -> None:
+        shard_counts, written, shard_skipped = result
+        self.counts.update(shard_counts)
+        self.records += written
+        self.done += 1
+        self.images_done += n_images
+        for msg in shard_skipped:
+            self.log(f"warning: skipped undecodable image {msg}")
+        self.skipped.extend(shard_skipped)
+        now = time.time()
+        if self.done == self.num_shards or now - self.last_log >= self.interval_s:
+            self.last_log = now
+            rate = self.images_done / max(now - self.start, 1e-9)
+            self.log(f"  {self.done}/{self.num_shards} shards, {self.images_done}/"
+                     f"{self.num_images} images, {rate:.1f} images/s")
+
+
+def _write_shards(tasks, workers: int, on_done) -> None:
+    """`write_shard` for each (path, chunk) of `tasks`, in `workers` spawned processes
+    (spawn, not fork: a forked TensorFlow process can deadlock); `on_done(result, n)`."""
+    if workers == 1:
+        for path, chunk in tasks:
+            on_done(write_shard(path, chunk), len(chunk))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(write_shard, path, chunk): len(chunk) for path, chunk in tasks}
+        try:
+            for fut in concurrent.futures.as_completed(futures):
+                on_done(fut.result(), futures[fut])
+        except BaseException:
+            # A failed shard (e.g. disk full) or Ctrl-C: do not start the remaining ones.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def build(input_dir: str, output_dir: str, split: str, synsets_file: str, num_shards: int,
           validation_labels_file: str | None = None, num_workers: int = 1,
           seed: int = DEFAULT_SEED, log: Callable[[str], None] = print,
           progress_interval_s: float = 5.0) -> BuildStats:
     """Converts `input_dir` into `num_shards` TFRecord shards in `output_dir`.
 
-    num_workers > 1 writes shards in that many spawned processes (spawn, not fork: a
-    forked TensorFlow process can deadlock). Returns the counts; prints progress and a
-    summary through `log`.
+    num_workers > 1 writes shards in that many spawned processes. Returns the counts;
+    prints progress and a summary through `log`.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -346,53 +391,14 @@ def build(input_dir: str, output_dir: str, split: str, synsets_file: str, num_sh
     log(f"{split}: {len(entries)} images from {input_dir} -> {num_shards} shards in "
         f"{output_dir} ({min(num_workers, num_shards)} worker(s))")
 
-    counts = collections.Counter()
-    skipped: list[str] = []
-    records = 0
-    done = 0
-    images_done = 0
-    last_log = 0.0
-
-    def on_done(result, n_images):
-        nonlocal records, done, images_done, last_log
-        shard_counts, written, shard_skipped = result
-        counts.update(shard_counts)
-        records += written
-        done += 1
-        images_done += n_images
-        for msg in shard_skipped:
-            log(f"warning: skipped undecodable image {msg}")
-        skipped.extend(shard_skipped)
-        now = time.time()
-        if done == num_shards or now - last_log >= progress_interval_s:
-            last_log = now
-            rate = images_done / max(now - start, 1e-9)
-            log(f"  {done}/{num_shards} shards, {images_done}/{len(entries)} images, "
-                f"{rate:.1f} images/s")
-
-    workers = min(num_workers, num_shards)
-    if workers == 1:
-        for path, chunk in tasks:
-            on_done(write_shard(path, chunk), len(chunk))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = {pool.submit(write_shard, path, chunk): len(chunk)
-                       for path, chunk in tasks}
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    on_done(fut.result(), futures[fut])
-            except BaseException:
-                # A failed shard (e.g. disk full) or Ctrl-C: do not start the remaining ones.
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-
+    tally = _Tally(num_shards, len(entries), start, log, progress_interval_s)
+    _write_shards(tasks, min(num_workers, num_shards), tally.add)
     seconds = time.time() - start
-    stats = BuildStats(counts={k: counts.get(k, 0) for k in KINDS}, num_records=records,
-                       num_shards=num_shards, seconds=seconds, skipped=skipped,
-                       output_files=[t[0] for t in tasks])
+    stats = BuildStats(counts={k: tally.counts.get(k, 0) for k in KINDS},
+                       num_records=tally.records, num_shards=num_shards, seconds=seconds,
+                       skipped=tally.skipped, output_files=[t[0] for t in tasks])
     c = stats.counts
-    log(f"done: {records} records in {num_shards} shards, {seconds:.1f} s "
+    log(f"done: {tally.records} records in {num_shards} shards, {seconds:.1f} s "
         f"({len(entries) / max(seconds, 1e-9):.1f} images/s); RGB JPEG kept {c['rgb_jpeg']}, "
         f"re-encoded: grayscale {c['grayscale']}, CMYK {c['cmyk']}, PNG {c['png']}, "
         f"other {c['other']}; undecodable skipped {c['undecodable']}")
