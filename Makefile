@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo lint test test-fast test-slurm test-multinode clean
+.PHONY: setup demo lint cluster-deps test test-fast test-slurm test-multinode clean
 
 setup: $(STAMP)
 
@@ -23,18 +23,23 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# System packages the SLURM and multinode tests need (root, apt-get; announced with their
+# list; a second run only checks). Nothing else installs system packages.
+cluster-deps:
+	bash scripts/install_slurm.sh
+
 # Everything: lint, unit tests, in-process runs, launchers (horovodrun, mpirun), SLURM.
-test: lint
+test: lint cluster-deps
 	$(PY) -m pytest
 
 # The in-process tier for a developer's feedback loop (under a minute): no subprocesses.
 test-fast: setup
 	$(PY) -m pytest -m "not slow" -q
 
-test-slurm: setup
+test-slurm: setup cluster-deps
 	$(PY) -m pytest -m slurm
 
-test-multinode: setup
+test-multinode: setup cluster-deps
 	$(PY) -m pytest -m multinode
 
 clean:

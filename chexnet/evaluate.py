@@ -40,6 +40,10 @@ def find_checkpoint(path: str) -> checkpoints.Checkpoint:
     if found.state.get("task") != "chexnet":
         raise ConfigError(f"{found.path} is not a chexnet checkpoint (a resnet_main one? "
                           "fine-tune it first)")
+    missing = [key for key in ("backbone", "image_size") if key not in found.state]
+    if missing:  # a hand-edited or foreign state.json: say so, not a KeyError
+        raise ConfigError(f"{os.path.join(found.path, checkpoints.STATE)} has no "
+                          f"{' or '.join(map(repr, missing))}: not a complete chexnet checkpoint")
     return found
 
 

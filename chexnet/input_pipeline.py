@@ -48,6 +48,17 @@ def preprocess_images(images, preprocessing: str = "torch"):
     return images
 
 
+def cannot_open(path: str) -> str | None:
+    """Why `path` cannot be opened for reading ("Permission denied", ...), None if it can.
+    An unreadable file is a set-up error to report as such, never a corrupt image to drop."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    return None
+
+
 def find_corrupt_images(paths: Sequence[str], workers: int = 8) -> list[int]:
     """Indices of files PIL cannot read. PNGs are checked with ``verify()`` (walks every
     chunk and its CRC without decompressing: about 1 ms per ChestX-ray14 image, so
@@ -211,6 +222,10 @@ def _shard(paths, labels, options: InputOptions, rank: int, size: int):
     missing = [p for p in shard_paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} image files missing, first: {missing[0]}")
+    unreadable = [(p, why) for p in shard_paths if (why := cannot_open(p))]
+    if unreadable:  # whatever --on_corrupt says: permissions are not corruption
+        raise DataError(f"{len(unreadable)} image files cannot be read, first: "
+                        f"{unreadable[0][0]} ({unreadable[0][1]}): check their permissions")
     keep = np.ones(len(shard), bool)
     if options.verify:
         bad = find_corrupt_images(shard_paths)

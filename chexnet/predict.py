@@ -35,8 +35,13 @@ def read_image(path: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB from PNG/JPEG as training decodes them (`input_pipeline.decode`:
     grayscale and RGBA -> RGB, 16-bit -> high byte) or DICOM (windowed to 0..255 by
     min/max, MONOCHROME1 inverted). DataError names an unreadable file."""
+    from chexnet.input_pipeline import cannot_open
+
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
+    why = cannot_open(path)
+    if why:
+        raise DataError(f"{path}: cannot read image ({why}): check its permissions")
     if _is_dicom(path):
         try:
             import pydicom

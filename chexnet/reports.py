@@ -23,6 +23,20 @@ AUROC_MD, AUROC_CSV, ROC_PNG, SUMMARY_JSON, PREDICTIONS_CSV = (
     "predictions.csv",
 )
 PROB_PREFIX = "prob_"
+# A text cell starting with one of these is a formula to a spreadsheet program (OWASP's CSV
+# injection rule); a leading ' makes it text. A leading ' is itself escaped, so reading back
+# is exact.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell (never a number) as a spreadsheet shows it, not as a formula it runs."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def spreadsheet_text(cell: str) -> str:
+    """The text `spreadsheet_safe` escaped."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
 
 
 def _fmt(value: float) -> str:
@@ -107,7 +121,7 @@ def write_report(
             for row in table_rows(result):
                 w.writerow(
                     [
-                        row["class"],
+                        spreadsheet_safe(row["class"]),
                         _fmt(row["auroc"]),
                         row["positives"],
                         _fmt(row["chexnet_2017"]),
@@ -185,14 +199,17 @@ def write_predictions_csv(path: str, names: Sequence[str], probs: np.ndarray, co
             w = csv.writer(f)
             w.writerow(["Image Index"] + [PROB_PREFIX + c for c in CLASS_NAMES])
             for name, row in zip(names, probs):
-                w.writerow([name] + [f"{float(p):.6f}" for p in row])
+                w.writerow([spreadsheet_safe(name)] + [f"{float(p):.6f}" for p in row])
 
     return write_atomically(path, write, context)
 
 
 def read_predictions_csv(path: str) -> tuple[list[str], np.ndarray]:
-    """Read a predictions file; DataError for missing columns, bad numbers, duplicates."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    """Read a predictions file; DataError for missing columns, bad numbers, duplicates,
+    bytes that are not UTF-8."""
+    from chexnet.splits import open_text
+
+    with open_text(path) as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if "Image Index" not in header:
@@ -208,7 +225,7 @@ def read_predictions_csv(path: str) -> tuple[list[str], np.ndarray]:
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue
-            name = row[i_name].strip()
+            name = spreadsheet_text(row[i_name].strip())
             if name in seen:
                 raise DataError(f"{path}:{line_no}: image {name} listed twice")
             seen.add(name)

@@ -7,6 +7,7 @@ tf.data pipeline is in `chexnet.input_pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -46,14 +47,26 @@ class Table:
         return len(self.image_index)
 
 
-def _open_text(path: str):
-    """Open plain or gzipped text; gzip is recognised by its magic bytes, not the name."""
+@contextlib.contextmanager
+def open_text(path: str):
+    """Plain or gzipped UTF-8 text (gzip recognised by its magic bytes, not the name); bytes
+    that are not UTF-8, wherever the reading meets them, are one DataError naming the file."""
     with open(path, "rb") as f:
         magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
     # utf-8-sig: tolerate a BOM left by spreadsheet programs.
-    return open(path, encoding="utf-8-sig", newline="")
+    if magic == b"\x1f\x8b":
+        f = gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    else:
+        f = open(path, encoding="utf-8-sig", newline="")
+    try:
+        with f:
+            yield f
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start:err.start + 1].hex()
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{bad}: {err.reason}); save it as "
+                        "UTF-8") from None
+
+
 
 
 _AGE_RE = re.compile(r"^(\d+)\s*([YMD]?)$", re.IGNORECASE)
@@ -82,7 +95,7 @@ def read_data_entry(path: PathLike) -> Table:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"label CSV not found: {path}")
-    with _open_text(path) as f:
+    with open_text(path) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header:
@@ -284,7 +297,7 @@ def read_name_list(path: PathLike) -> list[str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"split list not found: {path}")
-    with _open_text(path) as f:
+    with open_text(path) as f:
         return [line.split()[0] for line in f if line.strip()]
 
 
@@ -336,7 +349,7 @@ def read_split_list(path: PathLike) -> tuple[list[str], np.ndarray]:
     if not os.path.isfile(path):
         raise DataError(f"split list not found: {path}")
     names, rows = [], []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             parts = line.split()
             if not parts:

@@ -7,6 +7,7 @@ its field's, and `fill` builds the config back by field name.
 Batch sizes are GLOBAL (summed over all ranks), as in the TPU resnet_main.
 """
 import dataclasses
+import math
 import os
 import typing
 
@@ -78,15 +79,17 @@ def launcher_rank(environ=None) -> int:
 
 
 # ---------------------------------------------------------------- definitions
+# Finite too: absl parses "inf" as a float, which later fails as a traceback (int(inf)).
 def _positive(name, flag_values, allow_none=False):
     flags.register_validator(
-        name, lambda v: (allow_none and v is None) or (v is not None and v > 0),
-        message=f"--{name} must be a positive number", flag_values=flag_values)
+        name, lambda v: (allow_none and v is None) or (v is not None and 0 < v < math.inf),
+        message=f"--{name} must be a positive finite number", flag_values=flag_values)
 
 
 def _non_negative(name, flag_values):
-    flags.register_validator(name, lambda v: v is None or v >= 0,
-                             message=f"--{name} must be >= 0", flag_values=flag_values)
+    flags.register_validator(name, lambda v: v is None or 0 <= v < math.inf,
+                             message=f"--{name} must be a finite number >= 0",
+                             flag_values=flag_values)
 
 
 def _divisible_by_world(name, flag_values):

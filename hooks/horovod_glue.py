@@ -20,6 +20,7 @@ import tensorflow as tf
 from hooks import elastic_launch
 from hooks.errors import ConfigError, UserError
 from hooks.safe_files import follow_umask
+from hooks.steps import check_number
 
 T = TypeVar("T")
 
@@ -79,7 +80,8 @@ def init(fusion_threshold_mb: float | None = None,
     Horovod's own 1 ms (`hooks.elastic_launch.check_launch` refuses a fixed one there)."""
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(7 * 24 * 3600))
     if fusion_threshold_mb is not None:
-        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
+        mb = check_number("fusion_threshold_mb", fusion_threshold_mb, minimum=0)
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(mb * 1024 * 1024))
     if cycle_time_ms is not None:
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
     elif not elastic_launch.launched_elastic():  # an elastic job cannot fix it (see there)

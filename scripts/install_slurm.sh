@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install a single-node SLURM from Debian's packages (idempotent: a second run only checks).
 #
-#   sudo bash scripts/install_slurm.sh
+#   sudo make cluster-deps        (runs this script)
 #
+# The only place the project installs system packages (issue 20): `virtual_cluster up`, the
+# cluster library and the test fixtures install nothing and name this command instead.
 # Installs slurmctld slurmd slurm-client munge (SLURM 22.05 on Debian 12) and, for
 # `srun --mpi=pmix`, libpmix2 plus Debian's OpenMPI (openmpi-bin, libopenmpi-dev) which
 # Horovod's MPI build and `LAUNCHER=mpirun` use, and openssh-server (the virtual cluster's
@@ -13,6 +15,8 @@ set -euo pipefail
 
 PKGS=(slurmctld slurmd slurm-client munge libpmix2 openmpi-bin libopenmpi-dev openssh-server)
 log() { echo "[install_slurm] $*"; }
+
+log "system packages for the SLURM and multinode tests: ${PKGS[*]}"
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -32,7 +36,8 @@ if ! command -v apt-get >/dev/null 2>&1; then
   echo "[install_slurm] error: apt-get not found; install ${missing[*]} with your package manager" >&2
   exit 1
 fi
-log "installing ${missing[*]}"
+log "installing ${missing[*]} with apt-get (on a systemd host Debian enables their services"
+log "at boot: munge, slurmctld, slurmd, ssh; the tests start their own daemons and need none)"
 export DEBIAN_FRONTEND=noninteractive
 # Packages' postinst scripts try to start services; there is no init here, so tell
 # invoke-rc.d not to (policy-rc.d exit 101 = action forbidden) for the duration.

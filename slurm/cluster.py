@@ -11,8 +11,11 @@ namespace. The daemons run as root with proctrack/linuxproc + task/none (no cgro
 systemd); `start()` is idempotent (it starts only what is not running) and `stop()` ends the
 daemons by their pid files.
 
-Packages: Debian's slurmctld slurmd slurm-client munge (scripts/install_slurm.sh). Every
-start-up step is bounded and raises ClusterError with the daemon's log tail on failure.
+Packages: Debian's slurmctld slurmd slurm-client munge, installed only by `make cluster-deps`
+(scripts/install_slurm.sh); without them `start()` says so and installs nothing. Every
+start-up step is bounded and raises ClusterError with the daemon's log tail on failure. The
+folder must be ours and writable by nobody else (slurm/run_dir.py checks it and every file
+written in it); a pid file is trusted only while its process is the daemon we started.
 
 Run by hand:  python -m slurm.cluster up DIR   /   python -m slurm.cluster down DIR
 """
@@ -29,13 +32,20 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from slurm.run_dir import (
+    ClusterError,
+    check_planted,
+    check_run_dir,
+    ensure_dir,
+    open_append,
+    record_pid,
+    trusted_pid,
+    write_file,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-INSTALL_SCRIPT = ROOT / "scripts" / "install_slurm.sh"
+INSTALL_COMMAND = "make cluster-deps"  # as root: scripts/install_slurm.sh
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be brought up; the message says why (with log tails)."""
 
 
 class Node(NamedTuple):
@@ -53,24 +63,13 @@ def which(name):
     return shutil.which(name, path=path)
 
 
-def ensure_installed(binaries=BINARIES, timeout=600):
-    """Install the Debian packages when one of `binaries` is missing (root + apt-get),
-    else raise."""
+def require_installed(binaries=BINARIES):
+    """ClusterError naming the missing programs and the command that installs them; nothing
+    is installed here (a system package is the administrator's choice, issue 20)."""
     missing = missing_binaries(binaries)
-    if not missing:
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ClusterError(f"SLURM binaries missing: {', '.join(missing)}; install them with "
-                           f"`sudo bash {INSTALL_SCRIPT}` (Debian: slurmctld slurmd "
-                           "slurm-client munge)")
-    try:
-        proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise ClusterError(f"{INSTALL_SCRIPT} did not finish in {timeout}s") from exc
-    if proc.returncode != 0 or missing_binaries(binaries):
-        raise ClusterError(f"{INSTALL_SCRIPT} failed (rc {proc.returncode}); still missing "
-                           f"{missing_binaries(binaries)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if missing:
+        raise ClusterError(f"not installed: {', '.join(missing)}; install SLURM, munge and "
+                           f"openssh-server with `{INSTALL_COMMAND}` (as root, apt-get)")
 
 
 def write_munge_key(path: Path) -> None:
@@ -147,7 +146,7 @@ class SlurmCluster:
 
     def __init__(self, root: Path, cpus: int | None = None, partition: str = "debug",
                  nodes: list[Node] | None = None):
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(root))  # not resolve(): check_run_dir sees links
         self.nodes = nodes or [Node(socket.gethostname().split(".")[0], "127.0.0.1")]
         self.host = self.nodes[0].name  # the controller's node; clients run there too
         self.cpus = cpus or os.cpu_count() or 1  # per node
@@ -157,6 +156,9 @@ class SlurmCluster:
         names = ["munged", "slurmctld"] + [f"slurmd-{n.name}" for n in self.nodes]
         self.logs = {name: self.root / "log" / f"{name}.log" for name in names}
         self.pidfiles = {name: self.root / "run" / f"{name}.pid" for name in names}
+
+    # A folder above the run folder may be sticky and world-writable (as /tmp).
+    sticky_ok = True
 
     def prefix(self, node: str | None) -> list[str]:
         """Command prefix that runs a program on `node` (None: munged, on the host)."""
@@ -190,13 +192,18 @@ class SlurmCluster:
         return proc
 
     # ------------------------------------------------------------------ config
-    def write_config(self):
-        for sub in ("etc", "munge", "log", "run", "state", "spool"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-            os.chmod(self.root / sub, 0o755)
-        os.chmod(self.root, 0o755)
+    def make_dirs(self):
+        """The run folder (checked) and its sub-folders; munge's must be searchable by
+        others (munged insists), slurmd's spool as SLURM makes it, the rest root's alone."""
+        check_run_dir(self.root, sticky_ok=self.sticky_ok)
+        for sub, mode in (("etc", 0o755), ("munge", 0o711), ("log", 0o700), ("run", 0o700),
+                          ("state", 0o700), ("spool", 0o755)):
+            ensure_dir(self.root / sub, mode)
         for node in self.nodes:
-            (self.root / "spool" / f"slurmd-{node.name}").mkdir(exist_ok=True)
+            ensure_dir(self.root / "spool" / f"slurmd-{node.name}", 0o755)
+
+    def write_config(self):
+        self.make_dirs()
         write_munge_key(self.root / "munge" / "munge.key")
         ctld_port, slurmd_port = self.ports or (_free_port(), _free_port())
         while slurmd_port == ctld_port:
@@ -204,7 +211,7 @@ class SlurmCluster:
         r, ctld = self.root, self.nodes[0]
         node_lines = "".join(f"NodeName={n.name} NodeAddr={n.addr} NodeHostname={n.name} "
                              f"CPUs={self.cpus} State=UNKNOWN\n" for n in self.nodes)
-        self.conf.write_text(f"""\
+        write_file(self.conf, f"""\
 # Generated by slurm/cluster.py ({type(self).__name__}): a test cluster on one machine.
 ClusterName=hpcresnet
 SlurmctldHost={ctld.name}({ctld.addr})
@@ -247,7 +254,7 @@ SlurmdTimeout=30
 MessageTimeout=20
 {node_lines}\
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-""")
+""", mode=0o644)
         return self.conf
 
     # ------------------------------------------------------------------ daemons
@@ -257,8 +264,10 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
         # A dead daemon's pid file would read as "died during start-up" until the new one
         # writes its own.
         self.pidfiles[name].unlink(missing_ok=True)
+        self.records(name).unlink(missing_ok=True)
         log = self.logs[name]
-        out = open(self.root / "log" / f"{name}.stdout", "ab")
+        check_planted(log)  # the daemon appends to it as root: no planted link
+        out = open_append(self.root / "log" / f"{name}.stdout")
         try:
             proc = subprocess.run([str(c) for c in cmd], env=self.env(), stdout=out,
                                   stderr=subprocess.STDOUT, timeout=timeout)
@@ -272,25 +281,46 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
                                f"{' '.join(map(str, cmd))}\n{self.log_tail(name)}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            pid = self.pid(name)
+            pid = self.recorded_pid(name)
             if pid and not pid_alive(pid):
                 raise ClusterError(f"{name} (pid {pid}) died during start-up\n"
                                    f"{self.log_tail(name)}")
-            if pid and ready():
+            if pid and ready() and record_pid(self.records(name), pid):
                 return pid
             time.sleep(0.3)
         raise ClusterError(f"{name} not ready after {timeout}s (log {log})\n{self.log_tail(name)}")
+
+    def seed_file(self):
+        seed = self.root / "munge" / "munged.seed"
+        check_planted(seed)  # munged rewrites it as root
+        return seed
 
     def log_tail(self, name, n=3000):
         stdout = self.root / "log" / f"{name}.stdout"
         return (f"--- {self.logs[name]} (tail)\n{tail(self.logs[name], n)}\n"
                 f"--- {stdout} (tail)\n{tail(stdout, 1000)}")
 
-    def pid(self, name):
+    def recorded_pid(self, name):
+        """The pid a daemon wrote, not yet checked (only while it starts)."""
         try:
             return int(self.pidfiles[name].read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
+
+    def records(self, name):
+        """'PID NAME START' of the process we started as `name` (slurm/run_dir.py)."""
+        return self.root / "run" / f"{name}.started"
+
+    @staticmethod
+    def program(name):
+        """The program a daemon `name` ('slurmd-node1', 'anchor-node1', ...) runs."""
+        kind = name.split("-")[0]
+        return {"anchor": "sleep"}.get(kind, kind)
+
+    def pid(self, name):
+        """The daemon's pid if its process is the one we started (name and start time as
+        recorded), else None: a stale or foreign pid is neither killed nor trusted."""
+        return trusted_pid(self.pidfiles[name], self.records(name), self.program(name))
 
     def alive(self, name):
         pid = self.pid(name)
@@ -309,16 +339,17 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP O
         return self.node_states().get(node or self.host, "")
 
     def start(self, timeout=60):
-        ensure_installed(self.binaries)
+        require_installed(self.binaries)
+        self.make_dirs()
         if not self.alive("slurmctld"):  # a running controller keeps its config and ports
             self.write_config()
         self._start_daemon(
             "munged",
             self.prefix(None) + [
-                which("munged"), "--force", f"--socket={self.munge_socket}",
+                which("munged"), f"--socket={self.munge_socket}",
                 f"--key-file={self.root / 'munge' / 'munge.key'}",
                 f"--pid-file={self.pidfiles['munged']}", f"--log-file={self.logs['munged']}",
-                f"--seed-file={self.root / 'munge' / 'munged.seed'}"],
+                f"--seed-file={self.seed_file()}"],
             ready=self.munge_socket.exists, timeout=timeout)
         self._start_daemon("slurmctld",
                            self.prefix(self.host) + [which("slurmctld"), "-c", "-i", "-f",
@@ -398,12 +429,16 @@ def main(argv):
     if len(argv) != 3 or argv[1] not in ("up", "down"):
         print(__doc__)
         return 2
-    cluster = SlurmCluster(Path(argv[2]).resolve())
-    if argv[1] == "up":
-        cluster.start()
-        print(f"export SLURM_CONF={cluster.conf}")
-    else:
-        cluster.stop()
+    cluster = SlurmCluster(Path(argv[2]))
+    try:
+        if argv[1] == "up":
+            cluster.start()
+            print(f"export SLURM_CONF={cluster.conf}")
+        else:
+            cluster.stop()
+    except ClusterError as err:
+        print(f"slurm.cluster: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,9 +1,9 @@
 """A SLURM cluster of N real nodes on this machine, for trying and testing multi-node runs.
 
-    python -m slurm.virtual_cluster up --nodes 3 --run_dir /var/tmp/vc
-    python -m slurm.virtual_cluster exec node1 --run_dir /var/tmp/vc -- sinfo
-    python -m slurm.virtual_cluster kill node2 --run_dir /var/tmp/vc     # a node failure
-    python -m slurm.virtual_cluster down --run_dir /var/tmp/vc
+    python -m slurm.virtual_cluster up --nodes 3 --run_dir /var/lib/hrvc
+    python -m slurm.virtual_cluster exec node1 --run_dir /var/lib/hrvc -- sinfo
+    python -m slurm.virtual_cluster kill node2 --run_dir /var/lib/hrvc     # a node failure
+    python -m slurm.virtual_cluster down --run_dir /var/lib/hrvc
 
 Each node is a network namespace plus a UTS namespace (hostname node1, node2, ...) and a
 mount namespace that gives it a private /tmp and /dev/shm (as on separate machines; SLURM's
@@ -19,7 +19,9 @@ workers that way (elastic runs, docs/elastic.md). Run client commands (sbatch, s
 on a node with `exec`: node1 doubles as the login node.
 
 Needs root, iproute2, util-linux (nsenter, unshare), Debian's SLURM packages and
-openssh-server (installed when missing, scripts/install_slurm.sh). `up` is idempotent: it creates or
+openssh-server (`make cluster-deps`; `up` installs nothing). RUN_DIR must be root's and no
+folder above it writable by others, sticky /tmp-like ones included: sshd (StrictModes yes)
+refuses keys below such a folder. `up` is idempotent: it creates or
 starts only what is missing (a killed node comes back). `down` stops every daemon by its
 pid, kills every process left in a node and deletes the namespaces (and with them the
 links), also after a failed `up`."""
@@ -29,10 +31,12 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +45,18 @@ from slurm.cluster import (
     ClusterError,
     Node,
     SlurmCluster,
-    ensure_installed,
     pid_alive,
+    require_installed,
     tail,
     which,
+)
+from slurm.run_dir import (
+    check_planted,
+    check_run_dir,
+    ensure_dir,
+    open_append,
+    record_pid,
+    write_file,
 )
 
 SUBNET = "10.77.0"  # node i is SUBNET.i/24; the subnet exists only inside the namespaces
@@ -106,12 +118,13 @@ class VirtualCluster(SlurmCluster):
 
     ports = (6817, 6818)  # each node has its own port space
     binaries = BINARIES + ("sshd", "ssh")  # horovodrun starts remote workers with ssh
+    sticky_ok = False  # sshd's StrictModes refuses a sticky /var/tmp above authorized_keys
 
     def __init__(self, run_dir: Path, nodes: int = 3, cpus: int | None = None):
-        run_dir = Path(run_dir).resolve()
+        run_dir = Path(os.path.abspath(run_dir))  # not resolve(): check_run_dir sees links
         if run_dir == Path("/tmp") or Path("/tmp") in run_dir.parents:
             raise ClusterError(f"--run_dir={run_dir} is under /tmp, which each node has its "
-                               "own copy of; use e.g. /var/tmp/NAME")
+                               "own copy of; use e.g. /var/lib/NAME")
         if nodes < 1:
             raise ClusterError(f"--nodes={nodes} must be at least 1")
         # The real CPUs split between the nodes; at least 1 each (then oversubscribed).
@@ -132,8 +145,9 @@ class VirtualCluster(SlurmCluster):
     @classmethod
     def load(cls, run_dir: Path) -> VirtualCluster:
         """The cluster `up` made in run_dir (its node count is in cluster.json)."""
-        state = Path(run_dir).resolve() / STATE_FILE
+        state = check_run_dir(run_dir, sticky_ok=cls.sticky_ok, create=False) / STATE_FILE
         try:
+            check_planted(state)
             saved = json.loads(state.read_text())
         except (OSError, ValueError):
             raise ClusterError(f"--run_dir={run_dir}: no virtual cluster there (no readable "
@@ -182,26 +196,42 @@ class VirtualCluster(SlurmCluster):
 
     # ------------------------------------------------------------------ ssh
     def _write_ssh_files(self):
-        """Keys and configs in RUN_DIR/ssh: one root key every node accepts, sshd's config,
-        and the client config each node's mount namespace puts over /etc/ssh/ssh_config
-        (the host's own ssh files and ~/.ssh are never touched)."""
-        folder = self.root / "ssh"
-        folder.mkdir(mode=0o700, exist_ok=True)
+        """Keys and configs in RUN_DIR/ssh: one root key every node accepts (from the
+        cluster's subnet only), sshd's config (StrictModes yes: it checks the modes of the
+        keys' folders itself), and the client config each node's mount namespace puts over
+        /etc/ssh/ssh_config (the host's own ssh files and ~/.ssh are never touched)."""
+        folder = ensure_dir(self.root / "ssh", 0o700)
         for key in ("host_ed25519", "id_ed25519"):
-            if not (folder / key).exists():
-                _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hrvc-{key}",
-                    "-f", folder / key)
-        (folder / "authorized_keys").write_text((folder / "id_ed25519.pub").read_text())
-        (folder / "sshd_config").write_text(
+            self._make_key(folder / key)
+        pub = (folder / "id_ed25519.pub").read_text().strip()
+        write_file(folder / "authorized_keys", f'from="{SUBNET}.0/24" {pub}\n', mode=0o600)
+        write_file(folder / "sshd_config", (
             f"HostKey {folder / 'host_ed25519'}\n"
             f"AuthorizedKeysFile {folder / 'authorized_keys'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            "PrintMotd no\nLogLevel ERROR\n")
-        (folder / "ssh_config").write_text(
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes yes\n"
+            "PrintMotd no\nLogLevel ERROR\n"), mode=0o600)
+        write_file(folder / "ssh_config", (
             f"Host *\n  IdentityFile {folder / 'id_ed25519'}\n  BatchMode yes\n"
-            "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n")
+            "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n"),
+            mode=0o644)
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+
+    @staticmethod
+    def _make_key(path):
+        """An ed25519 key pair at `path`(.pub), made in a fresh private folder and renamed in
+        (ssh-keygen would write through a link planted at the name); kept when it exists."""
+        have = [check_planted(p) for p in (path, path.with_name(path.name + ".pub"))]
+        if all(have):
+            return
+        tmp = Path(tempfile.mkdtemp(dir=path.parent))
+        try:
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hrvc-{path.name}",
+                "-f", tmp / "key")
+            os.replace(tmp / "key.pub", path.with_name(path.name + ".pub"))
+            os.replace(tmp / "key", path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _start_sshd(self, node, timeout=20):
         name, folder = f"sshd-{node.name}", self.root / "ssh"
@@ -215,18 +245,21 @@ class VirtualCluster(SlurmCluster):
         """A `sleep` in the node's namespaces; daemons and `exec` join them via nsenter."""
         if self.alive(f"anchor-{node.name}"):
             return
-        folder = self.node_dir(node.name)
-        (folder / "tmp").mkdir(parents=True, exist_ok=True)
-        os.chmod(folder / "tmp", 0o1777)
+        ensure_dir(self.root / "nodes", 0o755)
+        folder = ensure_dir(self.node_dir(node.name), 0o755)
+        ensure_dir(folder / "tmp", 0o1777)  # the node's /tmp
         hosts = self.root / "etc" / "hosts"
         # Private /tmp (PMIx makes /tmp/spmix_appdir_* on each node) and /dev/shm, a shared
         # /etc/hosts naming the nodes; `ip netns exec` would remount /sys, nsenter does not.
-        ssh_config = (f"mount --bind {self.root / 'ssh' / 'ssh_config'} /etc/ssh/ssh_config && "
-                      if os.path.exists("/etc/ssh/ssh_config") else "")
-        script = (f"mount --bind {folder / 'tmp'} /tmp && mount -t tmpfs tmpfs /dev/shm && "
-                  f"mount --bind {hosts} /etc/hosts && {ssh_config}hostname {node.name} && "
-                  "exec sleep infinity")
-        with open(self.root / "log" / f"anchor-{node.name}.log", "ab") as log:
+        steps = [["mount", "--bind", folder / "tmp", "/tmp"],
+                 ["mount", "-t", "tmpfs", "tmpfs", "/dev/shm"],
+                 ["mount", "--bind", hosts, "/etc/hosts"]]
+        if os.path.exists("/etc/ssh/ssh_config"):
+            steps.append(["mount", "--bind", self.root / "ssh" / "ssh_config",
+                          "/etc/ssh/ssh_config"])
+        steps += [["hostname", node.name], ["exec", "sleep", "infinity"]]
+        script = " && ".join(shlex.join(map(str, step)) for step in steps)
+        with open_append(self.root / "log" / f"anchor-{node.name}.log") as log:
             proc = subprocess.Popen(
                 [which("nsenter"), f"--net={NETNS_DIR / self.netns[node.name]}",
                  which("unshare"), "--uts", "--mount", "--propagation", "private",
@@ -247,7 +280,8 @@ class VirtualCluster(SlurmCluster):
         else:
             proc.kill()
             raise ClusterError(f"node {node.name} not set up after {timeout}s")
-        (self.root / "run" / f"anchor-{node.name}.pid").write_text(str(proc.pid))
+        write_file(self.pidfiles[f"anchor-{node.name}"], f"{proc.pid}\n", mode=0o600)
+        record_pid(self.records(f"anchor-{node.name}"), proc.pid)
 
     def up(self, timeout=60):
         """Create what is missing (namespaces, links, nodes, daemons), then wait until every
@@ -257,22 +291,22 @@ class VirtualCluster(SlurmCluster):
         for tool in ("ip", "nsenter", "unshare"):
             if which(tool) is None:
                 raise ClusterError(f"`{tool}` not found (Debian: iproute2, util-linux)")
-        ensure_installed(self.binaries)  # SLURM, munge, sshd (scripts/install_slurm.sh)
-        if (self.root / STATE_FILE).exists():
+        require_installed(self.binaries)  # SLURM, munge, sshd: `make cluster-deps`
+        check_run_dir(self.root, sticky_ok=self.sticky_ok)
+        if check_planted(self.root / STATE_FILE):
             running = VirtualCluster.load(self.root)
             if running.leftovers() and len(running.nodes) != len(self.nodes):
                 raise ClusterError(f"--nodes={len(self.nodes)}, but the cluster in {self.root}"
                                    f" has {len(running.nodes)}; run `down` first")
             if running.leftovers():
                 self.cpus = running.cpus  # its slurm.conf stays as it is
-        for sub in ("etc", "log", "run"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.make_dirs()
         # First, so that `down` finds everything even when a later step fails.
-        (self.root / STATE_FILE).write_text(json.dumps(
+        write_file(self.root / STATE_FILE, json.dumps(
             {"nodes": len(self.nodes), "cpus": self.cpus, "switch": self.switch,
-             "netns": self.netns}, indent=1))
+             "netns": self.netns}, indent=1), mode=0o644)
         hosts = ["127.0.0.1 localhost"] + [f"{n.addr} {n.name}" for n in self.nodes]
-        (self.root / "etc" / "hosts").write_text("\n".join(hosts) + "\n")
+        write_file(self.root / "etc" / "hosts", "\n".join(hosts) + "\n", mode=0o644)
         self._make_network()
         self._write_ssh_files()
         for node in self.nodes:
@@ -286,8 +320,8 @@ class VirtualCluster(SlurmCluster):
         if node not in self.netns or node == self.host:
             raise ClusterError(f"can kill {', '.join(list(self.netns)[1:]) or 'no node'}, not "
                                f"{node!r} ({self.host} runs slurmctld)")
-        pid = self.pid(f"slurmd-{node}")
-        if pid and pid_alive(pid):
+        pid = self.pid(f"slurmd-{node}")  # only the slurmd we started
+        if pid:
             os.kill(pid, signal.SIGKILL)
         kill_netns_processes(self.netns[node])
         self.run("scontrol", "update", f"nodename={node}", "state=down",
@@ -303,8 +337,9 @@ class VirtualCluster(SlurmCluster):
             kill_netns_processes(ns, timeout)
             if _netns_ino(ns) is not None:
                 _sh("ip", "netns", "del", ns)
-        for pidfile in (self.root / "run").glob("anchor-*.pid"):
-            pidfile.unlink()
+        for node in self.nodes:
+            self.pidfiles[f"anchor-{node.name}"].unlink(missing_ok=True)
+            self.records(f"anchor-{node.name}").unlink(missing_ok=True)
         left = self.leftovers()
         if left:
             raise ClusterError(f"`down` left behind: {left}")
@@ -346,7 +381,8 @@ def parse(argv):
     kill.add_argument("node")
     for verb in (up, down, ex, kill):
         verb.add_argument("--run_dir", required=True, type=Path,
-                          help="where the cluster keeps its files (not under /tmp)")
+                          help="where the cluster keeps its files: root's, no folder above "
+                          "it writable by others (e.g. /var/lib/hrvc; not under /tmp)")
     # Everything after the first `--` is the command of `exec`, options included.
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])

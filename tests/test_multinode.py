@@ -12,7 +12,8 @@ namespace, hostname, /tmp and slurmd; slurmctld on node1; munged shared), then:
   * an elastic job (ELASTIC=1, horovodrun over ssh between the nodes) loses node2 and
     finishes every step on node1 in the same allocation;
   * `down` removes every namespace, link and daemon (also after a failed `up`).
-Job files live in the cluster's run_dir under /var/tmp: each node has a private /tmp.
+Job files live in the cluster's run_dir under /var/lib/hpc-resnet-tests (each node has a
+private /tmp; sshd's StrictModes refuses keys below a world-writable /var/tmp).
 Every wait is bounded; the fixture's finalizer runs `down` and removes the run_dir.
 """
 import json
@@ -45,7 +46,8 @@ from tests.slurm_jobs import JOB_TIMEOUT, SLURM_DIR, TINY, job_env, read, sbatch
 
 pytestmark = pytest.mark.multinode
 
-RUN_PARENT = Path("/var/tmp")  # not /tmp: each node has its own
+# Not /tmp (each node has its own), not /var/tmp (sshd's StrictModes refuses its mode 1777).
+RUN_PARENT = Path("/var/lib/hpc-resnet-tests")
 CHEST = SHARED_DATA / "chestxray14"
 STEPS = 2  # tiny runs: ResNet-18 at 32 px, 4 images per rank
 # Same seed and data on every layout; one thread per rank everywhere (1 CPU per node).
@@ -81,7 +83,7 @@ def cluster():
         pytest.fail(f"the project is under /tmp ({SLURM_DIR.parent}), which each node of the "
                     "virtual cluster has its own copy of: clone it elsewhere (e.g. /var/tmp)")
     before = _host_state()
-    run_dir = Path(tempfile.mkdtemp(prefix="hr-vcluster-", dir=RUN_PARENT))
+    run_dir = _new_run_dir()
     vc = VirtualCluster(run_dir, nodes=3)
     try:
         t0 = time.monotonic()
@@ -96,7 +98,20 @@ def cluster():
         try:
             vc.down()
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_run_dir(run_dir)
+
+
+def _new_run_dir():
+    RUN_PARENT.mkdir(mode=0o755, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="hr-vcluster-", dir=RUN_PARENT))
+
+
+def _remove_run_dir(run_dir):
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        RUN_PARENT.rmdir()  # ours, unless another cluster still uses it
+    except OSError:
+        pass
 
 
 def _jobs(cluster, name):
@@ -407,7 +422,7 @@ def _down_and_check(vc, what):
 
 
 def test_down_removes_everything_also_after_a_failed_up(monkeypatch):
-    run_dir = Path(tempfile.mkdtemp(prefix="hr-vcluster-", dir=RUN_PARENT))
+    run_dir = _new_run_dir()
     vc = VirtualCluster(run_dir, nodes=2)
     real_which = cluster_lib.which
     monkeypatch.setattr("slurm.cluster.which",
@@ -421,7 +436,7 @@ def test_down_removes_everything_also_after_a_failed_up(monkeypatch):
         _down_and_check(vc, "down after a failed up")
     finally:
         vc.down()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_run_dir(run_dir)
 
 
 def test_down_leaves_nothing_behind(cluster):

@@ -1,7 +1,7 @@
 """The project's batch scripts on a real single-node SLURM, and the same script under mpirun.
 
 `pytest -m slurm` brings up munged + slurmctld + slurmd on this machine (slurm/cluster.py,
-Debian packages installed by scripts/install_slurm.sh when missing), then:
+Debian packages: `make cluster-deps`), then:
   * `sbatch --wait slurm/imagenet_resnet50.sbatch` on a tiny synthetic config with 2 tasks:
     the job is COMPLETED and its log shows 2 ranks and the final SUMMARY;
   * a second job gets the time-limit notice (USR1 to the batch shell) once it has written
@@ -13,9 +13,12 @@ Every wait is bounded; the daemons are stopped by their pid files at the end.
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,19 +31,23 @@ SCRIPT = ROOT / "slurm" / "imagenet_resnet50.sbatch"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     if os.geteuid() != 0:
         pytest.fail("the slurm tests start munged/slurmctld/slurmd as root; run them as root "
                     "or deselect them with -m 'not slurm'")
-    # A short path: slurmd's and PMIx's unix sockets live under it (108-byte limit).
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    # A short path: slurmd's and PMIx's unix sockets live under it (108-byte limit). Not
+    # pytest's 0700 basetemp: munged wants every folder above its socket searchable.
+    root = Path(tempfile.mkdtemp(prefix="hr-slurm-"))
+    cluster = SlurmCluster(root)
     try:
         cluster.start(timeout=60)
     except ClusterError as exc:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"could not bring up the test SLURM cluster: {exc}", pytrace=False)
     yield cluster
     cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slurm
