@@ -87,6 +87,9 @@ HELP = {
     "checkpoint": "evaluate/predict: a chexnet ckpt-* folder or model_dir.",
     "predictions_csv": "evaluate: score this predictions file (Image Index + prob_<Class>) "
                        "against the labels, without a model.",
+    "bootstrap_resamples": "evaluate: resamples of the patient-level bootstrap giving a 95% "
+                           "interval for each class's AUROC and the mean (0: no intervals).",
+    "bootstrap_seed": "evaluate: seed of the bootstrap's patient draws.",
     "heatmap_dir": "predict: write a Grad-CAM overlay PNG per image here.",
     "output_csv": "predict: also write the probabilities table here.",
 }

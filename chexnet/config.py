@@ -86,6 +86,8 @@ class ChexnetConfig:
     report_dir: str | None = None
     checkpoint: str | None = None  # evaluate/predict: chexnet checkpoint folder or model_dir
     predictions_csv: str | None = None  # evaluate: score this file, no model
+    bootstrap_resamples: int = 1000  # evaluate: patient bootstrap of the AUROCs (0: none)
+    bootstrap_seed: int = 0
     heatmap_dir: str | None = None  # predict: Grad-CAM overlays
     output_csv: str | None = None  # predict: probabilities table
 
@@ -127,6 +129,9 @@ def validate(config: ChexnetConfig) -> None:
         raise ConfigError(f"--split_fractions needs 3 values (train,val,test), got "
                           f"{config.split_fractions}")
     _one_of("image_view", config.image_view, IMAGE_VIEWS)
+    if config.bootstrap_resamples < 0:
+        raise ConfigError(f"--bootstrap_resamples must be >= 0 (0: no intervals), got "
+                          f"{config.bootstrap_resamples}")
     for name in ("csv", "weights_file", "predictions_csv"):
         path = getattr(config, name)
         if path and path != IMAGENET_WEIGHTS and not os.path.isfile(path):

@@ -311,5 +311,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
         return summary
     scored.warnings[:0] = warnings  # the run's own warnings head the report's
     title = f"{network.name} fine-tuned, val split, step {result.final_step}"
+    if context.is_chief:
+        evaluate.add_intervals(scored, val_split.patient_ids[scored.index], config, chief_log)
     evaluate.report(config.reports_to, scored, title, summary, context, chief_log)
     return summary
