@@ -90,6 +90,11 @@ HELP = {
     "bootstrap_resamples": "evaluate: resamples of the patient-level bootstrap giving a 95% "
                            "interval for each class's AUROC and the mean (0: no intervals).",
     "bootstrap_seed": "evaluate: seed of the bootstrap's patient draws.",
+    "boxes_csv": "evaluate/predict: NIH BBox_List_2017.csv(.gz); for the images it boxes, "
+                 "score each boxed finding's Grad-CAM (pointing game, IoU) in the original "
+                 "image's coordinates, per class with counts; overlays draw the boxes.",
+    "cam_threshold": "Localization: the Grad-CAM region is where the map is >= this times "
+                     "its maximum (IoU with the box).",
     "heatmap_dir": "predict: write a Grad-CAM overlay PNG per image here.",
     "output_csv": "predict: also write the probabilities table here.",
 }

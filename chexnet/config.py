@@ -88,6 +88,8 @@ class ChexnetConfig:
     predictions_csv: str | None = None  # evaluate: score this file, no model
     bootstrap_resamples: int = 1000  # evaluate: patient bootstrap of the AUROCs (0: none)
     bootstrap_seed: int = 0
+    boxes_csv: str | None = None  # evaluate/predict: NIH BBox_List_2017.csv: score Grad-CAM
+    cam_threshold: float = 0.5  # localization: the map >= this x its max is "the finding"
     heatmap_dir: str | None = None  # predict: Grad-CAM overlays
     output_csv: str | None = None  # predict: probabilities table
 
@@ -132,7 +134,11 @@ def validate(config: ChexnetConfig) -> None:
     if config.bootstrap_resamples < 0:
         raise ConfigError(f"--bootstrap_resamples must be >= 0 (0: no intervals), got "
                           f"{config.bootstrap_resamples}")
-    for name in ("csv", "weights_file", "predictions_csv"):
+    if not 0 < config.cam_threshold <= 1:
+        raise ConfigError(f"--cam_threshold must be in (0, 1], got {config.cam_threshold}")
+    if config.boxes_csv and config.predictions_csv:
+        raise ConfigError("--boxes_csv needs a model (Grad-CAM); --predictions_csv has none")
+    for name in ("csv", "weights_file", "predictions_csv", "boxes_csv"):
         path = getattr(config, name)
         if path and path != IMAGENET_WEIGHTS and not os.path.isfile(path):
             raise ConfigError(f"--{name}={path} does not exist")

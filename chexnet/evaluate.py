@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from chexnet import bootstrap, input_pipeline, metrics, reports, splits
+from chexnet import bootstrap, input_pipeline, localize, metrics, reports, splits
 from chexnet.config import ChexnetConfig
 from hooks import checkpoints
 from hooks.errors import ConfigError, DataError
@@ -98,6 +98,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     # training flags, and their defaults must not make a user repeat them here.
     backbone = state.get("backbone", config.backbone)
     image_size = int(state.get("image_size", config.image_size))
+    boxes = localize.read_boxes(config.boxes_csv) if config.boxes_csv else None
     data = splits.load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + data.summary)
     name = config.split_to_evaluate
@@ -128,7 +129,37 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     reports.write_predictions_csv(os.path.join(out, "predictions.csv"), names, scored.probs,
                                   context)
     report(out, scored, title, summary, context, chief_log)
+    if boxes is not None and context.is_chief:
+        paths = [data.paths[name][i] for i in scored.index]
+        localization_report(config, network, options, boxes, names, paths, scored.probs,
+                            title, chief_log)
     return summary
+
+
+def localization_report(config, network, options, boxes, names, paths, probs, title,
+                        chief_log) -> list:
+    """Grad-CAM of every boxed finding of the evaluated images against its NIH boxes:
+    localization.md / .csv and overlays (REPORT_DIR/localization/) when there is a
+    report folder; the table is logged."""
+    from chexnet.predict import read_image
+
+    out = config.reports_to
+    items = [(n, read_image(p), boxes[n], row)
+             for n, p, row in zip(names, paths, probs) if n in boxes]
+    rows = localize.localize(network, items, options, config.cam_threshold,
+                             os.path.join(out, "localization") if out else None,
+                             log=lambda *a: None)
+    text = localize.markdown(rows, config.cam_threshold,
+                             f"{title}, {len(items)} images with boxes")
+    chief_log(text)
+    if out:
+        from hooks.horovod_glue import Context, write_atomically
+
+        write_atomically(os.path.join(out, "localization.md"),
+                         reports._write_text(text), Context())
+        write_atomically(os.path.join(out, "localization.csv"),
+                         lambda p: localize.write_csv(p, rows), Context())
+    return rows
 
 
 def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log) -> None:

@@ -181,14 +181,21 @@ def cam_title(name: str, class_name: str, prob: float, flat: bool) -> str:
         "\nGrad-CAM flat: no region stands out" if flat else "")
 
 
-def save_overlay(path: str, image: np.ndarray, title: str) -> None:
+def save_overlay(path: str, image: np.ndarray, title: str, boxes=()) -> None:
+    """The overlay as a PNG; ``boxes``: (x, y, w, h, label) in the image's pixels, drawn
+    as outlines (the NIH boxes of `chexnet.localize`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(5, 5.4))
     ax.imshow(image, interpolation="nearest")
+    for x, y, w, h, label in boxes:
+        # imshow puts pixel i's centre at i: its edges are at -0.5.
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="white", lw=1.5))
+        ax.text(x - 0.5, y - 2, label, color="white", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
@@ -218,6 +225,11 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
     names, heat_files = output_names(images)
     ckpt = evaluate.find_checkpoint(config.checkpoint or config.model_dir)
     pixels = [read_image(p) for p in images]  # all readable before any work
+    boxes = None
+    if config.boxes_csv:
+        from chexnet import localize
+
+        boxes = localize.read_boxes(config.boxes_csv)
     backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
     network, _ = model_lib.build_chexnet_model(backbone, size)
     try:
@@ -236,6 +248,16 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
     context = horovod_glue.Context()
     if config.output_csv:
         reports.write_predictions_csv(config.output_csv, names, probs, context)
+    if boxes is not None:
+        from chexnet import localize
+
+        items = [(n, im, boxes[os.path.basename(p)], row)
+                 for n, p, im, row in zip(names, images, pixels, probs)
+                 if os.path.basename(p) in boxes]
+        rows = localize.localize(network, items, options, config.cam_threshold,
+                                 config.heatmap_dir, log)
+        log(localize.markdown(rows, config.cam_threshold, f"{len(items)} of {len(images)} "
+                              "images have boxes"))
     if config.heatmap_dir:
         for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):
             k = int(np.argmax(row))
