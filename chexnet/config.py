@@ -12,7 +12,7 @@ import os
 from hooks.errors import ConfigError
 from imagenet.config import check_vgg16_input
 
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "predict", "export")
 OPTIMIZERS = ("adam", "sgd")
 EVAL_SPLITS = ("val", "test", "all")
 ON_CORRUPT = ("fail", "skip")
@@ -92,6 +92,8 @@ class ChexnetConfig:
     cam_threshold: float = 0.5  # localization: the map >= this x its max is "the finding"
     heatmap_dir: str | None = None  # predict: Grad-CAM overlays
     output_csv: str | None = None  # predict: probabilities table
+    export_dir: str | None = None  # export: the SavedModel folder to write
+    model: str | None = None  # predict: a SavedModel written by export (instead of a checkpoint)
 
     @property
     def reports_to(self) -> str | None:
@@ -159,10 +161,13 @@ def validate(config: ChexnetConfig) -> None:
         if not config.predictions_csv and not (config.checkpoint or config.model_dir):
             raise ConfigError("evaluate needs --checkpoint or --model_dir with a chexnet "
                               "checkpoint")
+    elif config.mode == "export":
+        if not config.export_dir or not (config.checkpoint or config.model_dir):
+            raise ConfigError("export needs --checkpoint (a chexnet ckpt-* folder or "
+                              "model_dir) and --export_dir")
+        return
     else:
-        if not (config.checkpoint or config.model_dir):
-            raise ConfigError("predict needs --checkpoint (a chexnet ckpt-* folder or "
-                              "model_dir)")
+        _validate_predict(config)
         return
     if (config.mode == "train" or not config.predictions_csv) and not config.reports_to:
         raise ConfigError("--model_dir or --report_dir is required")
@@ -170,6 +175,21 @@ def validate(config: ChexnetConfig) -> None:
 
     checkpoints.check_model_dir(config.model_dir, writable=config.mode == "train")
     checkpoints.check_model_dir(config.report_dir, writable=True, flag="--report_dir")
+
+
+def _validate_predict(config: ChexnetConfig) -> None:
+    if config.model:
+        if config.checkpoint:
+            raise ConfigError("give --model (an export) or --checkpoint, not both")
+        if config.heatmap_dir or config.boxes_csv:
+            raise ConfigError("--heatmap_dir and --boxes_csv need Grad-CAM, so a checkpoint "
+                              "(--checkpoint), not an export (--model)")
+        if not os.path.isfile(os.path.join(config.model, "saved_model.pb")):
+            raise ConfigError(f"--model={config.model} is not a SavedModel folder (no "
+                              "saved_model.pb; write one with `python -m chexnet export`)")
+    elif not (config.checkpoint or config.model_dir):
+        raise ConfigError("predict needs --checkpoint (a chexnet ckpt-* folder or "
+                          "model_dir) or --model (an export)")
 
 
 def _validate_train(config: ChexnetConfig) -> None:

@@ -213,9 +213,20 @@ def format_table(names: Sequence[str], probs: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def predict_export(model_dir: str, pixels: Sequence[np.ndarray], log=print) -> np.ndarray:
+    """Probabilities from a SavedModel of `chexnet export` (one image per call: sizes
+    may differ)."""
+    from chexnet import export
+
+    loaded = export.load(model_dir)
+    log(f"chexnet predict: SavedModel {model_dir} (preprocessing in the graph)")
+    return np.concatenate([np.asarray(loaded.serve(im[None]), np.float64) for im in pixels])
+
+
 def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
-    """Probabilities [len(images), 14]; prints the table and any warning (collapsed or
-    saturated predictions), writes CSV / Grad-CAM overlays if asked."""
+    """Probabilities [len(images), 14] from a checkpoint or an export (--model); prints
+    the table and any warning (collapsed or saturated predictions), writes CSV,
+    localization and Grad-CAM overlays if asked."""
     from chexnet import evaluate, metrics
     from chexnet import model as model_lib
     from hooks import checkpoints, horovod_glue
@@ -223,25 +234,29 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
     if not images:
         raise ConfigError("predict needs at least one IMAGE argument")
     names, heat_files = output_names(images)
-    ckpt = evaluate.find_checkpoint(config.checkpoint or config.model_dir)
+    ckpt = None if config.model else evaluate.find_checkpoint(config.checkpoint
+                                                              or config.model_dir)
     pixels = [read_image(p) for p in images]  # all readable before any work
     boxes = None
     if config.boxes_csv:
         from chexnet import localize
 
         boxes = localize.read_boxes(config.boxes_csv)
-    backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
-    network, _ = model_lib.build_chexnet_model(backbone, size)
-    try:
-        checkpoints.restore(ckpt, network)
-    except checkpoints.CheckpointError as err:
-        raise model_lib.ModelError(str(err)) from None
-    options = model_lib.input_options(ckpt.state)
-    prepared = [prepare(im, options) for im in pixels]
-    batch = np.stack([p[0] for p in prepared])
-    probs = np.asarray(network.predict(batch, verbose=0), np.float64)
-    log(f"chexnet predict: {network.name} from {ckpt.path} (input {options.view} {size} px, "
-        f"{options.preprocessing} normalisation)")
+    if ckpt is None:
+        probs = predict_export(config.model, pixels, log)
+    else:
+        backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
+        network, _ = model_lib.build_chexnet_model(backbone, size)
+        try:
+            checkpoints.restore(ckpt, network)
+        except checkpoints.CheckpointError as err:
+            raise model_lib.ModelError(str(err)) from None
+        options = model_lib.input_options(ckpt.state)
+        prepared = [prepare(im, options) for im in pixels]
+        probs = np.asarray(network.predict(np.stack([p[0] for p in prepared]), verbose=0),
+                           np.float64)
+        log(f"chexnet predict: {network.name} from {ckpt.path} (input {options.view} {size} "
+            f"px, {options.preprocessing} normalisation)")
     log(format_table(names, probs))
     for warning in metrics.prediction_warnings(probs):
         log(f"WARNING: {warning}")
@@ -259,14 +274,22 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
         log(localize.markdown(rows, config.cam_threshold, f"{len(items)} of {len(images)} "
                               "images have boxes"))
     if config.heatmap_dir:
-        for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):
-            k = int(np.argmax(row))
-            cam = grad_cam(network, inputs, k)
-            out = os.path.join(config.heatmap_dir, heat_file)
-            flat = is_flat(cam)
-            title = cam_title(name, CLASS_NAMES[k], row[k], flat)
-            image = overlay(view, cam)
-            horovod_glue.write_atomically(out, lambda p: save_overlay(p, image, title), context)
-            log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}"
-                + (" (flat: no region stands out)" if flat else ""))
+        write_overlays(network, names, heat_files, prepared, probs, config.heatmap_dir, log)
     return probs
+
+
+def write_overlays(network, names, heat_files, prepared, probs, heatmap_dir, log) -> None:
+    """One Grad-CAM overlay per image, of its most probable class."""
+    from hooks import horovod_glue
+
+    context = horovod_glue.Context()
+    for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):
+        k = int(np.argmax(row))
+        cam = grad_cam(network, inputs, k)
+        out = os.path.join(heatmap_dir, heat_file)
+        flat = is_flat(cam)
+        title = cam_title(name, CLASS_NAMES[k], row[k], flat)
+        image = overlay(view, cam)
+        horovod_glue.write_atomically(out, lambda p: save_overlay(p, image, title), context)
+        log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}"
+            + (" (flat: no region stands out)" if flat else ""))
