@@ -33,31 +33,15 @@ def _is_dicom(path: str) -> bool:
 
 def read_image(path: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB from PNG/JPEG as training decodes them (`input_pipeline.decode`:
-    grayscale and RGBA -> RGB, 16-bit -> high byte) or DICOM (windowed to 0..255 by
-    min/max, MONOCHROME1 inverted). DataError names an unreadable file."""
+    grayscale and RGBA -> RGB, 16-bit -> high byte) or DICOM as a viewer shows it
+    (`chexnet.dicom`: modality LUT, VOI LUT or first window, MONOCHROME1 inverted).
+    DataError names an unreadable file."""
     if not os.path.isfile(path):
         raise DataError(f"image not found: {path}")
     if _is_dicom(path):
-        try:
-            import pydicom
+        from chexnet.dicom import read_dicom
 
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array.astype(np.float64)
-        except Exception as err:  # pydicom raises many types
-            raise DataError(f"{path}: cannot read DICOM pixels: {err}") from None
-        if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-            pixels = pixels[..., :3].mean(axis=-1)
-        elif pixels.ndim != 2:
-            raise DataError(f"{path}: DICOM pixel array of shape {pixels.shape} is not a 2-D image")
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        pixels = pixels * slope + intercept
-        lo, hi = float(pixels.min()), float(pixels.max())
-        gray = (pixels - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(pixels)
-        if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            gray = 255.0 - gray
-        gray = np.round(gray).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
+        return read_dicom(path)
     import tensorflow as tf
 
     from chexnet.input_pipeline import decode
