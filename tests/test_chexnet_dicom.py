@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from chexnet import predict
 from chexnet import model as model_lib
+from chexnet import predict
 from chexnet.config import ChexnetConfig
 from hooks import checkpoints
 from hooks.errors import DataError
