@@ -2,11 +2,12 @@
 
 Images of one patient are correlated, so the bootstrap resamples PATIENTS with
 replacement (each drawn patient brings all of its images) and reports the percentile
-interval. The draw is one call, so a test can replay it:
+interval. The draws can be replayed:
 ``np.random.default_rng(seed).integers(0, P, size=(resamples, P))`` over the patients in
-``np.unique`` order. AUROC of a resample is computed from image weights (how often the
-image's patient was drawn), vectorised over resamples; it equals sklearn's
-``roc_auc_score`` on the images listed that many times.
+``np.unique`` order (drawn in chunks of CHUNK resamples: the same stream). The AUROC of a
+resample is computed from image weights (how often the image's patient was drawn),
+vectorised over resamples; it equals sklearn's ``roc_auc_score`` on the images listed that
+many times.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import numpy as np
 
 LEVEL = 0.95
-CHUNK = 64  # resamples computed together: memory CHUNK x images x 8 bytes per class
+CHUNK = 64  # resamples computed together: memory ~ CHUNK x images x 8 bytes x a few
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +46,14 @@ class Intervals:
                 "unit": "patient"}
 
 
-def draw_counts(patient_ids: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """(image weights [resamples, N]: times each image's patient was drawn, the drawn
-    patient positions [resamples, P] in ``np.unique(patient_ids)`` order)."""
-    unique, patient_of = np.unique(np.asarray(patient_ids), return_inverse=True)
-    p = len(unique)
-    drawn = np.random.default_rng(seed).integers(0, p, size=(resamples, p))
-    rows = np.repeat(np.arange(resamples), p)
-    counts = np.bincount(rows * p + drawn.ravel(), minlength=resamples * p).reshape(resamples, p)
-    return counts[:, patient_of], drawn
+def draw_counts(rng: np.random.Generator, patients: int, resamples: int) -> np.ndarray:
+    """[resamples, patients] how often each patient is drawn in each resample: the next
+    ``rng.integers(0, patients, (resamples, patients))`` (consecutive calls continue one
+    stream: drawing in chunks gives the draws of one big call)."""
+    drawn = rng.integers(0, patients, size=(resamples, patients))
+    rows = np.repeat(np.arange(resamples), patients)
+    return np.bincount(rows * patients + drawn.ravel(),
+                       minlength=resamples * patients).reshape(resamples, patients)
 
 
 def weighted_auroc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray,
@@ -83,15 +82,17 @@ def patient_bootstrap(labels: np.ndarray, scores: np.ndarray, patient_ids: np.nd
     labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    weights, drawn = draw_counts(patient_ids, resamples, seed)
+    unique, patient_of = np.unique(np.asarray(patient_ids), return_inverse=True)
+    rng = np.random.default_rng(seed)
     k = labels.shape[1]
     values = np.empty((resamples, k))
     orders = [np.argsort(scores[:, c], kind="mergesort") for c in range(k)]
-    for start in range(0, resamples, CHUNK):
-        chunk = weights[start:start + CHUNK]
+    for start in range(0, resamples, CHUNK):  # memory: CHUNK x images, not resamples x
+        n = min(CHUNK, resamples - start)
+        weights = draw_counts(rng, len(unique), n)[:, patient_of]
         for c in range(k):
-            values[start:start + CHUNK, c] = weighted_auroc(labels[:, c], scores[:, c], chunk,
-                                                            orders[c])
+            values[start:start + n, c] = weighted_auroc(labels[:, c], scores[:, c], weights,
+                                                        orders[c])
     q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
     defined = np.mean(~np.isnan(values), axis=0) >= 0.5
     low, high = np.full(k, np.nan), np.full(k, np.nan)
@@ -105,4 +106,4 @@ def patient_bootstrap(labels: np.ndarray, scores: np.ndarray, patient_ids: np.nd
         means = np.nansum(kept, axis=1) / np.where(count > 0, count, 1)
         mean_low, mean_high = np.percentile(means[count > 0], q)
     return Intervals(low, high, float(mean_low), float(mean_high), resamples, seed,
-                     drawn.shape[1], level)
+                     len(unique), level)
