@@ -66,6 +66,7 @@ def _images(tmp_path):
     return paths + [str(tmp_path / "grey16.png"), str(tmp_path / "rgb.png")]
 
 
+@pytest.mark.slow  # a subprocess reloads the export
 @pytest.mark.parametrize("view", ["whole", "crop"])
 def test_export_reloaded_elsewhere_equals_predict(tmp_path, view):
     _checkpoint(tmp_path / "ckpt", view)

@@ -160,3 +160,19 @@ def test_shared_sample_xrays_with_boxes(tmp_path):
     assert list(csv.reader(open(tmp_path / "l.csv")))[0][:4] == ["Image Index", "finding",
                                                                  "hit", "iou"]
     assert CLASS_NAMES.index("Nodule") == CLASS_INDEX["Nodule"]
+
+
+def test_bad_new_flags_are_one_line_errors(tmp_path):
+    from chexnet.config import ChexnetConfig, validate
+    from hooks.errors import ConfigError
+
+    base = dict(mode="evaluate", predictions_csv=str(BOXES), report_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"--cam_threshold must be in \(0, 1\], got 1.5"):
+        validate(ChexnetConfig(cam_threshold=1.5, **base))
+    with pytest.raises(ConfigError, match="--bootstrap_resamples must be >= 0"):
+        validate(ChexnetConfig(bootstrap_resamples=-1, **base))
+    with pytest.raises(ConfigError, match="--boxes_csv needs a model"):
+        validate(ChexnetConfig(boxes_csv=str(BOXES), **base))
+    with pytest.raises(ConfigError, match="--boxes_csv=.*nope.csv does not exist"):
+        validate(ChexnetConfig(mode="predict", checkpoint=str(tmp_path),
+                               boxes_csv=str(tmp_path / "nope.csv")))
