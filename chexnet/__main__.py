@@ -1,4 +1,4 @@
-"""``python -m chexnet train|evaluate|predict [IMAGE...] --flags``: ChestX-ray14 fine-tuning.
+"""``python -m chexnet train|evaluate|predict|export [IMAGE...] --flags``: ChestX-ray14 fine-tuning.
 
 The only chexnet module that defines flags; it turns them into a ``ChexnetConfig`` and
 calls ``chexnet.train.run``, ``chexnet.evaluate.run`` or ``chexnet.predict.run``.
@@ -81,11 +81,24 @@ HELP = {
                        "statistics, 'precise BN'); 0 keeps the moving averages.",
     # outputs
     "report_dir": "Reports (default: train MODEL_DIR/report, evaluate MODEL_DIR/report-<split>).",
-    "checkpoint": "evaluate/predict: a chexnet ckpt-* folder or model_dir.",
+    "checkpoint": "evaluate/predict/export: a chexnet ckpt-* folder or model_dir.",
     "predictions_csv": "evaluate: score this predictions file (Image Index + prob_<Class>) "
                        "against the labels, without a model.",
+    "bootstrap_resamples": "evaluate: resamples of the patient-level bootstrap giving a 95% "
+                           "interval for each class's AUROC and the mean (0: no intervals).",
+    "bootstrap_seed": "evaluate: seed of the bootstrap's patient draws.",
+    "boxes_csv": "evaluate/predict: NIH BBox_List_2017.csv(.gz); for the images it boxes, "
+                 "score each boxed finding's Grad-CAM (pointing game, IoU) in the original "
+                 "image's coordinates, per class with counts; overlays draw the boxes.",
+    "cam_threshold": "Localization: the Grad-CAM region is where the map is >= this times "
+                     "its maximum (IoU with the box).",
     "heatmap_dir": "predict: write a Grad-CAM overlay PNG per image here.",
     "output_csv": "predict: also write the probabilities table here.",
+    "export_dir": "export: write the checkpoint here as a TensorFlow SavedModel taking raw "
+                  "uint8/uint16 grey or RGB batches (resizing, view, normalisation in the "
+                  "graph) and returning the 14 probabilities; the folder must not exist or be "
+                  "empty.",
+    "model": "predict: a SavedModel written by `chexnet export`, instead of --checkpoint.",
 }
 
 
@@ -125,9 +138,9 @@ def main(argv):
     command, rest = argv[1], argv[2:]
     if rest and command != "predict":
         raise app.UsageError(f"unexpected arguments: {' '.join(rest)}")
-    from chexnet import evaluate, predict, train
+    from chexnet import evaluate, export, predict, train
 
-    run = {"train": train.run, "evaluate": evaluate.run,
+    run = {"train": train.run, "evaluate": evaluate.run, "export": export.run,
            "predict": lambda config, context: predict.run(config, rest)}[command]
     entry.run_entry(f"chexnet {command}", flags.get_performance_config(),
                     flags.get_distributed_config(), config_from_flags(command),

@@ -14,7 +14,7 @@ from hooks import settings
 from hooks.errors import ConfigError
 from imagenet.config import check_vgg16_input
 
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "predict", "export")
 OPTIMIZERS = ("adam", "sgd")
 EVAL_SPLITS = ("val", "test", "all")
 ON_CORRUPT = ("fail", "skip")
@@ -79,8 +79,14 @@ class ChexnetConfig(settings.Settings):
     report_dir: str | None = None
     checkpoint: str | None = None  # evaluate/predict: chexnet checkpoint folder or model_dir
     predictions_csv: str | None = None  # evaluate: score this file, no model
+    bootstrap_resamples: int = 1000  # evaluate: patient bootstrap of the AUROCs (0: none)
+    bootstrap_seed: int = 0
+    boxes_csv: str | None = None  # evaluate/predict: NIH BBox_List_2017.csv: score Grad-CAM
+    cam_threshold: float = 0.5  # localization: the map >= this x its max is "the finding"
     heatmap_dir: str | None = None  # predict: Grad-CAM overlays
     output_csv: str | None = None  # predict: probabilities table
+    export_dir: str | None = None  # export: the SavedModel folder to write
+    model: str | None = None  # predict: a SavedModel written by export (instead of a checkpoint)
 
     @property
     def reports_to(self) -> str | None:
@@ -118,7 +124,14 @@ def validate(config: ChexnetConfig) -> None:
         raise ConfigError(f"--split_fractions needs 3 values (train,val,test), got "
                           f"{config.split_fractions}")
     _one_of("image_view", config.image_view, IMAGE_VIEWS)
-    for name in ("csv", "weights_file", "predictions_csv"):
+    if config.bootstrap_resamples < 0:
+        raise ConfigError(f"--bootstrap_resamples must be >= 0 (0: no intervals), got "
+                          f"{config.bootstrap_resamples}")
+    if not 0 < config.cam_threshold <= 1:
+        raise ConfigError(f"--cam_threshold must be in (0, 1], got {config.cam_threshold}")
+    if config.boxes_csv and config.predictions_csv:
+        raise ConfigError("--boxes_csv needs a model (Grad-CAM); --predictions_csv has none")
+    for name in ("csv", "weights_file", "predictions_csv", "boxes_csv"):
         path = getattr(config, name)
         if path and path != IMAGENET_WEIGHTS and not os.path.isfile(path):
             raise ConfigError(f"--{name}={path} does not exist")
@@ -139,10 +152,13 @@ def validate(config: ChexnetConfig) -> None:
         if not config.predictions_csv and not (config.checkpoint or config.model_dir):
             raise ConfigError("evaluate needs --checkpoint or --model_dir with a chexnet "
                               "checkpoint")
+    elif config.mode == "export":
+        if not config.export_dir or not (config.checkpoint or config.model_dir):
+            raise ConfigError("export needs --checkpoint (a chexnet ckpt-* folder or "
+                              "model_dir) and --export_dir")
+        return
     else:
-        if not (config.checkpoint or config.model_dir):
-            raise ConfigError("predict needs --checkpoint (a chexnet ckpt-* folder or "
-                              "model_dir)")
+        _validate_predict(config)
         return
     if (config.mode == "train" or not config.predictions_csv) and not config.reports_to:
         raise ConfigError("--model_dir or --report_dir is required")
@@ -150,6 +166,21 @@ def validate(config: ChexnetConfig) -> None:
 
     checkpoints.check_model_dir(config.model_dir, writable=config.mode == "train")
     checkpoints.check_model_dir(config.report_dir, writable=True, flag="--report_dir")
+
+
+def _validate_predict(config: ChexnetConfig) -> None:
+    if config.model:
+        if config.checkpoint:
+            raise ConfigError("give --model (an export) or --checkpoint, not both")
+        if config.heatmap_dir or config.boxes_csv:
+            raise ConfigError("--heatmap_dir and --boxes_csv need Grad-CAM, so a checkpoint "
+                              "(--checkpoint), not an export (--model)")
+        if not os.path.isfile(os.path.join(config.model, "saved_model.pb")):
+            raise ConfigError(f"--model={config.model} is not a SavedModel folder (no "
+                              "saved_model.pb; write one with `python -m chexnet export`)")
+    elif not (config.checkpoint or config.model_dir):
+        raise ConfigError("predict needs --checkpoint (a chexnet ckpt-* folder or "
+                          "model_dir) or --model (an export)")
 
 
 def _validate_train(config: ChexnetConfig) -> None:

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from chexnet import input_pipeline, metrics, reports, splits
+from chexnet import bootstrap, input_pipeline, localize, metrics, reports, splits
 from chexnet.config import ChexnetConfig
 from hooks import checkpoints
 from hooks.errors import ConfigError, DataError
@@ -26,6 +26,7 @@ class Scored:
     values: dict  # mean_auroc, loss, images, auroc_<class>
     auroc: metrics.AurocResult
     warnings: list[str] = dataclasses.field(default_factory=list)  # collapse, saturation
+    intervals: object = None  # chexnet.bootstrap.Intervals (evaluate), None (training)
 
 
 def find_checkpoint(path: str) -> checkpoints.Checkpoint:
@@ -72,6 +73,19 @@ def score(probs, labels, index, pos_weight=None, neg_weight=None) -> Scored:
     return Scored(probs, labels, index, values, result, metrics.prediction_warnings(probs))
 
 
+def add_intervals(scored: Scored, patient_ids, config: ChexnetConfig, chief_log) -> None:
+    """Patient-bootstrap intervals of the AUROCs (rank 0 only; --bootstrap_resamples=0:
+    none)."""
+    if config.bootstrap_resamples == 0:
+        return
+    t0 = time.perf_counter()
+    scored.intervals = bootstrap.patient_bootstrap(
+        scored.labels, scored.probs, patient_ids, config.bootstrap_resamples,
+        config.bootstrap_seed)
+    chief_log(f"bootstrap: {config.bootstrap_resamples} resamples of "
+              f"{scored.intervals.patients} patients in {time.perf_counter() - t0:.1f} s")
+
+
 def run(config: ChexnetConfig, context, log=print) -> dict:
     """``chexnet evaluate``: AUROC of a fine-tuned checkpoint on one split (reports, a
     predictions CSV); or of ``--predictions_csv`` without a model."""
@@ -88,6 +102,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     # training flags, and their defaults must not make a user repeat them here.
     backbone = state.get("backbone", config.backbone)
     image_size = int(state.get("image_size", config.image_size))
+    boxes = localize.read_boxes(config.boxes_csv) if config.boxes_csv else None
     data = splits.load_data(config)
     chief_log("chexnet splits (patient-wise):\n" + data.summary)
     name = config.split_to_evaluate
@@ -107,6 +122,8 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     t0 = time.perf_counter()
     scored = score(*gather(network, ds, len(split), context))
     names = [split.names[i] for i in scored.index]
+    if context.is_chief:
+        add_intervals(scored, split.patient_ids[scored.index], config, chief_log)
     summary = {"mode": "evaluate", "ranks": context.size, "checkpoint": ckpt.path,
                "split": name, "images": len(names), "mean_auroc": scored.auroc.mean_auroc,
                "loss": scored.values["loss"], "seconds": time.perf_counter() - t0,
@@ -116,7 +133,37 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     reports.write_predictions_csv(os.path.join(out, "predictions.csv"), names, scored.probs,
                                   context)
     report(out, scored, title, summary, context, chief_log)
+    if boxes is not None and context.is_chief:
+        paths = [data.paths[name][i] for i in scored.index]
+        localization_report(config, network, options, boxes, names, paths, scored.probs,
+                            title, chief_log)
     return summary
+
+
+def localization_report(config, network, options, boxes, names, paths, probs, title,
+                        chief_log) -> list:
+    """Grad-CAM of every boxed finding of the evaluated images against its NIH boxes:
+    localization.md / .csv and overlays (REPORT_DIR/localization/) when there is a
+    report folder; the table is logged."""
+    from chexnet.predict import read_image
+
+    out = config.reports_to
+    items = [(n, read_image(p), boxes[n], row)
+             for n, p, row in zip(names, paths, probs) if n in boxes]
+    rows = localize.localize(network, items, options, config.cam_threshold,
+                             os.path.join(out, "localization") if out else None,
+                             log=lambda *a: None)
+    text = localize.markdown(rows, config.cam_threshold,
+                             f"{title}, {len(items)} images with boxes")
+    chief_log(text)
+    if out:
+        from hooks.horovod_glue import Context, write_atomically
+
+        write_atomically(os.path.join(out, "localization.md"),
+                         reports._write_text(text), Context())
+        write_atomically(os.path.join(out, "localization.csv"),
+                         lambda p: localize.write_csv(p, rows), Context())
+    return rows
 
 
 def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log) -> None:
@@ -125,8 +172,9 @@ def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_lo
     summary["warnings"] = list(scored.warnings)
     if out_dir:
         reports.write_report(out_dir, scored.auroc, scored.labels, scored.probs, context,
-                             title=title, summary=summary, warnings=scored.warnings)
-    chief_log(reports.markdown_table(scored.auroc, title, scored.warnings))
+                             title=title, summary=summary, warnings=scored.warnings,
+                             intervals=scored.intervals)
+    chief_log(reports.markdown_table(scored.auroc, title, scored.warnings, scored.intervals))
     for warning in scored.warnings:
         chief_log(f"WARNING: {warning}")
     chief_log("SUMMARY " + json.dumps(summary, sort_keys=True, default=float))
@@ -146,6 +194,8 @@ def score_file(config: ChexnetConfig, context, chief_log) -> dict:
                         f"first: {missing[0]}")
     rows = np.asarray([row_of[n] for n in names])
     scored = score(probs, table.labels[rows], rows)
+    if context.is_chief:
+        add_intervals(scored, table.patient_ids[rows], config, chief_log)
     summary = {"mode": "score", "predictions_csv": config.predictions_csv, "images": len(names),
                "mean_auroc": scored.auroc.mean_auroc}
     title = f"{config.predictions_csv} ({len(names)} images)"

@@ -33,8 +33,9 @@ def _is_dicom(path: str) -> bool:
 
 def read_image(path: str) -> np.ndarray:
     """uint8 [H, W, 3] RGB from PNG/JPEG as training decodes them (`input_pipeline.decode`:
-    grayscale and RGBA -> RGB, 16-bit -> high byte) or DICOM (windowed to 0..255 by
-    min/max, MONOCHROME1 inverted). DataError names an unreadable file."""
+    grayscale and RGBA -> RGB, 16-bit -> high byte) or DICOM as a viewer shows it
+    (`chexnet.dicom`: modality LUT, VOI LUT or first window, MONOCHROME1 inverted).
+    DataError names an unreadable file."""
     from chexnet.input_pipeline import cannot_open
 
     if not os.path.isfile(path):
@@ -43,26 +44,9 @@ def read_image(path: str) -> np.ndarray:
     if why:
         raise DataError(f"{path}: cannot read image ({why}): check its permissions")
     if _is_dicom(path):
-        try:
-            import pydicom
+        from chexnet.dicom import read_dicom
 
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array.astype(np.float64)
-        except Exception as err:  # pydicom raises many types
-            raise DataError(f"{path}: cannot read DICOM pixels: {err}") from None
-        if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-            pixels = pixels[..., :3].mean(axis=-1)
-        elif pixels.ndim != 2:
-            raise DataError(f"{path}: DICOM pixel array of shape {pixels.shape} is not a 2-D image")
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        pixels = pixels * slope + intercept
-        lo, hi = float(pixels.min()), float(pixels.max())
-        gray = (pixels - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(pixels)
-        if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            gray = 255.0 - gray
-        gray = np.round(gray).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
+        return read_dicom(path)
     import tensorflow as tf
 
     from chexnet.input_pipeline import decode
@@ -186,14 +170,21 @@ def cam_title(name: str, class_name: str, prob: float, flat: bool) -> str:
         "\nGrad-CAM flat: no region stands out" if flat else "")
 
 
-def save_overlay(path: str, image: np.ndarray, title: str) -> None:
+def save_overlay(path: str, image: np.ndarray, title: str, boxes=()) -> None:
+    """The overlay as a PNG; ``boxes``: (x, y, w, h, label) in the image's pixels, drawn
+    as outlines (the NIH boxes of `chexnet.localize`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(5, 5.4))
     ax.imshow(image, interpolation="nearest")
+    for x, y, w, h, label in boxes:
+        # imshow puts pixel i's centre at i: its edges are at -0.5.
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="white", lw=1.5))
+        ax.text(x - 0.5, y - 2, label, color="white", fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
@@ -211,9 +202,20 @@ def format_table(names: Sequence[str], probs: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def predict_export(model_dir: str, pixels: Sequence[np.ndarray], log=print) -> np.ndarray:
+    """Probabilities from a SavedModel of `chexnet export` (one image per call: sizes
+    may differ)."""
+    from chexnet import export
+
+    loaded = export.load(model_dir)
+    log(f"chexnet predict: SavedModel {model_dir} (preprocessing in the graph)")
+    return np.concatenate([np.asarray(loaded.serve(im[None]), np.float64) for im in pixels])
+
+
 def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
-    """Probabilities [len(images), 14]; prints the table and any warning (collapsed or
-    saturated predictions), writes CSV / Grad-CAM overlays if asked."""
+    """Probabilities [len(images), 14] from a checkpoint or an export (--model); prints
+    the table and any warning (collapsed or saturated predictions), writes CSV,
+    localization and Grad-CAM overlays if asked."""
     from chexnet import evaluate, metrics
     from chexnet import model as model_lib
     from hooks import checkpoints, horovod_glue
@@ -221,35 +223,62 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
     if not images:
         raise ConfigError("predict needs at least one IMAGE argument")
     names, heat_files = output_names(images)
-    ckpt = evaluate.find_checkpoint(config.checkpoint or config.model_dir)
+    ckpt = None if config.model else evaluate.find_checkpoint(config.checkpoint
+                                                              or config.model_dir)
     pixels = [read_image(p) for p in images]  # all readable before any work
-    backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
-    network, _ = model_lib.build_chexnet_model(backbone, size)
-    try:
-        checkpoints.restore(ckpt, network)
-    except checkpoints.CheckpointError as err:
-        raise model_lib.ModelError(str(err)) from None
-    options = model_lib.input_options(ckpt.state)
-    prepared = [prepare(im, options) for im in pixels]
-    batch = np.stack([p[0] for p in prepared])
-    probs = np.asarray(network.predict(batch, verbose=0), np.float64)
-    log(f"chexnet predict: {network.name} from {ckpt.path} (input {options.view} {size} px, "
-        f"{options.preprocessing} normalisation)")
+    boxes = None
+    if config.boxes_csv:
+        from chexnet import localize
+
+        boxes = localize.read_boxes(config.boxes_csv)
+    if ckpt is None:
+        probs = predict_export(config.model, pixels, log)
+    else:
+        backbone, size = ckpt.state["backbone"], int(ckpt.state["image_size"])
+        network, _ = model_lib.build_chexnet_model(backbone, size)
+        try:
+            checkpoints.restore(ckpt, network)
+        except checkpoints.CheckpointError as err:
+            raise model_lib.ModelError(str(err)) from None
+        options = model_lib.input_options(ckpt.state)
+        prepared = [prepare(im, options) for im in pixels]
+        probs = np.asarray(network.predict(np.stack([p[0] for p in prepared]), verbose=0),
+                           np.float64)
+        log(f"chexnet predict: {network.name} from {ckpt.path} (input {options.view} {size} "
+            f"px, {options.preprocessing} normalisation)")
     log(format_table(names, probs))
     for warning in metrics.prediction_warnings(probs):
         log(f"WARNING: {warning}")
     context = horovod_glue.Context()
     if config.output_csv:
         reports.write_predictions_csv(config.output_csv, names, probs, context)
+    if boxes is not None:
+        from chexnet import localize
+
+        items = [(n, im, boxes[os.path.basename(p)], row)
+                 for n, p, im, row in zip(names, images, pixels, probs)
+                 if os.path.basename(p) in boxes]
+        rows = localize.localize(network, items, options, config.cam_threshold,
+                                 config.heatmap_dir, log)
+        log(localize.markdown(rows, config.cam_threshold, f"{len(items)} of {len(images)} "
+                              "images have boxes"))
     if config.heatmap_dir:
-        for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):
-            k = int(np.argmax(row))
-            cam = grad_cam(network, inputs, k)
-            out = os.path.join(config.heatmap_dir, heat_file)
-            flat = is_flat(cam)
-            title = cam_title(name, CLASS_NAMES[k], row[k], flat)
-            image = overlay(view, cam)
-            horovod_glue.write_atomically(out, lambda p: save_overlay(p, image, title), context)
-            log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}"
-                + (" (flat: no region stands out)" if flat else ""))
+        write_overlays(network, names, heat_files, prepared, probs, config.heatmap_dir, log)
     return probs
+
+
+def write_overlays(network, names, heat_files, prepared, probs, heatmap_dir, log) -> None:
+    """One Grad-CAM overlay per image, of its most probable class."""
+    from hooks import horovod_glue
+
+    context = horovod_glue.Context()
+    for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):
+        k = int(np.argmax(row))
+        cam = grad_cam(network, inputs, k)
+        out = os.path.join(heatmap_dir, heat_file)
+        flat = is_flat(cam)
+        title = cam_title(name, CLASS_NAMES[k], row[k], flat)
+        image = overlay(view, cam)
+        horovod_glue.write_atomically(out, lambda p: save_overlay(p, image, title), context)
+        log(f"Grad-CAM ({CLASS_NAMES[k]}) -> {out}"
+            + (" (flat: no region stands out)" if flat else ""))

@@ -39,6 +39,9 @@ def spreadsheet_text(cell: str) -> str:
     return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
 
 
+CSV_HEADER = ["class", "auroc", "ci_low", "ci_high", "positives", "chexnet_2017_other_split"]
+
+
 def _fmt(value: float) -> str:
     return (
         "n/a"
@@ -47,42 +50,63 @@ def _fmt(value: float) -> str:
     )
 
 
-def table_rows(result: metrics.AurocResult) -> list[dict]:
+PAPER_CAVEAT = ("CheXNet (2017): Rajpurkar et al.'s published AUROC on THEIR test split "
+                "(never released, other patients): context, not a baseline to subtract.")
+
+
+def _ci(intervals, k: int) -> tuple[float, float]:
+    if intervals is None:
+        return math.nan, math.nan
+    return float(intervals.low[k]), float(intervals.high[k])
+
+
+def table_rows(result: metrics.AurocResult, intervals=None) -> list[dict]:
+    """One row per class: AUROC, its bootstrap interval (NaN without ``intervals``),
+    positives, and the CheXNet paper's AUROC on its own, different, test split."""
     rows = []
-    for name, value, positives in zip(result.class_names, result.auroc, result.positives):
-        published = CHEXNET_PUBLISHED_AUROC.get(name)
-        rows.append(
-            {
-                "class": name,
-                "auroc": float(value),
-                "positives": int(positives),
-                "chexnet_2017": published,
-                "difference": float(value - published) if published is not None else math.nan,
-            }
-        )
+    for k, (name, value, positives) in enumerate(zip(result.class_names, result.auroc,
+                                                     result.positives)):
+        low, high = _ci(intervals, k)
+        rows.append({"class": name, "auroc": float(value), "ci_low": low, "ci_high": high,
+                     "positives": int(positives),
+                     "chexnet_2017_other_split": CHEXNET_PUBLISHED_AUROC.get(name)})
     return rows
 
 
+def _fmt_ci(low: float, high: float) -> str:
+    return "n/a" if math.isnan(low) else f"{low:.4f} - {high:.4f}"
+
+
 def markdown_table(result: metrics.AurocResult, title: str = "",
-                   warnings: Sequence[str] = ()) -> str:
+                   warnings: Sequence[str] = (), intervals=None) -> str:
     published_mean = float(np.mean([CHEXNET_PUBLISHED_AUROC[c] for c in result.class_names]))
+    level = f"{intervals.level:.0%} CI" if intervals is not None else "CI"
     lines = [
         f"### Per-class AUROC: {title}" if title else "### Per-class AUROC",
         "",
         *[f"**WARNING**: {w}\n" for w in warnings],
-        "| class | AUROC | positives | CheXNet (2017) | difference |",
+        f"| class | AUROC | {level} | positives | CheXNet (2017), other test split |",
         "|---|---:|---:|---:|---:|",
     ]
-    for row in table_rows(result):
+    for row in table_rows(result, intervals):
         lines.append(
-            f"| {row['class']} | {_fmt(row['auroc'])} | {row['positives']} | "
-            f"{_fmt(row['chexnet_2017'])} | {_fmt(row['difference'])} |"
+            f"| {row['class']} | {_fmt(row['auroc'])} | {_fmt_ci(row['ci_low'], row['ci_high'])}"
+            f" | {row['positives']} | {_fmt(row['chexnet_2017_other_split'])} |"
         )
+    mean_ci = (_fmt_ci(intervals.mean_low, intervals.mean_high) if intervals is not None
+               else "n/a")
     lines.append(
-        f"| **mean** ({result.num_defined} defined) | **{_fmt(result.mean_auroc)}** | | "
-        f"{published_mean:.4f} | |"
+        f"| **mean** ({result.num_defined} defined) | **{_fmt(result.mean_auroc)}** | "
+        f"{mean_ci} | | {published_mean:.4f} |"
     )
     lines += ["", f"{result.num_images} images."]
+    if intervals is not None:
+        lines += ["", f"{level}: percentile bootstrap over {intervals.patients} patients "
+                  f"(all images of a drawn patient), {intervals.resamples} resamples, seed "
+                  f"{intervals.seed}."]
+    else:
+        lines += ["", "No confidence intervals (--bootstrap_resamples=0)."]
+    lines += ["", PAPER_CAVEAT]
     if result.notes:
         lines += [""] + [f"- note: {n}" for n in result.notes]
     return "\n".join(lines) + "\n"
@@ -106,8 +130,10 @@ def write_report(
     title: str = "",
     summary: dict | None = None,
     warnings: Sequence[str] = (),
+    intervals=None,
 ) -> list[str]:
-    """auroc.md, auroc.csv, roc_curves.png (+ summary.json) in out_dir, by rank 0 only."""
+    """auroc.md, auroc.csv, roc_curves.png (+ summary.json) in out_dir, by rank 0 only;
+    with ``intervals`` (`chexnet.bootstrap.Intervals`) in all four."""
     from hooks.horovod_glue import write_atomically
 
     if not context.is_chief:
@@ -117,23 +143,20 @@ def write_report(
     def write_csv(path):
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["class", "auroc", "positives", "chexnet_2017", "difference"])
-            for row in table_rows(result):
-                w.writerow(
-                    [
-                        spreadsheet_safe(row["class"]),
-                        _fmt(row["auroc"]),
-                        row["positives"],
-                        _fmt(row["chexnet_2017"]),
-                        _fmt(row["difference"]),
-                    ]
-                )
-            w.writerow(["mean", _fmt(result.mean_auroc), "", "", ""])
+            w.writerow(CSV_HEADER)
+            for row in table_rows(result, intervals):
+                w.writerow([spreadsheet_safe(row["class"]), _fmt(row["auroc"]),
+                            _fmt(row["ci_low"]), _fmt(row["ci_high"]), row["positives"],
+                            _fmt(row["chexnet_2017_other_split"])])
+            mean_ci = ((intervals.mean_low, intervals.mean_high) if intervals is not None
+                       else (math.nan, math.nan))
+            w.writerow(["mean", _fmt(result.mean_auroc), _fmt(mean_ci[0]), _fmt(mean_ci[1]),
+                        "", ""])
 
     for name, writer in (
-        (AUROC_MD, _write_text(markdown_table(result, title, warnings))),
+        (AUROC_MD, _write_text(markdown_table(result, title, warnings, intervals))),
         (AUROC_CSV, write_csv),
-        (ROC_PNG, lambda p: plot_roc_curves(p, labels, probs, result, title)),
+        (ROC_PNG, lambda p: plot_roc_curves(p, labels, probs, result, title, intervals)),
     ):
         path = os.path.join(out_dir, name)
         write_atomically(path, writer, context)
@@ -145,6 +168,8 @@ def write_report(
                 k: (None if math.isnan(v) else v) for k, v in result.as_dict().items()
             },
             notes=list(result.notes),
+            auroc_ci=(intervals.as_dict(result.class_names) if intervals is not None
+                      else None),
         )
         body = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in body.items()}
         path = os.path.join(out_dir, SUMMARY_JSON)
@@ -156,7 +181,8 @@ def write_report(
 
 
 def plot_roc_curves(
-    path: str, labels: np.ndarray, probs: np.ndarray, result: metrics.AurocResult, title: str = ""
+    path: str, labels: np.ndarray, probs: np.ndarray, result: metrics.AurocResult,
+    title: str = "", intervals=None,
 ) -> None:
     import matplotlib
 
@@ -173,9 +199,11 @@ def plot_roc_curves(
         if not math.isnan(result.auroc[k]):
             fpr, tpr = metrics.roc_curve(labels[:, k], probs[:, k])
             ax.plot(fpr, tpr, lw=1.5)
+        ci = "" if intervals is None else f" [{_fmt_ci(*_ci(intervals, k))}]"
         ax.set_title(
-            f"{name}\nAUROC {_fmt(result.auroc[k])} (paper {CHEXNET_PUBLISHED_AUROC[name]:.3f})",
-            fontsize=9,
+            f"{name}\nAUROC {_fmt(result.auroc[k])}{ci}\n(paper, other split: "
+            f"{CHEXNET_PUBLISHED_AUROC[name]:.3f})",
+            fontsize=8,
         )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -183,9 +211,12 @@ def plot_roc_curves(
         ax.set_xlabel("false positive rate")
     for ax in axes[:, 0]:
         ax.set_ylabel("true positive rate")
-    fig.suptitle(f"{title} - mean AUROC {_fmt(result.mean_auroc)}", fontsize=11)
+    mean_ci = ("" if intervals is None else
+               f" [{_fmt_ci(intervals.mean_low, intervals.mean_high)}, "
+               f"{intervals.level:.0%} CI, patient bootstrap]")
+    fig.suptitle(f"{title} - mean AUROC {_fmt(result.mean_auroc)}{mean_ci}", fontsize=11)
     # Fixed margins: tight_layout measures every text box and costs most of the plot's time.
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.9, wspace=0.08, hspace=0.35)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.88, wspace=0.08, hspace=0.5)
     fig.savefig(path, dpi=80, format="png")
     plt.close(fig)
 

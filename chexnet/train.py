@@ -319,6 +319,9 @@ class ChexnetTask(runner.Task):
             return summary
         scored.warnings[:0] = self.warnings  # the run's own warnings head the report's
         title = f"{self.network.name} fine-tuned, val split, step {result.final_step}"
+        if context.is_chief:
+            evaluate.add_intervals(scored, self.val_split.patient_ids[scored.index], config,
+                                   log)
         evaluate.report(config.reports_to, scored, title, summary, context, log)
         return summary
 
