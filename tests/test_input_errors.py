@@ -171,18 +171,22 @@ def test_predictions_csv_names_are_not_formulas_and_read_back_exactly(tmp_path):
     np.testing.assert_allclose(got, probs, atol=5e-7)
 
 
-def test_auroc_csv_keeps_negative_numbers_as_numbers(tmp_path):
+def test_auroc_csv_keeps_numbers_as_numbers(tmp_path):
+    """Only text cells are escaped: every AUROC, interval and count cell of auroc.csv reads
+    back as the number sklearn gives (none gets a leading quote)."""
+    from sklearn.metrics import roc_auc_score
+
     from chexnet import metrics
 
     rng = np.random.default_rng(1)
     labels = (rng.random((60, len(CLASS_NAMES))) < 0.4).astype(np.float32)
-    probs = rng.random((60, len(CLASS_NAMES)))  # random scores: AUROC near 0.5, below paper's
+    probs = rng.random((60, len(CLASS_NAMES)))
     result = metrics.per_class_auroc(labels, probs)
     reports.write_report(str(tmp_path), result, labels, probs, Context())
     with open(tmp_path / "auroc.csv", newline="") as f:
         rows = list(csv.reader(f))
-    differences = [r[4] for r in rows[1:15]]
-    assert all(d.startswith("-") for d in differences)  # a number, not an escaped text
-    assert [float(d) for d in differences] == pytest.approx(
-        [a - p for a, p in zip(result.auroc, (float(r[3]) for r in rows[1:15]))], abs=2e-4)
     assert [r[0] for r in rows[1:15]] == list(CLASS_NAMES)
+    assert [float(r[1]) for r in rows[1:15]] == pytest.approx(
+        [roc_auc_score(labels[:, c], probs[:, c]) for c in range(len(CLASS_NAMES))], abs=1e-4)
+    assert [int(r[4]) for r in rows[1:15]] == labels.sum(axis=0).astype(int).tolist()
+    assert not any(cell.startswith("'") for row in rows[1:] for cell in row[1:])
