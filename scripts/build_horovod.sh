@@ -31,7 +31,6 @@ die() { echo "[build_horovod] error: $*" >&2; exit 1; }
 
 PATCHES=("$PATCH_DIR"/[0-9][0-9][0-9][0-9]-*.patch)
 [ -e "${PATCHES[0]}" ] || die "no patches in $PATCH_DIR"
-command -v patch >/dev/null || die "the 'patch' program is missing (Debian: apt-get install patch)"
 # The patch level: names and contents of the series, in order (12 hex digits of a sha256).
 PATCH_LEVEL=$(cd "$PATCH_DIR" && for p in "${PATCHES[@]}"; do basename "$p"; cat "$p"; done \
   | sha256sum | cut -c1-12)
@@ -80,7 +79,8 @@ mkdir -p "$WHEEL_DIR"
 WHEEL=$(ls "$WHEEL_DIR"/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n 1 || true)
 
 if [ -z "$WHEEL" ]; then
-  log "building horovod $HOROVOD_VERSION for TF $TF_VERSION ($FLAVOUR); about 8-15 min on 2 cores"
+  command -v patch >/dev/null || die "the 'patch' program is missing (Debian: apt-get install patch)"
+  log "building horovod $HOROVOD_VERSION for TF $TF_VERSION ($FLAVOUR); 8-25 min on 2 cores"
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
   "$PYTHON" -m pip install -q "cmake>=3.18,<4" packaging
