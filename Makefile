@@ -9,8 +9,9 @@ STAMP := $(VENV)/.setup-stamp
 
 setup: $(STAMP)
 
-# Re-run the install when the dependency list or the Horovod build script changes.
-$(STAMP): setup.cfg setup.py scripts/build_horovod.sh
+# Re-run the install when the dependency list, the Horovod build script or a patch changes
+# (the folder: a patch added or removed).
+$(STAMP): setup.cfg setup.py scripts/build_horovod.sh scripts/horovod-patches $(wildcard scripts/horovod-patches/*.patch)
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel
 	$(PY) -m pip install -q -e ".[test]"

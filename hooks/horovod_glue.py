@@ -77,14 +77,15 @@ def init(fusion_threshold_mb: float | None = None,
     longer to write a checkpoint: it is set to a week unless the user set it, and stalls
     are bounded by `hooks.watchdog` (--stall_timeout_s) instead. The cycle time is
     `cycle_time_ms`, else HOROVOD_CYCLE_TIME, else DEFAULT_CYCLE_TIME_MS; in an elastic job
-    Horovod's own 1 ms (`hooks.elastic_launch.check_launch` refuses a fixed one there)."""
+    on a Horovod without our re-init patch, Horovod's own 1 ms
+    (`hooks.elastic_launch.check_launch` refuses a fixed one there)."""
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(7 * 24 * 3600))
     if fusion_threshold_mb is not None:
         mb = check_number("fusion_threshold_mb", fusion_threshold_mb, minimum=0)
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(mb * 1024 * 1024))
     if cycle_time_ms is not None:
         os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
-    elif not elastic_launch.launched_elastic():  # an elastic job cannot fix it (see there)
+    elif not elastic_launch.launched_elastic() or elastic_launch.reinit_keeps_cycle_time():
         os.environ.setdefault("HOROVOD_CYCLE_TIME", str(DEFAULT_CYCLE_TIME_MS))
     hvd = _hvd()
     if not hvd.is_initialized():

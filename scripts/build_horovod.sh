@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Build and install Horovod 0.28.1 against the TensorFlow installed in $PYTHON's environment.
 #
-# Horovod's last release does not compile against TF 2.21 as shipped: xla_mpi_ops.cc needs
-# XLA headers the TF wheel lacks. We drop that one source (XLA ops only matter for GPU XLA),
-# build TensorFlow + Gloo (+ MPI when an MPI compiler is found) and keep the wheel in
-# $HOROVOD_WHEEL_CACHE so the next set-up installs it in seconds.
+# Horovod's last release does not compile against TF 2.21 as shipped, and has bugs that this
+# project meets. Our fixes are the patch files in scripts/horovod-patches/ (NNNN-what.patch,
+# each headed by what it changes and why), applied in name order to the sdist before
+# building (docs/horovod.md). We build TensorFlow + Gloo (+ MPI when an MPI compiler is
+# found) and keep the wheel in $HOROVOD_WHEEL_CACHE so the next set-up installs it in
+# seconds. The patch level (a hash of the patch series) is part of the cache key and is
+# written into the package (horovod/_hpc_resnet_patches.py): a changed patch rebuilds, and
+# an installed Horovod built with other patches is replaced.
 #
 # Variables:
 #   PYTHON               interpreter of the target environment (default .venv/bin/python)
@@ -20,15 +24,27 @@ HOROVOD_VERSION=0.28.1
 PYTHON=${PYTHON:-.venv/bin/python}
 CACHE=${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpc-resnet/horovod-wheels}
 
-log() { echo "[build_horovod] $*"; }
+PATCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/horovod-patches"
 
-if "$PYTHON" - <<'PY' 2>/dev/null
+log() { echo "[build_horovod] $*"; }
+die() { echo "[build_horovod] error: $*" >&2; exit 1; }
+
+PATCHES=("$PATCH_DIR"/[0-9][0-9][0-9][0-9]-*.patch)
+[ -e "${PATCHES[0]}" ] || die "no patches in $PATCH_DIR"
+# The patch level: names and contents of the series, in order (12 hex digits of a sha256).
+PATCH_LEVEL=$(cd "$PATCH_DIR" && for p in "${PATCHES[@]}"; do basename "$p"; cat "$p"; done \
+  | sha256sum | cut -c1-12)
+
+if PATCH_LEVEL=$PATCH_LEVEL "$PYTHON" - <<'PY' 2>/dev/null
+import os
 import horovod, horovod.tensorflow as hvd
+from horovod import _hpc_resnet_patches as built
 assert horovod.__version__ == "0.28.1"
+assert built.PATCH_LEVEL == os.environ["PATCH_LEVEL"]
 hvd.init()
 PY
 then
-  log "horovod $HOROVOD_VERSION with TensorFlow already installed"
+  log "horovod $HOROVOD_VERSION (patch level $PATCH_LEVEL) with TensorFlow already installed"
   exit 0
 fi
 
@@ -55,25 +71,30 @@ if [ "${HOROVOD_WITHOUT_MPI:-0}" != 1 ]; then
   fi
 fi
 
-# One cached wheel per (TF version, MPI or not): a wheel built against another TF ABI breaks.
-FLAVOUR="tf${TF_VERSION}-$([ $WITH_MPI = 1 ] && echo mpi || echo gloo)"
+# One cached wheel per (TF version, MPI or not, patch level): a wheel built against another
+# TF ABI breaks, and one built with other patches is not ours.
+FLAVOUR="tf${TF_VERSION}-$([ $WITH_MPI = 1 ] && echo mpi || echo gloo)-p${PATCH_LEVEL}"
 WHEEL_DIR="$CACHE/$FLAVOUR"
 mkdir -p "$WHEEL_DIR"
 WHEEL=$(ls "$WHEEL_DIR"/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n 1 || true)
 
 if [ -z "$WHEEL" ]; then
-  log "building horovod $HOROVOD_VERSION for TF $TF_VERSION ($FLAVOUR); about 6-10 min on 2 cores"
+  command -v patch >/dev/null || die "the 'patch' program is missing (Debian: apt-get install patch)"
+  log "building horovod $HOROVOD_VERSION for TF $TF_VERSION ($FLAVOUR); 8-25 min on 2 cores"
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
   "$PYTHON" -m pip install -q "cmake>=3.18,<4" packaging
   "$PYTHON" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$WORK"
   tar xzf "$WORK/horovod-$HOROVOD_VERSION.tar.gz" -C "$WORK"
   SRC="$WORK/horovod-$HOROVOD_VERSION"
-  # The patch: drop the XLA op source that does not compile against TF 2.21's headers.
-  sed -i '/xla_mpi_ops.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
-  if grep -q xla_mpi_ops.cc "$SRC/horovod/tensorflow/CMakeLists.txt"; then
-    echo "[build_horovod] error: patch did not apply" >&2; exit 1
-  fi
+  for p in "${PATCHES[@]}"; do
+    log "applying patch $(basename "$p")"
+    patch -p1 --forward --batch --quiet -d "$SRC" < "$p" || die "patch $p did not apply"
+  done
+  printf '"""Patch level of this Horovod build (scripts/build_horovod.sh of hpc-resnet)."""\n%s\n%s\n' \
+    "PATCH_LEVEL = \"$PATCH_LEVEL\"" \
+    "PATCHES = ($(for p in "${PATCHES[@]}"; do printf '"%s", ' "$(basename "$p")"; done))" \
+    > "$SRC/horovod/_hpc_resnet_patches.py"
   env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
       HOROVOD_WITH_GLOO=1 \
       $([ $WITH_MPI = 1 ] && echo HOROVOD_WITH_MPI=1 || echo HOROVOD_WITHOUT_MPI=1) \

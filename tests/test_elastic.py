@@ -170,26 +170,42 @@ def test_elastic_launch_needs_the_flag():
         elastic_launch.check_launch(False, None, {"HOROVOD_ELASTIC": "1"})
 
 
-def test_elastic_launch_refuses_a_fixed_cycle_time_and_init_leaves_it_unset(monkeypatch):
-    # Horovod 0.28.1 re-initialised with a fixed cycle time fuses with a 1 MB threshold
-    # (a new worker with 128 MB): Gloo aborted right after a worker joined.
+def test_our_horovod_keeps_a_fixed_cycle_time_in_elastic_jobs():
+    # The installed Horovod is the one scripts/build_horovod.sh built: with patch 0002, so
+    # an elastic job takes a fixed cycle time (tests/test_horovod_patches.py checks it).
+    assert elastic_launch.reinit_keeps_cycle_time()
+    elastic_launch.check_launch(True, 10.0, {"HOROVOD_ELASTIC": "1"})
+    elastic_launch.check_launch(True, None, {"HOROVOD_ELASTIC": "1", "HOROVOD_CYCLE_TIME": "5"})
+
+
+def test_elastic_launch_refuses_a_fixed_cycle_time_on_an_unpatched_horovod(monkeypatch):
+    # Unpatched Horovod 0.28.1 re-initialised with a fixed cycle time fuses with a 1 MB
+    # threshold (a new worker with 128 MB): Gloo aborted right after a worker joined.
     with pytest.raises(ConfigError, match=r"^--cycle_time_ms=10 cannot be used in an "
-                                          r"elastic job"):
-        elastic_launch.check_launch(True, 10.0, {"HOROVOD_ELASTIC": "1"})
+                                          r"elastic job with this Horovod: it lacks our "
+                                          r"patch 0002-parameter-manager-reinit.patch"):
+        elastic_launch.check_launch(True, 10.0, {"HOROVOD_ELASTIC": "1"}, reinit_safe=False)
     with pytest.raises(ConfigError, match=r"^HOROVOD_CYCLE_TIME=5 cannot be used"):
         elastic_launch.check_launch(True, None, {"HOROVOD_ELASTIC": "1",
-                                                 "HOROVOD_CYCLE_TIME": "5"})
-    elastic_launch.check_launch(False, 10.0, {"HOROVOD_CYCLE_TIME": "5"})  # not elastic
-    # The project's 10 ms default is for non-elastic jobs only.
+                                                 "HOROVOD_CYCLE_TIME": "5"}, reinit_safe=False)
+    elastic_launch.check_launch(False, 10.0, {"HOROVOD_CYCLE_TIME": "5"},
+                                reinit_safe=False)  # not elastic
+    # There the project's 10 ms default is for non-elastic jobs only.
     hvd = horovod_glue._hvd()
     monkeypatch.setattr(hvd, "init", lambda: None)
     monkeypatch.setattr(hvd, "is_initialized", lambda: False)
     monkeypatch.setattr(horovod_glue, "_current_context", Context)
+    monkeypatch.setattr(elastic_launch, "reinit_keeps_cycle_time", lambda: False)
     monkeypatch.delenv("HOROVOD_CYCLE_TIME", raising=False)
     monkeypatch.setenv("HOROVOD_ELASTIC", "1")
     horovod_glue.init()
     assert "HOROVOD_CYCLE_TIME" not in os.environ
+    monkeypatch.setattr(elastic_launch, "reinit_keeps_cycle_time", lambda: True)
+    horovod_glue.init()  # our build: the default applies in elastic jobs too
+    assert os.environ["HOROVOD_CYCLE_TIME"] == str(horovod_glue.DEFAULT_CYCLE_TIME_MS)
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME")
     monkeypatch.delenv("HOROVOD_ELASTIC")
+    monkeypatch.setattr(elastic_launch, "reinit_keeps_cycle_time", lambda: False)
     monkeypatch.setattr(horovod_glue, "placement", lambda context: [(0, "h", 0, 1)])
     horovod_glue.init()
     assert os.environ["HOROVOD_CYCLE_TIME"] == str(horovod_glue.DEFAULT_CYCLE_TIME_MS)
@@ -356,12 +372,18 @@ def _kill_one(program, model_dir, gate, rank):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_resnet_main_survives_a_killed_worker(tmp_path):
+@pytest.mark.parametrize("horovod_flags", [
+    (),
+    # Both fixed: unpatched Horovod crashed re-initialising the survivor (patch 0002).
+    ("--cycle_time_ms=10", "--fusion_threshold_mb=64"),
+], ids=["defaults", "fixed_cycle_and_fusion"])
+def test_resnet_main_survives_a_killed_worker(tmp_path, horovod_flags):
     model_dir = tmp_path / "run"
     discovery, _ = _discovery(tmp_path, HOSTS)
     gate = _gate(tmp_path, 2)
     steps = 12
-    rc, out = _run(_elastic_cmd(discovery, gate, 2, *TINY, f"--train_steps={steps}",
+    rc, out = _run(_elastic_cmd(discovery, gate, 2, *TINY, *horovod_flags,
+                                f"--train_steps={steps}",
                                 f"--model_dir={model_dir}"), tmp_path / "log.txt",
                    _kill_one("resnet_main.py", model_dir, gate, rank=1))
     assert rc == 0, out[-5000:]
