@@ -65,13 +65,9 @@ def plain_keras(policy):
 
 def ours(policy, fused_bn=True):
     keras.mixed_precision.set_global_policy(policy)
-    fused = models.FusedBatchNormalization
-    if not fused_bn:  # the same network with Keras's own BatchNormalization, for comparison
-        models.FusedBatchNormalization = keras.layers.BatchNormalization
-    try:
-        net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4)
-    finally:
-        models.FusedBatchNormalization = fused
+    # fused_bn=False: the same network with Keras's own BatchNormalization, for comparison
+    net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4,
+                                  fused_bn=fused_bn)
     trainer = horovod_glue.DistributedTrainer(net, horovod_glue.Context())
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

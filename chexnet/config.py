@@ -57,6 +57,7 @@ class ChexnetConfig:
     image_view: str = "whole"
     weight_decay: float = 0.0
     precision: str = "float32"
+    fused_bn: bool = True
     # training
     train_batch_size: int = 16
     eval_batch_size: int = 16

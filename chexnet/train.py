@@ -78,7 +78,8 @@ def build_network(config: ChexnetConfig, pretrained):
     (weight_decay / 2 * sum of squares) on the backbone's kernels."""
     return model_lib.build_chexnet_model(
         config.backbone, config.image_size, pretrained=pretrained,
-        weights_file=config.weights_file, weight_decay=config.weight_decay)
+        weights_file=config.weights_file, weight_decay=config.weight_decay,
+        fused_bn=config.fused_bn)
 
 
 def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoch: float,

@@ -54,6 +54,7 @@ class RunConfig:
     poly_rate: float = 0.0
     precision: str = "float32"
     fp16_allreduce: bool = False
+    fused_bn: bool = True
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3
     stall_timeout_s: float = 600.0  # a slow step on a big CPU node is tens of seconds

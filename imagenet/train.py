@@ -212,7 +212,7 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     network = models.build_classifier(config.architecture, config.num_label_classes,
                                       config.image_size, config.resnet_depth,
                                       0.0 if lars else config.weight_decay,
-                                      config.weights_file)
+                                      config.weights_file, fused_bn=config.fused_bn)
     optimizer = build_optimizer(config, learning_rate, lars)
     extra_callbacks = practice_callbacks(config, preset, network, optimizer, context,
                                          lambda: eval_dataset(config, context))
