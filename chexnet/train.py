@@ -100,11 +100,11 @@ def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoc
 def build_optimizer(config: ChexnetConfig, learning_rate):
     """--optimizer: Adam with Keras' defaults (beta 0.9 / 0.999, epsilon 1e-7: CheXNet's
     "standard parameters"), or SGD with classic (not Nesterov) momentum --momentum."""
-    import keras
+    from hooks import fused_optimizers  # Keras's update, one kernel per variable
 
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate)
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+        return fused_optimizers.Adam(learning_rate=learning_rate)
+    return fused_optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
 
 
 def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):

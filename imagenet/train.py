@@ -12,7 +12,7 @@ import time
 import keras
 import tensorflow as tf
 
-from hooks import evaluation, horovod_glue, loop, practices, runtime, schedules
+from hooks import evaluation, fused_optimizers, horovod_glue, loop, practices, runtime, schedules
 from hooks.lars import LARS
 from imagenet import input_pipeline, models
 from imagenet.config import RunConfig
@@ -66,7 +66,8 @@ def build_optimizer(config: RunConfig, learning_rate, lars: bool = False):
                     weight_decay=config.weight_decay)
     # The reference: tf.train.MomentumOptimizer(use_nesterov=True); LARS keeps classic
     # momentum, as tf.contrib's LARSOptimizer.
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum,
+    # Keras's SGD with its update in one kernel per variable (hooks.fused_optimizers).
+    return fused_optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum,
                                 nesterov=config.nesterov)
 
 
