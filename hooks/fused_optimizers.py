@@ -15,12 +15,14 @@ import tensorflow as tf
 
 
 def _handle(variable):
-    return variable.value.handle  # the tf.Variable behind the Keras variable
+    """The resource handle of a tf.Variable, or of the tf.Variable behind a Keras one (Keras's
+    TF backend passes `update_step` the tf.Variable, its slots stay Keras variables)."""
+    return variable.handle if isinstance(variable, tf.Variable) else variable.value.handle
 
 
 def _fusable(variable, gradient) -> bool:
-    return (variable.dtype == "float32" and not isinstance(gradient, tf.IndexedSlices)
-            and hasattr(variable.value, "handle"))
+    return (tf.as_dtype(variable.dtype) == tf.float32
+            and not isinstance(gradient, tf.IndexedSlices))
 
 
 @keras.saving.register_keras_serializable(package="hpc_resnet")

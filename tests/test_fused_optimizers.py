@@ -14,7 +14,8 @@ GRADS = [RNG.normal(size=(5, 3)).astype("float32") for _ in range(4)]
 RATES = [0.1, 0.1, 0.05, 0.01]  # a schedule: the rate read at each step
 
 
-def _run(optimizer) -> np.ndarray:
+def _run(optimizer, kernel=None) -> np.ndarray:
+    """The variable after the 4 steps; `kernel`: an op type the traced step must hold."""
     variable = keras.Variable(W0)
     optimizer.build([variable])
 
@@ -22,6 +23,9 @@ def _run(optimizer) -> np.ndarray:
     def step(g):
         optimizer.apply_gradients([(g, variable)])
 
+    if kernel:
+        graph = step.get_concrete_function(tf.TensorSpec(W0.shape)).graph
+        assert kernel in {op.type for op in graph.get_operations()}
     for g, lr in zip(GRADS, RATES):
         optimizer.learning_rate = lr  # a variable the traced step reads
         step(tf.constant(g))
@@ -49,14 +53,15 @@ def _adam_reference(b1=0.9, b2=0.999, eps=1e-7):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_fused_sgd_follows_the_momentum_formula_and_keras(nesterov):
-    got = _run(fused_optimizers.SGD(0.1, momentum=0.9, nesterov=nesterov))
+    got = _run(fused_optimizers.SGD(0.1, momentum=0.9, nesterov=nesterov),
+               "ResourceApplyKerasMomentum")
     np.testing.assert_allclose(got, _sgd_reference(0.9, nesterov), rtol=1e-6, atol=1e-6)
     keras_sgd = _run(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=nesterov))
     np.testing.assert_allclose(got, keras_sgd, rtol=1e-6, atol=1e-7)
 
 
 def test_fused_adam_follows_the_adam_formula_and_keras():
-    got = _run(fused_optimizers.Adam(0.1))
+    got = _run(fused_optimizers.Adam(0.1), "ResourceApplyAdam")
     # float32 against a float64 reference: 4 steps of size ~0.1 round to ~1e-6
     np.testing.assert_allclose(got, _adam_reference(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, _run(keras.optimizers.Adam(0.1)),
