@@ -13,7 +13,7 @@ included) with wall-clock beside it:
   cache (flip + normalise only);
 - input, predict: `chexnet.predict.read_image` + `prepare` per image (PIL, numpy);
 - model, evaluate: `chexnet.evaluate.gather` (`hooks.evaluation.predict`) over the images
-  already decoded (model only), default fused batch norm and Keras's (`_kerasbn`, before);
+  already decoded (model only), default fused batch norm (and Keras's: `--kerasbn`);
 - model, train: chexnet's DenseNet-121 training step (`bench.chexnet_backbones.build`).
 
 Then the input's share of the CPU beside the model: input CPU-s per image / (input +
@@ -109,6 +109,9 @@ def main():
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--train_batch", type=int, default=8)
     parser.add_argument("--train_steps", type=int, default=2)
+    parser.add_argument("--max_images", type=int, default=None, help="first N images")
+    parser.add_argument("--kerasbn", action="store_true",
+                        help="also evaluate with Keras's batch norm (before)")
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
     from chexnet import splits
@@ -117,12 +120,23 @@ def main():
         parser.error(f"--image_dir={args.image_dir} is not a folder")
     found = splits.find_images(args.image_dir)
     paths = [found[n] for n in sorted(found)]
+    paths = paths[:args.max_images]
+
+    def show(name):  # as each case ends: a run cut short still reports what it measured
+        r = results[name]
+        print(f"{name:28s} {r['per_cpu_s']:8.2f} img/CPU-s {r['per_wall_s']:8.2f} img/s wall",
+              flush=True)
+
     results, batches = input_cases(paths, args.image_size, args.batch)
+    for name in results:
+        show(name)
     results["model_evaluate"] = evaluate_case(batches, args.image_size, True)
-    results["model_evaluate_kerasbn"] = evaluate_case(batches, args.image_size, False)
+    show("model_evaluate")
     results["model_train"] = train_case(args.image_size, args.train_batch, args.train_steps)
-    for name, r in results.items():
-        print(f"{name:28s} {r['per_cpu_s']:8.2f} img/CPU-s {r['per_wall_s']:8.2f} img/s wall")
+    show("model_train")
+    if args.kerasbn:
+        results["model_evaluate_kerasbn"] = evaluate_case(batches, args.image_size, False)
+        show("model_evaluate_kerasbn")
     shares = {
         "evaluate: decode beside the model": share(results["input_evaluate"]["per_cpu_s"],
                                                    results["model_evaluate"]["per_cpu_s"]),
