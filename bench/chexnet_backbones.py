@@ -37,7 +37,8 @@ from bench.common import (  # noqa: E402
 BACKBONES = ("densenet121", "resnet50", "vgg16", "vgg16_pooled")
 
 
-def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: int):
+def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: int,
+          fused_optimizer: bool = True):
     """(trainer, dataset, forward multiply-adds per image) for one case."""
     import keras
     import tensorflow as tf
@@ -45,7 +46,7 @@ def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: in
     from chexnet import model as model_lib
     from chexnet.labels import NUM_CLASSES
     from chexnet.train import make_loss
-    from hooks import horovod_glue
+    from hooks import fused_optimizers, horovod_glue
     from imagenet import models
 
     keras.mixed_precision.set_global_policy(policy)
@@ -53,7 +54,8 @@ def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: in
     base = models.build_backbone(arch, image_size, depth or 50, fused_bn=fused_bn)
     network = model_lib._attach_head(base.input, base.output, f"chexnet_{backbone}")
     trainer = horovod_glue.DistributedTrainer(network, horovod_glue.Context())
-    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+    sgd = fused_optimizers.SGD if fused_optimizer else keras.optimizers.SGD  # as chexnet
+    trainer.compile(optimizer=sgd(0.01, momentum=0.9),
                     loss=make_loss(None, None), jit_compile=False)
     dtype = tf.bfloat16 if "bfloat16" in policy else tf.float32
 

@@ -33,7 +33,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench.common import Clock, fmt, fraction_of_limit, summary, write_json  # noqa: E402
-from hooks import horovod_glue, runtime  # noqa: E402
+from hooks import fused_optimizers, horovod_glue, runtime  # noqa: E402
 from imagenet import input_pipeline, models  # noqa: E402
 from imagenet.scaling import (  # noqa: E402
     RESNET50_FORWARD_FLOP_PER_IMAGE,
@@ -63,17 +63,14 @@ def plain_keras(policy):
     return model
 
 
-def ours(policy, fused_bn=True):
+def ours(policy, fused_bn=True, fused_optimizer=True):
     keras.mixed_precision.set_global_policy(policy)
-    fused = models.FusedBatchNormalization
-    if not fused_bn:  # the same network with Keras's own BatchNormalization, for comparison
-        models.FusedBatchNormalization = keras.layers.BatchNormalization
-    try:
-        net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4)
-    finally:
-        models.FusedBatchNormalization = fused
+    # fused_bn=False: the same network with Keras's own BatchNormalization, for comparison
+    net = models.build_classifier("resnet", 1000, 224, depth=50, weight_decay=1e-4,
+                                  fused_bn=fused_bn)
     trainer = horovod_glue.DistributedTrainer(net, horovod_glue.Context())
-    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+    sgd = fused_optimizers.SGD if fused_optimizer else keras.optimizers.SGD  # as resnet_main
+    trainer.compile(optimizer=sgd(0.1, momentum=0.9),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     jit_compile=False)
     return trainer

@@ -134,6 +134,7 @@ def build_chexnet_model(
     pretrained: checkpoints.Checkpoint | None = None,
     weights_file: str | None = None,
     weight_decay: float = 0.0,
+    fused_bn: bool = True,
 ) -> tuple[keras.Model, InitSource]:
     """Backbone features (pooled; vgg16: fc2's) + Dense(14, sigmoid, float32).
 
@@ -142,7 +143,8 @@ def build_chexnet_model(
     get the new head. ``weights_file``: Keras application weights (``*_notop.h5`` for
     densenet121/vgg16_pooled; VGG16's with top for vgg16), or ``"imagenet"`` (Keras
     downloads them once to ~/.keras/models; a one-line ModelError where it cannot; vgg16's
-    need 224 px). Neither: random initialisation.
+    need 224 px). Neither: random initialisation. ``fused_bn`` (default): batch norms
+    are `FusedBatchNormalization`; checkpoints written with Keras's layers still load.
     """
     arch, depth = parse_backbone(backbone)
     name = f"chexnet_{backbone.lower()}"
@@ -161,8 +163,8 @@ def build_chexnet_model(
     if pretrained is not None:
         check_pretrained_compatible(pretrained, backbone)
         classifier = models.build_classifier(
-            arch, int(pretrained.state["num_label_classes"]), image_size, depth or 50, weight_decay
-        )
+            arch, int(pretrained.state["num_label_classes"]), image_size, depth or 50, weight_decay,
+            fused_bn=fused_bn)
         try:
             checkpoints.restore(pretrained, classifier)
         except checkpoints.CheckpointError as err:
@@ -178,7 +180,7 @@ def build_chexnet_model(
         )
     try:
         base = models.build_backbone(
-            arch, image_size, depth or 50, weight_decay, weights_file or None
+            arch, image_size, depth or 50, weight_decay, weights_file or None, fused_bn=fused_bn
         )
     except Exception as err:  # Keras's download raises a bare Exception
         if not imagenet and not isinstance(err, (ValueError, OSError)):

@@ -13,7 +13,6 @@ import json
 import math
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -23,7 +22,16 @@ from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES, NUM_CLASSES
 from hooks import callbacks as cb
-from hooks import checkpoints, evaluation, horovod_glue, loop, runner, schedules, steps
+from hooks import (
+    checkpoints,
+    evaluation,
+    fused_optimizers,
+    horovod_glue,
+    loop,
+    runner,
+    schedules,
+    steps,
+)
 from hooks.errors import DataError
 
 
@@ -78,7 +86,8 @@ def build_network(config: ChexnetConfig, pretrained):
     (weight_decay / 2 * sum of squares) on the backbone's kernels."""
     return model_lib.build_chexnet_model(
         config.backbone, config.image_size, pretrained=pretrained,
-        weights_file=config.weights_file, weight_decay=config.weight_decay)
+        weights_file=config.weights_file, weight_decay=config.weight_decay,
+        fused_bn=config.fused_bn)
 
 
 def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoch: float,
@@ -96,10 +105,11 @@ def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoc
 
 def build_optimizer(config: ChexnetConfig, learning_rate):
     """--optimizer: Adam with Keras' defaults (beta 0.9 / 0.999, epsilon 1e-7: CheXNet's
-    "standard parameters"), or SGD with classic (not Nesterov) momentum --momentum."""
+    "standard parameters"), or SGD with classic (not Nesterov) momentum --momentum; each
+    with Keras's update in one kernel per variable (hooks.fused_optimizers)."""
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate)
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
+        return fused_optimizers.Adam(learning_rate=learning_rate)
+    return fused_optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
 
 
 def make_loss(pos_weight: np.ndarray | None, neg_weight: np.ndarray | None):

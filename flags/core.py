@@ -164,6 +164,9 @@ PERFORMANCE_HELP = {
 PRECISION_HELP = {
     "precision": "Compute precision; bfloat16 uses Keras mixed_bfloat16 (fp32 weights).",
     "fp16_allreduce": "Compress gradients to float16 for the allreduce.",
+    "fused_bn": "Batch norm by TensorFlow's fused kernel (FusedBatchNormalization; bf16 "
+                "activations stay bf16); --fused_bn=false uses Keras's BatchNormalization "
+                "(for comparison). Checkpoints written with either load into both.",
 }
 DISTRIBUTED_HELP = {
     "fusion_threshold_mb": "Horovod tensor-fusion buffer in MiB (sets "

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from hooks import bn_weights
 from hooks.errors import UserError
 from hooks.safe_files import follow_umask, is_real_dir, write_text
 
@@ -233,8 +234,11 @@ def _prune(model_dir: str, keep: int) -> None:
 
 
 def restore(checkpoint: Checkpoint, network: keras.Model,
-            optimizer: keras.optimizers.Optimizer | None = None) -> None:
-    """Load weights (and optimizer slots + step when given) from `checkpoint`.
+            optimizer: keras.optimizers.Optimizer | None = None,
+            log: Callable[[str], None] = print) -> None:
+    """Load weights (and optimizer slots + step when given) from `checkpoint`. Weights
+    written with the other batch-norm layer class (Keras's vs our fused one) are converted
+    (`bn_weights`; `log` gets one line saying so).
 
     CheckpointError when it was written by another model (a user mistake); any other
     failure (damaged files, a missing part, non-finite values) is also a CheckpointError,
@@ -245,7 +249,10 @@ def restore(checkpoint: Checkpoint, network: keras.Model,
                               f"{network.name}: it holds {recorded}, this model is "
                               f"{describe(network)}")
     try:
-        network.load_weights(os.path.join(checkpoint.path, WEIGHTS))
+        bn_weights.load_weights(network, os.path.join(checkpoint.path, WEIGHTS), log)
+    except bn_weights.WeightsMismatch as err:
+        raise CheckpointError(f"checkpoint {checkpoint.path} does not fit model "
+                              f"{network.name}: {err}") from None
     except (ValueError, KeyError) as err:
         if recorded is None:  # no fingerprint: assume another model, never move it aside
             raise CheckpointError(
@@ -334,7 +341,7 @@ def restore_latest(model_dir: str | None, network: keras.Model,
         try:
             if found is None:
                 raise _Damaged(f"{STATE} or {WEIGHTS} is missing or unreadable")
-            restore(found._replace(step=step), network, optimizer)
+            restore(found._replace(step=step), network, optimizer, log=warn)
             return found._replace(step=step)
         except _Damaged as err:
             reason = str(err)

@@ -23,6 +23,7 @@ class Settings:
     # precision
     precision: str = "float32"
     fp16_allreduce: bool = False
+    fused_bn: bool = True  # TensorFlow's fused batch-norm kernel (hooks.bn_weights loads both)
     # faults
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3

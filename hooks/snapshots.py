@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from hooks import evaluation, horovod_glue
+from hooks import bn_weights, evaluation, horovod_glue
 from hooks.steps import check_int, global_step
 
 __all__ = ["CollapsedEnsembleEvaluator", "SnapshotSaver", "ensemble_top_1", "snapshot_path",
@@ -159,7 +159,7 @@ class CollapsedEnsembleEvaluator(keras.callbacks.Callback):
         try:
             for path in self.snapshot_paths:
                 if self.context.is_chief:
-                    network.load_weights(path)
+                    bn_weights.load_weights(network, path)
                 horovod_glue.broadcast_variables(network.variables, self.context)
                 probabilities, labels = evaluation.predict(network, self.dataset,
                                                            self.context, self.activation)

@@ -14,6 +14,8 @@ Every builder splits into `build_backbone` (pooled features) + a head, so chexne
 its own head on the same backbone.
 """
 
+import functools
+
 import keras
 from keras import layers
 
@@ -84,42 +86,43 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return y
 
 
-def _bn(x, name, relu=True, zero_init=False):
-    x = FusedBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                gamma_initializer="zeros" if zero_init else "ones",
-                                name=name)(x)
+def _bn(x, name, relu=True, zero_init=False, fused=True):
+    kind = FusedBatchNormalization if fused else layers.BatchNormalization
+    x = kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+             gamma_initializer="zeros" if zero_init else "ones", name=name)(x)
     return layers.ReLU(name=name + "_relu")(x) if relu else x
 
 
-def _block(x, filters, strides, kind, project, weight_decay, name):
+def _block(x, filters, strides, kind, project, weight_decay, name, fused=True):
     out_filters = filters * 4 if kind == "bottleneck" else filters
+    bn = functools.partial(_bn, fused=fused)
     shortcut = x
     if project:
         shortcut = _conv(x, out_filters, 1, strides, weight_decay, name + "_proj")
-        shortcut = _bn(shortcut, name + "_proj_bn", relu=False)
+        shortcut = bn(shortcut, name + "_proj_bn", relu=False)
     if kind == "bottleneck":
-        x = _bn(_conv(x, filters, 1, 1, weight_decay, name + "_conv1"), name + "_bn1")
-        x = _bn(_conv(x, filters, 3, strides, weight_decay, name + "_conv2"), name + "_bn2")
+        x = bn(_conv(x, filters, 1, 1, weight_decay, name + "_conv1"), name + "_bn1")
+        x = bn(_conv(x, filters, 3, strides, weight_decay, name + "_conv2"), name + "_bn2")
         x = _conv(x, out_filters, 1, 1, weight_decay, name + "_conv3")
-        x = _bn(x, name + "_bn3", relu=False, zero_init=True)
+        x = bn(x, name + "_bn3", relu=False, zero_init=True)
     else:
-        x = _bn(_conv(x, filters, 3, strides, weight_decay, name + "_conv1"), name + "_bn1")
+        x = bn(_conv(x, filters, 3, strides, weight_decay, name + "_conv1"), name + "_bn1")
         x = _conv(x, filters, 3, 1, weight_decay, name + "_conv2")
-        x = _bn(x, name + "_bn2", relu=False, zero_init=True)
+        x = bn(x, name + "_bn2", relu=False, zero_init=True)
     return layers.ReLU(name=name + "_out")(layers.Add(name=name + "_add")([x, shortcut]))
 
 
-def resnet_backbone(inputs, depth: int, weight_decay: float):
+def resnet_backbone(inputs, depth: int, weight_decay: float, fused_bn: bool = True):
     if depth not in RESNET_LAYERS:
         raise ValueError(f"resnet depth {depth} is not one of {sorted(RESNET_LAYERS)}")
     kind, blocks = RESNET_LAYERS[depth]
-    x = _bn(_conv(inputs, 64, 7, 2, weight_decay, "conv1"), "bn1")
+    x = _bn(_conv(inputs, 64, 7, 2, weight_decay, "conv1"), "bn1", fused=fused_bn)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     for group, (filters, count) in enumerate(zip((64, 128, 256, 512), blocks)):
         for i in range(count):
             strides = 2 if (i == 0 and group > 0) else 1
             x = _block(x, filters, strides, kind, project=(i == 0), weight_decay=weight_decay,
-                       name=f"g{group + 1}b{i + 1}")
+                       name=f"g{group + 1}b{i + 1}", fused=fused_bn)
     return layers.GlobalAveragePooling2D(name="avg_pool")(x)
 
 
@@ -159,15 +162,16 @@ def vgg16_fc_head(inputs, image_size: int, weights_file: str | None) -> keras.Mo
 
 def build_backbone(architecture: str, image_size: int, depth: int = 50,
                    weight_decay: float = 0.0, weights_file: str | None = None,
-                   channels: int = 3, fused_bn: bool = False) -> keras.Model:
+                   channels: int = 3, fused_bn: bool = True) -> keras.Model:
     """Input image -> feature vector (pooled; VGG16: its fc2 output). `weights_file` loads
     Keras application weights (e.g. a downloaded `*_notop.h5`; for vgg16 a file with top)
-    into DenseNet/VGG backbones. `fused_bn`: DenseNet's batch norms become
-    FusedBatchNormalization after the weights are loaded (ResNet always uses it; VGG16 has
-    none)."""
+    into DenseNet/VGG backbones. `fused_bn` (default): every batch norm is a
+    FusedBatchNormalization (DenseNet's are swapped after the weights are loaded); False
+    keeps Keras's BatchNormalization, for comparison. VGG16 has none. Checkpoints load into
+    either (`hooks.bn_weights`)."""
     inputs = keras.Input((image_size, image_size, channels), name="image")
     if architecture == "resnet":
-        features = resnet_backbone(inputs, depth, weight_decay)
+        features = resnet_backbone(inputs, depth, weight_decay, fused_bn)
         if weights_file:
             raise ValueError("--weights_file applies to densenet121/vgg16; a ResNet starts "
                              "from a resnet_main checkpoint")
@@ -194,10 +198,11 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
 
 
 def build_classifier(architecture: str, num_classes: int, image_size: int, depth: int = 50,
-                     weight_decay: float = 0.0, weights_file: str | None = None
-                     ) -> keras.Model:
+                     weight_decay: float = 0.0, weights_file: str | None = None,
+                     fused_bn: bool = True) -> keras.Model:
     """Backbone + dense logits (float32 under mixed precision)."""
-    backbone = build_backbone(architecture, image_size, depth, weight_decay, weights_file)
+    backbone = build_backbone(architecture, image_size, depth, weight_decay, weights_file,
+                              fused_bn=fused_bn)
     logits = layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(
         stddev=0.01), kernel_regularizer=_l2(weight_decay), bias_regularizer=_l2(weight_decay),
         dtype="float32", name="logits")(backbone.output)

@@ -13,7 +13,16 @@ import time
 import keras
 import tensorflow as tf
 
-from hooks import evaluation, horovod_glue, loop, runner, schedules, snapshots, weight_decay
+from hooks import (
+    evaluation,
+    fused_optimizers,
+    horovod_glue,
+    loop,
+    runner,
+    schedules,
+    snapshots,
+    weight_decay,
+)
 from hooks.lars import LARS
 from hooks.time_to_accuracy import TimeToAccuracy
 from imagenet import input_pipeline, models
@@ -68,7 +77,8 @@ def build_optimizer(config: RunConfig, learning_rate, lars: bool = False):
                     weight_decay=config.weight_decay)
     # The reference: tf.train.MomentumOptimizer(use_nesterov=True); LARS keeps classic
     # momentum, as tf.contrib's LARSOptimizer.
-    return keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum,
+    # Keras's SGD with its update in one kernel per variable (hooks.fused_optimizers).
+    return fused_optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum,
                                 nesterov=config.nesterov)
 
 
@@ -214,7 +224,7 @@ class ImagenetTask(runner.Task):
         self.network = models.build_classifier(config.architecture, config.num_label_classes,
                                                config.image_size, config.resnet_depth,
                                                0.0 if lars else config.weight_decay,
-                                               config.weights_file)
+                                               config.weights_file, fused_bn=config.fused_bn)
         self.optimizer = build_optimizer(config, learning_rate, lars)
         extra = practice_callbacks(config, self.preset, self.network, self.optimizer,
                                    context, lambda: eval_dataset(config, context))
