@@ -52,7 +52,8 @@ HELP = {
                    "and --lr_schedule are not used.",
     "poly_rate": "Peak learning rate with --enable_lars, as the reference; 0 = chosen by "
                  "global batch: 10 below 16K, 25 below 32K, 32 below 64K, else 35.6.",
-    "export_dir": "Write the trained model here as a .keras file.",
+    "export_dir": "Write the trained model here: NAME.keras (Keras) and saved_model/ (a "
+                  "TensorFlow SavedModel, signature serve: normalised images -> logits).",
     "use_synthetic_data": "Train and evaluate on random images.",
     "tfds_data_dir": "Read a prepared TFDS imagenet2012 from here instead of --data_dir "
                      "TFRecords.",

@@ -131,3 +131,21 @@ def validate(config: RunConfig) -> None:
                           "evaluation shards are made once, for the world at start)")
     if config.weights_file and not os.path.isfile(config.weights_file):
         raise ConfigError(f"--weights_file={config.weights_file} does not exist")
+    _check_export_dir(config.export_dir)
+
+
+SAVED_MODEL = "saved_model"  # the SavedModel's folder in --export_dir
+
+
+def _check_export_dir(export_dir: str | None) -> None:
+    """An export is never merged into older files: EXPORT_DIR/saved_model must not exist
+    yet (checked before training, not after it)."""
+    if not export_dir:
+        return
+    if os.path.lexists(export_dir) and not os.path.isdir(export_dir):
+        raise ConfigError(f"--export_dir={export_dir} is not a directory")
+    target = os.path.join(export_dir, SAVED_MODEL)
+    if os.path.lexists(target):
+        raise ConfigError(f"--export_dir={export_dir}: {target} already exists (an export "
+                          "is never merged into an older one): remove it or pick another "
+                          "--export_dir")

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -19,12 +21,15 @@ from hooks import (
     horovod_glue,
     loop,
     runner,
+    safe_files,
     schedules,
     snapshots,
     weight_decay,
 )
+from hooks.errors import UserError
 from hooks.lars import LARS
 from hooks.time_to_accuracy import TimeToAccuracy
+from imagenet import config as config_lib
 from imagenet import input_pipeline, models
 from imagenet.config import RunConfig
 
@@ -301,8 +306,30 @@ class ImagenetTask(runner.Task):
             path = os.path.join(config.export_dir, f"{self.network.name}.keras")
             horovod_glue.write_atomically(path, self.network.save, context)
             summary["exported"] = path
+            summary["saved_model"] = export_saved_model(self.network, config.export_dir,
+                                                        context)
         _report(summary, config, context, log)
         return summary
+
+
+def export_saved_model(network: keras.Model, export_dir: str, context) -> str:
+    """Rank 0 writes `network` as a TensorFlow SavedModel in EXPORT_DIR/saved_model
+    (Keras's `export`: signature `serve`, float32 [N, size, size, 3] images normalised as
+    the input pipeline does -> logits), in a private temporary folder renamed into place.
+    Loads with `tf.saved_model.load` alone (TF Serving, other programs)."""
+    target = os.path.join(export_dir, config_lib.SAVED_MODEL)
+    if not context.is_chief:
+        return target
+    os.makedirs(export_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-saved_model-")
+    try:
+        network.export(tmp, verbose=False)
+        safe_files.follow_umask(tmp)  # mkdtemp made it 0700
+        os.rename(tmp, target)  # fails, not merges, if one appeared meanwhile
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {target}: {err.strerror or err}") from None
+    return target
 
 
 def _training_figures(config: RunConfig, result: loop.LoopResult) -> dict:

@@ -190,3 +190,20 @@ def test_auroc_csv_keeps_numbers_as_numbers(tmp_path):
         [roc_auc_score(labels[:, c], probs[:, c]) for c in range(len(CLASS_NAMES))], abs=1e-4)
     assert [int(r[4]) for r in rows[1:15]] == labels.sum(axis=0).astype(int).tolist()
     assert not any(cell.startswith("'") for row in rows[1:] for cell in row[1:])
+
+
+def test_an_existing_saved_model_in_export_dir_is_refused_before_training(tmp_path):
+    """resnet_main never merges an export into an older one: the check runs with the
+    config's, before any training; an empty --export_dir passes."""
+    from imagenet import config as imagenet_config
+    from imagenet.config import RunConfig
+
+    base = dict(use_synthetic_data=True, mode="train", train_steps=1)
+    imagenet_config.validate(RunConfig(export_dir=str(tmp_path), **base))
+    (tmp_path / "saved_model").mkdir()
+    with pytest.raises(ConfigError) as err:
+        imagenet_config.validate(RunConfig(export_dir=str(tmp_path), **base))
+    assert str(tmp_path / "saved_model") in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        imagenet_config.validate(RunConfig(export_dir=str(tmp_path / "file"), **base))

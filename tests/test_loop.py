@@ -7,6 +7,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -54,6 +55,10 @@ def test_imagenet_run_trains_evaluates_and_checkpoints(tmp_path):
     np.testing.assert_allclose(exported(x, training=False).numpy(), expected, rtol=1e-5,
                                atol=1e-6)
     assert np.abs(expected).max() > 1e-3  # not a trivially equal all-zero output
+    # The SavedModel beside it serves the same logits through TensorFlow alone.
+    loaded = tf.saved_model.load(summary["saved_model"])  # keep it: it owns the variables
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
 
 
 
