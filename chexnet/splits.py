@@ -84,6 +84,49 @@ def _parse_age(text: str) -> int | None:
     return value * _AGE_UNIT_DAYS[unit] // 365
 
 
+def _columns(path: str, header: list[str] | None) -> tuple[dict, int]:
+    """{field: column or None} of a Data_Entry header and the row length they need."""
+    if not header:
+        raise DataError(f"{path}: empty file, expected a Data_Entry_2017.csv header")
+    column = {name.strip(): i for i, name in enumerate(header) if name.strip()}
+    for name in REQUIRED_COLUMNS:
+        if name not in column:
+            raise DataError(
+                f"{path}: no {name!r} column in the header (is this Data_Entry_2017.csv?)"
+            )
+    fields = dict(zip(("name", "findings", "pid"), (column[c] for c in REQUIRED_COLUMNS)))
+    fields.update(age=column.get("Patient Age"), sex=column.get("Patient Gender"),
+                  view=column.get("View Position"))
+    return fields, 1 + max(i for i in fields.values() if i is not None)
+
+
+def _parse_row(where: str, row: list[str], fields: dict, encoded: dict) -> tuple:
+    """(name, patient id, label vector, age, sex, view) of one row; DataError at `where`.
+    `encoded` caches the label vector of each findings string (only ~800 distinct)."""
+    findings = row[fields["findings"]]
+    vector = encoded.get(findings)
+    if vector is None:
+        try:
+            vector = encoded[findings] = encode_findings(findings)
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from None
+    try:
+        pid = int(row[fields["pid"]])
+    except ValueError:
+        raise DataError(
+            f"{where}: Patient ID {row[fields['pid']]!r} is not an integer"
+        ) from None
+    age = -1
+    if fields["age"] is not None:
+        age = _parse_age(row[fields["age"]])
+        if age is None:
+            raise DataError(
+                f"{where}: Patient Age {row[fields['age']]!r} is not like 58 or 058Y"
+            )
+    text = lambda key: row[fields[key]].strip() if fields[key] is not None else ""  # noqa: E731
+    return text("name"), pid, vector, age, text("sex"), text("view")
+
+
 def read_data_entry(path: PathLike) -> Table:
     """Read Data_Entry_2017.csv (2017 release or v2020 revision, plain or gzipped).
 
@@ -95,28 +138,10 @@ def read_data_entry(path: PathLike) -> Table:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"label CSV not found: {path}")
+    rows, seen, encoded = [], set(), {}
     with open_text(path) as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            raise DataError(f"{path}: empty file, expected a Data_Entry_2017.csv header")
-        column = {name.strip(): i for i, name in enumerate(header) if name.strip()}
-        for name in REQUIRED_COLUMNS:
-            if name not in column:
-                raise DataError(
-                    f"{path}: no {name!r} column in the header (is this Data_Entry_2017.csv?)"
-                )
-        i_name, i_find, i_pid = (column[c] for c in REQUIRED_COLUMNS)
-        i_age, i_sex, i_view = (
-            column.get(c) for c in ("Patient Age", "Patient Gender", "View Position")
-        )
-        n_needed = 1 + max(
-            i for i in (i_name, i_find, i_pid, i_age, i_sex, i_view) if i is not None
-        )
-
-        names, pids, label_rows, ages, sexes, views = [], [], [], [], [], []
-        encoded: dict[str, np.ndarray] = {}  # only ~800 distinct findings strings
-        seen: set[str] = set()
+        fields, n_needed = _columns(path, next(reader, None))
         for line_no, row in enumerate(reader, start=2):
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
@@ -124,42 +149,16 @@ def read_data_entry(path: PathLike) -> Table:
                 raise DataError(
                     f"{path}:{line_no}: {len(row)} fields, expected at least {n_needed}"
                 )
-            name = row[i_name].strip()
+            name = row[fields["name"]].strip()
             if name in seen:
                 raise DataError(f"{path}:{line_no}: duplicate Image Index {name!r}")
             seen.add(name)
-            findings = row[i_find]
-            vector = encoded.get(findings)
-            if vector is None:
-                try:
-                    vector = encode_findings(findings)
-                except ValueError as err:
-                    raise DataError(f"{path}:{line_no}: {err}") from None
-                encoded[findings] = vector
-            try:
-                pid = int(row[i_pid])
-            except ValueError:
-                raise DataError(
-                    f"{path}:{line_no}: Patient ID {row[i_pid]!r} is not an integer"
-                ) from None
-            if i_age is None:
-                age = -1
-            else:
-                age = _parse_age(row[i_age])
-                if age is None:
-                    raise DataError(
-                        f"{path}:{line_no}: Patient Age {row[i_age]!r} is not like 58 or 058Y"
-                    )
-            names.append(name)
-            pids.append(pid)
-            label_rows.append(vector)
-            ages.append(age)
-            sexes.append(row[i_sex].strip() if i_sex is not None else "")
-            views.append(row[i_view].strip() if i_view is not None else "")
-    if not names:
+            rows.append(_parse_row(f"{path}:{line_no}", row, fields, encoded))
+    if not rows:
         raise DataError(f"{path}: header only, no image rows")
+    names, pids, label_rows, ages, sexes, views = zip(*rows)
     return Table(
-        image_index=names,
+        image_index=list(names),
         patient_id=np.asarray(pids, np.int64),
         labels=np.stack(label_rows).astype(np.float32),
         age=np.asarray(ages, np.int64),
