@@ -175,7 +175,10 @@ def test_two_ranks_stop_together_on_a_full_disk(tmp_path):
     assert sorted(_rank_lines(out, "no space left on device")) == [0], out[-3000:]
     assert sorted(_rank_lines(out, "error: rank 0 could not write a checkpoint")) == [1], (
         out[-3000:])
-    # No traceback of ours. (h5py's file object of the failed write reports, when it is
-    # freed at exit, that it could not flush: "Exception ignored in ... __dealloc__".)
-    ours = [line for line in out.splitlines() if "Traceback" in line]
-    assert len(ours) == out.count("h5py._objects.ObjectID.__dealloc__"), out[-3000:]
+    # No traceback of ours: no frame names this project's files. (Not ours: h5py's report,
+    # at exit, that the failed file could not be flushed, "Exception ignored in ...
+    # __dealloc__", and horovodrun's own RuntimeError naming the rank that exited first;
+    # which rank that is, is a race.)
+    ours = [line for line in out.splitlines()
+            if re.search(r'File ".*(resnet_main\.py|/hooks/|/imagenet/|/flags/)', line)]
+    assert not ours, out[-3000:]
