@@ -166,13 +166,16 @@ def localization_report(config, network, options, boxes, names, paths, probs, ti
     return rows
 
 
-def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log) -> None:
-    """Rank 0 writes the report files (when `out_dir`), logs the table, the warnings
-    (collapsed or saturated predictions) and a SUMMARY line."""
+def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log,
+           environment: dict | None = None) -> None:
+    """Rank 0 writes the report files (when `out_dir`; summary.json also holds the run's
+    `environment`), logs the table, the warnings (collapsed or saturated predictions) and
+    a SUMMARY line."""
     summary["warnings"] = list(scored.warnings)
     if out_dir:
+        written = summary if environment is None else dict(summary, environment=environment)
         reports.write_report(out_dir, scored.auroc, scored.labels, scored.probs, context,
-                             title=title, summary=summary, warnings=scored.warnings,
+                             title=title, summary=written, warnings=scored.warnings,
                              intervals=scored.intervals)
     chief_log(reports.markdown_table(scored.auroc, title, scored.warnings, scored.intervals))
     for warning in scored.warnings:

@@ -332,7 +332,8 @@ class ChexnetTask(runner.Task):
         if context.is_chief:
             evaluate.add_intervals(scored, self.val_split.patient_ids[scored.index], config,
                                    log)
-        evaluate.report(config.reports_to, scored, title, summary, context, log)
+        evaluate.report(config.reports_to, scored, title, summary, context, log,
+                        outcome.environment)
         return summary
 
 

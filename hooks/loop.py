@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import keras
 
 from hooks import callbacks as cb
-from hooks import checkpoints, faults, horovod_glue, settings, watchdog
+from hooks import checkpoints, faults, horovod_glue, run_record, settings, watchdog
 from hooks.errors import ConfigError
 from hooks.evaluation import Evaluation
 
@@ -158,10 +158,12 @@ class Saving:
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-    """Rank 0's progress lines: every `every_n_steps` steps, as JSON with `json_lines`."""
+    """Rank 0's progress lines: every `every_n_steps` steps, as JSON with `json_lines`;
+    with `metrics`, each progress line and evaluation is also a record there."""
     log: Callable = print
     every_n_steps: int = 100
     json_lines: bool = False
+    metrics: run_record.MetricsLog | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +232,7 @@ class _Parts:
         self.meter = cb.ThroughputMeter(plan.global_batch)
         self.evaluation = (cb.PeriodicEvaluation(validation.evaluate,
                                                  validation.every_steps or plan.total_steps,
-                                                 plan.total_steps)
+                                                 plan.total_steps, self._record_evaluation)
                            if validation is not None else None)
         self.guard, self.heartbeat = faults.FiniteGuard(), _Heartbeat()
         self.preemption = faults.Preemption(trainer.stop_request)
@@ -238,10 +240,16 @@ class _Parts:
                        cb.LearningRateLogger(), self.guard, self.preemption]
         self.chief_log = horovod_glue.chief_logger(progress.log, lambda: trainer.context)
 
+    def _record_evaluation(self, step: int, result: Evaluation) -> None:
+        if self.progress.metrics is not None:
+            self.progress.metrics.write({"kind": "eval", "step": step,
+                                         "count": result.count, "metrics": result.metrics},
+                                        self.trainer.context)
+
     def callbacks_for(self, ctx: horovod_glue.Context) -> list:
         callbacks = self.steady + [cb.ProgressLogger(
             self.plan.global_batch, ctx, self.progress.every_n_steps, self.plan.total_steps,
-            json_lines=self.progress.json_lines)]
+            json_lines=self.progress.json_lines, metrics=self.progress.metrics)]
         if self.evaluation is not None:
             callbacks.append(self.evaluation)
         callbacks += self.extra

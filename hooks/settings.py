@@ -36,6 +36,9 @@ class Settings:
     keep_checkpoints: int = 5
     log_every_n_steps: int = 100
     json_progress: bool = False
+    # Not a flag: the run's flags in --flagfile form (flags.flagfile_text), which training
+    # writes to MODEL_DIR/flags.txt (hooks.run_record); empty for a config made in code.
+    flags_text: str = ""
 
 
 def check(settings: Settings) -> None:

@@ -308,7 +308,7 @@ class ImagenetTask(runner.Task):
             summary["exported"] = path
             summary["saved_model"] = export_saved_model(self.network, config.export_dir,
                                                         context)
-        _report(summary, config, context, log)
+        _report(summary, config, context, log, outcome.environment)
         return summary
 
 
@@ -351,7 +351,9 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     return runner.run(ImagenetTask(config), context, log)
 
 
-def _report(summary: dict, config: RunConfig, context, chief_log) -> None:
+def _report(summary: dict, config: RunConfig, context, chief_log, environment: dict) -> None:
+    """Rank 0 prints the summary (a table and a SUMMARY line) and writes it, with the run's
+    environment (`hooks.run_record`), to MODEL_DIR/summary.json."""
     lines = [f"  {k:<26} {v:.4f}" if isinstance(v, float) else f"  {k:<26} {v}"
              for k, v in summary.items()]
     chief_log("resnet_main summary:\n" + "\n".join(lines))
@@ -359,6 +361,6 @@ def _report(summary: dict, config: RunConfig, context, chief_log) -> None:
     if config.model_dir:
         def write(path):
             with open(path, "w") as f:
-                json.dump(summary, f, indent=1, sort_keys=True)
+                json.dump(dict(summary, environment=environment), f, indent=1, sort_keys=True)
         horovod_glue.write_atomically(os.path.join(config.model_dir, "summary.json"), write,
                                       context)
