@@ -273,7 +273,7 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     before the random view (on disk: keyed by the shard's files, labels and `seed`, see
     `_cache`); the cached order is one fixed shuffle, reshuffled each epoch through
     blocks of 2048 images. Each epoch's order is keyed by (seed, rank, epoch) and
-    each image's view by its position in the stream (`hooks.data_order`), so any iterator
+    each image's view by its position in the stream (`hooks.state.data_order`), so any iterator
     of the pipeline yields the same batches.
     `first_step` (a resumed or elastic restart): the stream starts where `first_step`
     batches of this rank end, skipping the images before it in that epoch (undecoded
@@ -282,7 +282,7 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     """
     import tensorflow as tf
 
-    from hooks import data_order
+    from hooks.state import data_order
 
     paths, labels = [os.fspath(p) for p in paths], np.asarray(labels, np.float32)
     _check_args(paths, labels, options, batch_size, rank, size)
