@@ -267,7 +267,7 @@ def _train_stream(shard_paths: list[str], shard_labels: np.ndarray, options: Inp
     order again without `reshuffle`; from the cache when `options.cache` is set."""
     import tensorflow as tf
 
-    from hooks import data_order
+    from hooks.state import data_order
 
     autotune = tf.data.AUTOTUNE
 
@@ -311,7 +311,7 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     before the random view (on disk: keyed by the shard's files, labels and `seed`, see
     `_cache`); the cached order is one fixed shuffle, reshuffled each epoch through
     blocks of 2048 images. Each epoch's order is keyed by (seed, rank, epoch) and
-    each image's view by its position in the stream (`hooks.data_order`), so any iterator
+    each image's view by its position in the stream (`hooks.state.data_order`), so any iterator
     of the pipeline yields the same batches.
     `first_step` (a resumed or elastic restart): the stream starts where `first_step`
     batches of this rank end, skipping the images before it in that epoch (undecoded

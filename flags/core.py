@@ -13,7 +13,8 @@ import typing
 
 from absl import flags
 
-from hooks import elastic_launch, settings
+from hooks import settings
+from hooks.distributed import elastic_launch
 
 FLAGS = flags.FLAGS
 
@@ -99,7 +100,7 @@ def _divisible_by_world(name, flag_values):
         if not flag_values[name].present:
             return True
         if elastic_launch.launched_elastic():
-            return True  # elastic: the world changes; any size works (hooks.elastic)
+            return True  # elastic: the world changes; any size works (hooks.distributed.elastic)
         size = launcher_world_size()
         if value is not None and value > 0 and value % size:
             raise flags.ValidationError(

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from hooks import data_order
 from hooks.errors import DataError
+from hooks.state import data_order
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "validation")
@@ -268,7 +268,7 @@ def _training_stream(epoch_records, *, shuffle_buffer: int, key: int, first_posi
     `epoch_records(epoch)` gives the records of one epoch; each epoch's blocks of
     `shuffle_buffer` records are permuted, keyed by (key, epoch), and each record gets an
     augmentation seed from (key, its position), so a run resumed at a position reads and
-    augments what the uninterrupted run did (`hooks.data_order`); `key` is
+    augments what the uninterrupted run did (`hooks.state.data_order`); `key` is
     `stream_key(seed, rank)`. An epoch is `epoch_size` records (the shard's shuffled
     records, cycled if it holds fewer; None: all of them, and first_position must be 0),
     so positions never depend on how many records a shard really holds. The records

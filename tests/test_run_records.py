@@ -1,4 +1,4 @@
-"""Runs that record how to reproduce them (hooks.run_record): flags.txt reruns the same
+"""Runs that record how to reproduce them (hooks.state.run_record): flags.txt reruns the same
 run, metrics.jsonl holds what the progress lines say, the environment is what this
 process and the system report on their own."""
 import json
@@ -14,8 +14,8 @@ from absl import flags as absl_flags
 import flags
 import resnet_main
 from chexnet import __main__ as chexnet_main
-from hooks import run_record
-from hooks.horovod_glue import Context
+from hooks.distributed.horovod_glue import Context
+from hooks.state import run_record
 from tests import checkpoint_values
 from tests.conftest import ROOT, mpirun_cmd, python_cmd, run_cmd
 
@@ -67,7 +67,7 @@ def test_metrics_log_appends_whole_lines_from_rank_0_only(tmp_path):
     log.write({"step": 1, "loss": 2.5}, Context(rank=1, size=2))
     assert not path.exists()
     # Two processes appending at once: every line stays whole.
-    code = ("import sys, types; from hooks import run_record;"
+    code = ("import sys, types; from hooks.state import run_record;"
             f"log = run_record.MetricsLog({str(path)!r});"
             "chief = types.SimpleNamespace(is_chief=True);"
             "[log.write({'step': i, 'who': sys.argv[1], 'pad': 'x' * 3000}, chief) "

@@ -4,8 +4,8 @@ with our callbacks, resuming from the newest checkpoint in model_dir that loads.
 Faults (docs/robustness.md): a non-finite loss or weights stop every rank at the same step
 (or roll back to the last good state, `--on_nonfinite=rollback`); SIGTERM/SIGUSR1 stop every
 rank at an agreed step with a checkpoint (`faults.Preempted`); each step and evaluation
-batch beats the stall watchdog. Elastic runs (`elastic_commit_steps`, `hooks.elastic`) go on
-when workers leave or join."""
+batch beats the stall watchdog. Elastic runs (`elastic_commit_steps`,
+`hooks.distributed.elastic`) go on when workers leave or join."""
 import dataclasses
 import math
 import time
@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 
 import keras
 
-from hooks import callbacks as cb
-from hooks import checkpoints, faults, horovod_glue, run_record, settings, watchdog
+from hooks import settings
+from hooks.distributed import horovod_glue, watchdog
 from hooks.errors import ConfigError
-from hooks.evaluation import Evaluation
+from hooks.state import checkpoints, faults, run_record
+from hooks.training import callbacks as cb
+from hooks.training.evaluation import Evaluation
 
 ON_NONFINITE = settings.ON_NONFINITE
 
@@ -168,7 +170,7 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class Elastic:
-    """An elastic run (`hooks.elastic`): commit every `commit_steps` steps and at each
+    """An elastic run (`hooks.distributed.elastic`): commit every `commit_steps` steps and at each
     checkpoint; `state_variables` (e.g. a schedule factor) travel with the weights."""
     commit_steps: int
     state_variables: Sequence = ()
@@ -273,9 +275,9 @@ class _Parts:
 
 
 def _train_elastic(parts: _Parts, data: Input, elastic: Elastic, practices: dict):
-    """`hooks.elastic`'s run of the loop: (history, rollbacks, last evaluation, final
+    """`hooks.distributed.elastic`'s run of the loop: (history, rollbacks, last evaluation, final
     world); the world changes go into `practices`."""
-    from hooks import elastic as elastic_lib
+    from hooks.distributed import elastic as elastic_lib
 
     trainer, global_batch = parts.trainer, parts.plan.global_batch
     stateful = {f"callback_{i}": c for i, c in enumerate(parts.steady + [parts.evaluation]

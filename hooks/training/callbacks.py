@@ -14,8 +14,10 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from hooks import checkpoints, evaluation, horovod_glue, watchdog
-from hooks.steps import global_step
+from hooks.distributed import horovod_glue, watchdog
+from hooks.state import checkpoints
+from hooks.training import evaluation
+from hooks.training.steps import global_step
 
 
 def current_learning_rate(optimizer) -> float:
@@ -143,8 +145,8 @@ class PeriodicEvaluation(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._last_period = global_step(self.model) // self.every
 
-    # What an elastic reset restores and broadcasts (hooks.elastic): every rank must agree
-    # on whether the final weights still need an evaluation.
+    # What an elastic reset restores and broadcasts (hooks.distributed.elastic): every rank
+    # must agree on whether the final weights still need an evaluation.
     def state_dict(self) -> dict:
         return {"last": self.last}
 
@@ -179,7 +181,7 @@ class ReduceOnPlateau(keras.callbacks.Callback):
         self.best = math.inf
         self.wait = 0
 
-    # Every rank must take the same decisions after an elastic reset (hooks.elastic).
+    # Every rank must take the same decisions after an elastic reset (hooks.distributed.elastic).
     def state_dict(self) -> dict:
         return {"best": self.best, "wait": self.wait}
 
@@ -220,7 +222,7 @@ class CheckpointSaver(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # Every rank: the others wait in a barrier while rank 0 writes, so a long write
-        # on a slow file system is not mistaken for a stall (see hooks.watchdog).
+        # on a slow file system is not mistaken for a stall (see hooks.distributed.watchdog).
         if self.context.is_chief:
             watchdog.chief_writing(True)
             try:

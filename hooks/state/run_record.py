@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 
-from hooks import safe_files
+from hooks.state import safe_files
 
 FLAGS_FILE, METRICS_FILE = "flags.txt", "metrics.jsonl"
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ COMMIT_ENV = "HPC_RESNET_GIT_COMMIT"  # set by a container build that has no .gi
 
 def write_flags(model_dir: str, text: str, context) -> None:
     """Rank 0 writes `text` (flagfile form) to MODEL_DIR/flags.txt, atomically."""
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
 
     def write(path):
         with open(path, "w") as f:

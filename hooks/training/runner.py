@@ -6,8 +6,8 @@ its input, its network and optimizer, its evaluation, what a checkpoint records 
 the run reports. `run(task, context)` does the rest in this order, for both: the global
 batch check, the cheap input check on every rank, precision and seed, the distributed
 trainer, resume from `model_dir` (elastic or not), the start-up line, the run's records
-(`hooks.run_record`: flags.txt, metrics.jsonl, the environment in state.json and
-summary.json), `hooks.loop.train` with the task's plan, and the task's summary.
+(`hooks.state.run_record`: flags.txt, metrics.jsonl, the environment in state.json and
+summary.json), `hooks.training.loop.train` with the task's plan, and the task's summary.
 """
 import dataclasses
 import os
@@ -17,8 +17,11 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from hooks import horovod_glue, loop, run_record, runtime
+from hooks import runtime
+from hooks.distributed import horovod_glue
 from hooks.settings import Settings
+from hooks.state import run_record
+from hooks.training import loop
 
 
 @dataclasses.dataclass
