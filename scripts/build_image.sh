@@ -89,6 +89,8 @@ install_tools
 choose_base
 VERSION=$(sed -n 's/^version *= *//p' setup.cfg)
 REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# Uncommitted changes go into the image too: say so in the revision runs record.
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && REVISION=$REVISION-dirty
 TAG="$VERSION-$REVISION"
 MOUNT=()
 if [ -n "$WHEEL_CACHE" ]; then
