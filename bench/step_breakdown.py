@@ -36,7 +36,8 @@ if __name__ == "__main__":
 from bench.common import Clock, lscpu, write_json  # noqa: E402
 
 # Today's defaults, and before (Keras's SGD update; for DenseNet also Keras's batch norm).
-CASES = ("resnet50", "resnet50_before", "densenet121", "densenet121_before")
+CASES = ("resnet50", "resnet50_before", "densenet121", "densenet121_before", "resnet50_bf16",
+         "densenet121_bf16")  # *_bf16: the default step in mixed_bfloat16
 # Op type -> kind (oneDNN's rewritten names start with _MklNative / _Mkl / _Fused).
 KINDS = [
     ("conv backward-filter", r"Conv2DBackpropFilter"),
@@ -110,13 +111,15 @@ def build(case: str, batch: int, image_size: int):
     import tensorflow as tf
 
     now = not case.endswith("_before")
+    policy = "mixed_bfloat16" if case.endswith("_bf16") else "float32"
     if case.startswith("resnet50"):
         from bench.resnet_throughput import _data, ours
 
-        return ours("float32", fused_optimizer=now), _data(batch, image_size, tf.float32)
+        dtype = tf.bfloat16 if case.endswith("_bf16") else tf.float32
+        return ours(policy, fused_optimizer=now), _data(batch, image_size, dtype)
     from bench.chexnet_backbones import build as chexnet_build
 
-    trainer, data, _ = chexnet_build("densenet121", "float32", now, batch, image_size,
+    trainer, data, _ = chexnet_build("densenet121", policy, now, batch, image_size,
                                      fused_optimizer=now)
     return trainer, data
 
