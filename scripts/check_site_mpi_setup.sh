@@ -12,8 +12,10 @@
 #  2. clones the project and runs `MPI_HOME=<prefix> make setup` with its own wheel cache;
 #  3. `horovodrun --check-build` must list the MPI controller ([X] MPI);
 #  4. `mpirun -np 2` of hvd.init() with the site MPI: both ranks must report size 2;
-#  5. `horovodrun -np 2` (mpirun underneath, not Gloo) of a tiny resnet_main.py run must
-#     print its SUMMARY line.
+#  5. `mpirun -np 2` of a tiny resnet_main.py run must print its SUMMARY line with 2 ranks;
+#  6. so must `horovodrun -np 2 --mpi` (mpirun underneath, not Gloo), except with Open MPI 5,
+#     whose mpirun refuses the one-dash `-bind-to` Horovod 0.28.1 passes: that known failure
+#     is checked for and logged.
 # Exits non-zero on the first failure. Every process it starts carries a token in its
 # environment and is ended at exit. FRESH=1 empties the user's Horovod wheel cache first
 # (a full build); otherwise a rerun installs the cached wheel in seconds.
@@ -138,8 +140,10 @@ start=$(date +%s)
 MPI_HOME="$MPI_PREFIX" make setup | tail -n 1
 log "a second make setup took $(( $(date +%s) - start )) s"
 
-# The site MPI on PATH from here on, as after `module load`.
+# The site MPI on PATH from here on, as after `module load`; its mpirun's options.
 export PATH="$MPI_PREFIX/bin:$PATH"
+if [ "$SITE_MPI" = openmpi ]; then MPIRUN=(mpirun -np 2 --oversubscribe --bind-to none)
+else MPIRUN=(mpirun -np 2 -bind-to none); fi
 log "installed Horovod: $(.venv/bin/python -c 'from horovod import _hpc_resnet_patches as b; print(b.BUILD_FLAVOUR)')"
 lib=$(ls .venv/lib/python3*/site-packages/horovod/tensorflow/mpi_lib*.so)
 libmpi=$(ldd "$lib" | awk '$1 ~ /^libmpi\.so/ {print $3}')
@@ -149,17 +153,38 @@ case "$libmpi" in "$MPI_PREFIX"/*) ;; *) die "Horovod links ${libmpi:-no libmpi}
 grep -Eq '^ *\[X\] MPI' check-build.txt || die "horovodrun --check-build does not list [X] MPI"
 
 log "mpirun -np 2 hvd.init() with the site MPI"
-mpirun -np 2 --oversubscribe .venv/bin/python -c \
+"${MPIRUN[@]}" .venv/bin/python -c \
   'import horovod.tensorflow as hvd; hvd.init(); print("RANK", hvd.rank(), "SIZE", hvd.size(), "MPI", hvd.mpi_enabled())' \
   | tee ranks.txt
 [ "$(grep -c '^RANK [01] SIZE 2 MPI True$' ranks.txt)" = 2 ] || die "mpirun -np 2 did not give 2 MPI ranks of size 2"
 
-log "horovodrun -np 2 (mpirun) resnet_main.py, tiny synthetic run"
-.venv/bin/horovodrun -np 2 --mpi .venv/bin/python resnet_main.py --use_synthetic_data \
-  --mode=train --model_dir="$HOME/site-mpi-run" --resnet_depth=18 --image_size=32 \
-  --train_batch_size=8 --train_steps=4 --iterations_per_loop=2 --num_train_images=64 \
-  --num_label_classes=10 --log_every_n_steps=2 --warmup_epochs=0.1 2>&1 | tee run.txt
-grep '^SUMMARY ' run.txt | grep -q '"ranks": 2' \
-  || die "the horovodrun -np 2 run printed no SUMMARY line with \"ranks\": 2"
+# A tiny synthetic resnet_main.py run on 2 ranks; $1: what to launch it with.
+tiny_run() {
+  local out=$1; shift
+  rm -rf -- "$HOME/site-mpi-run"
+  "$@" .venv/bin/python resnet_main.py --use_synthetic_data --mode=train \
+    --model_dir="$HOME/site-mpi-run" --resnet_depth=18 --image_size=32 --train_batch_size=8 \
+    --train_steps=4 --iterations_per_loop=2 --num_train_images=64 --num_label_classes=10 \
+    --log_every_n_steps=2 --warmup_epochs=0.1 > "$out" 2>&1
+}
+
+log "mpirun -np 2 resnet_main.py (the slurm/ scripts' LAUNCHER=mpirun), tiny synthetic run"
+tiny_run run-mpirun.txt "${MPIRUN[@]}" || { tail -n 30 run-mpirun.txt; die "mpirun -np 2 resnet_main.py failed"; }
+grep '^SUMMARY ' run-mpirun.txt
+grep '^SUMMARY ' run-mpirun.txt | grep -q '"ranks": 2' || die "mpirun -np 2 resnet_main.py printed no SUMMARY line with \"ranks\": 2"
+
+# horovodrun's MPI mode: Horovod 0.28.1 passes `-bind-to none -map-by slot` with one dash,
+# which Open MPI 5's mpirun (prterun) refuses ("Executable: none"); Open MPI 4 and MPICH
+# take it. Recorded, so that the day it works the docs are updated.
+log "horovodrun -np 2 (MPI, not Gloo) resnet_main.py"
+if tiny_run run-horovodrun.txt .venv/bin/horovodrun -np 2 --mpi; then
+  grep '^SUMMARY ' run-horovodrun.txt
+  grep '^SUMMARY ' run-horovodrun.txt | grep -q '"ranks": 2' || die "horovodrun -np 2 printed no SUMMARY line with \"ranks\": 2"
+  [ "$SITE_MPI" != openmpi ] || die "horovodrun -np 2 --mpi now works with Open MPI 5: update docs/install.md and this script"
+elif [ "$SITE_MPI" = openmpi ] && grep -q 'Executable: none' run-horovodrun.txt; then
+  log "known: horovodrun --mpi fails with Open MPI 5 (its mpirun refuses -bind-to with one dash); use mpirun/srun or horovodrun --gloo"
+else
+  tail -n 30 run-horovodrun.txt; die "horovodrun -np 2 --mpi resnet_main.py failed"
+fi
 rm -rf -- "$HOME/site-mpi-run"
 log "user steps done"
