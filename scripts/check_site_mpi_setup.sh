@@ -68,8 +68,8 @@ git clone -q --bare "$REPO" "$SRC_DIR/hpc-resnet.git"
 chown -R "$CHECK_USER:" "$SRC_DIR"
 log "project at $COMMIT ($(git -C "$REPO" log -1 --format=%s "$COMMIT"))"
 
-# What the user runs: a clean environment (no root's PATH, no MPI on it); the pip settings
-# of this machine (its wheel folder and certificates) pass through.
+# What the user runs: a clean environment (a plain PATH, the site MPI not on it; MPI_HOME
+# names it); the pip settings of this machine (its wheel folder, certificates) pass through.
 user_env=(HOME="$HOME_DIR" USER="$CHECK_USER" LOGNAME="$CHECK_USER" LANG=C.UTF-8
           PATH=/usr/local/bin:/usr/bin:/bin SHELL=/bin/bash TF_CPP_MIN_LOG_LEVEL=2
           HPC_RESNET_CHECK_TOKEN="$TOKEN" SRC="$SRC_DIR/hpc-resnet.git" COMMIT="$COMMIT"
