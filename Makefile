@@ -52,3 +52,13 @@ test-multinode: cluster-deps
 
 clean:
 	rm -rf demo_out .pytest_cache
+
+# The OCI image for CPU clusters (podman; root makes the base with debootstrap when no
+# registry is reachable): container/Containerfile, docs/container.md. BASE=IMAGE picks the base.
+.PHONY: image image-check
+image:
+	bash scripts/build_image.sh
+
+# A 2-rank resnet_main.py run inside the built image (root: podman image mount + chroot).
+image-check:
+	bash scripts/run_in_image.sh

@@ -106,9 +106,10 @@ def main(argv):
         return train.run(config, context)
 
     tpu_compat.warn_ignored("resnet_main", FLAGS)
+    flags_text = flags.flagfile_text(FLAGS, "python resnet_main.py", COMPAT_FLAGS)
+    config = flags.fill(RunConfig, flags_text=flags_text)
     entry.run_entry("resnet_main", flags.get_performance_config(),
-                    flags.get_distributed_config(), flags.fill(RunConfig),
-                    config_lib.validate, run)
+                    flags.get_distributed_config(), config, config_lib.validate, run)
 
 
 def run_main():

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.chexnet_backbones --precisions fp32 --batch 16   # BN only
 
 One process, 1 rank, synthetic 224 px images and 14 random labels, batch 16, the training
-step chexnet runs (chexnet.model's backbone + 14-way sigmoid head, hooks.horovod_glue's
+step chexnet runs (chexnet.model's backbone + 14-way sigmoid head, hooks.distributed.horovod_glue's
 DistributedTrainer, weighted BCE of chexnet.train, SGD momentum). Per backbone: float32 and
 mixed_bfloat16, each with Keras's BatchNormalization (what keras.applications builds) and
 with imagenet.models.FusedBatchNormalization swapped in (`models.fuse_batch_norms`; ResNet
@@ -46,7 +46,8 @@ def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: in
     from chexnet import model as model_lib
     from chexnet.labels import NUM_CLASSES
     from chexnet.train import make_loss
-    from hooks import fused_optimizers, horovod_glue
+    from hooks.distributed import horovod_glue
+    from hooks.practices import fused_optimizers
     from imagenet import models
 
     keras.mixed_precision.set_global_policy(policy)

@@ -12,7 +12,7 @@ included) with wall-clock beside it:
 - input, train: `train_dataset` with `--cache=memory`: epoch 1 decodes, epoch 2 reads the
   cache (flip + normalise only);
 - input, predict: `chexnet.predict.read_image` + `prepare` per image (PIL, numpy);
-- model, evaluate: `chexnet.evaluate.gather` (`hooks.evaluation.predict`) over the images
+- model, evaluate: `chexnet.evaluate.gather` (`hooks.training.evaluation.predict`) over the images
   already decoded (model only), default fused batch norm (and Keras's: `--kerasbn`);
 - model, train: chexnet's DenseNet-121 training step (`bench.chexnet_backbones.build`).
 
@@ -74,7 +74,7 @@ def evaluate_case(batches, size: int, fused_bn: bool) -> dict:
 
     from chexnet import evaluate
     from chexnet import model as model_lib
-    from hooks.horovod_glue import Context
+    from hooks.distributed.horovod_glue import Context
 
     keras.mixed_precision.set_global_policy("float32")
     network, _ = model_lib.build_chexnet_model("densenet121", size, fused_bn=fused_bn)

@@ -104,7 +104,7 @@ def worker(job: Job) -> dict | None:
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if job.precision == "bfloat16" else "float32")
     from bench.common import cpu_seconds
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
     from imagenet import input_pipeline, models
 
     context = horovod_glue.init() if job.launcher != "none" else horovod_glue.Context()

@@ -1,6 +1,6 @@
 """The large-batch learning-rate ladder on real data: sklearn's 1,797 8x8 digits.
 
-Run (2 ranks; every run goes through hooks.loop.train on a DistributedTrainer):
+Run (2 ranks; every run goes through hooks.training.loop.train on a DistributedTrainer):
 
     horovodrun -np 2 --gloo python -m bench.lr_study --output docs/lr_practices.md
 
@@ -92,7 +92,7 @@ class Rung:
 
 
 def build_ladder(args, n_train) -> list[Rung]:
-    from hooks import schedules as S
+    from hooks.practices import schedules as S
     rungs = []
     E = args.epochs
 
@@ -178,8 +178,10 @@ def build_ladder(args, n_train) -> list[Rung]:
 def run_rung(rung: Rung, seed, data, context, args, workdir) -> dict[str, float]:
     import keras
 
-    from hooks import evaluation, horovod_glue, loop, snapshots, weight_decay
-    from hooks.time_to_accuracy import TimeToAccuracy
+    from hooks.distributed import horovod_glue
+    from hooks.practices import snapshots, weight_decay
+    from hooks.practices.time_to_accuracy import TimeToAccuracy
+    from hooks.training import evaluation, loop
     (x_tr, y_tr), (x_te, y_te) = data
     network = small_resnet(seed)
     factor = weight_decay.attach_scheduled_l2(network, rung.weight_decay(0))
@@ -288,7 +290,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
     context = horovod_glue.init()
     for batch in (args.small_batch, args.large_batch):
         if batch % context.size:

@@ -27,7 +27,7 @@ from bench.common import fmt, summary, write_json  # noqa: E402
 from bench.hvd_jobs import Job, run_job  # noqa: E402
 
 # Horovod's own cycle time (1 ms) is set explicitly where a case means "Horovod's default":
-# hooks.horovod_glue.init() now defaults to 10 ms when the environment sets nothing.
+# hooks.distributed.horovod_glue.init() now defaults to 10 ms when the environment sets nothing.
 H1 = {"HOROVOD_CYCLE_TIME": "1"}
 CASES = {
     "1x1": dict(ranks=1, intra=1),

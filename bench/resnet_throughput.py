@@ -4,7 +4,7 @@ One process, 1 rank, synthetic 224 px images, batch 32: plain
 `keras.applications.ResNet50` + `model.fit`, then our ResNet-50 v1.5 through the same
 DistributedTrainer that resnet_main uses, in float32 and bfloat16 (and bfloat16 with
 Keras's BatchNormalization instead of our fused one, to show what that buys), and
-evaluation as resnet_main runs it (hooks.evaluation.evaluate: forward pass with
+evaluation as resnet_main runs it (hooks.training.evaluation.evaluate: forward pass with
 training=False plus the top-1/top-5/loss metrics) in float32 and bfloat16. The
 measurements are interleaved in rounds so that noise from other work on the machine hits
 all of them alike; the ratios are what to read. Images per CPU-second (the robust figure on
@@ -33,7 +33,9 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench.common import Clock, fmt, fraction_of_limit, summary, write_json  # noqa: E402
-from hooks import fused_optimizers, horovod_glue, runtime  # noqa: E402
+from hooks import runtime
+from hooks.distributed import horovod_glue
+from hooks.practices import fused_optimizers  # noqa: E402
 from imagenet import input_pipeline, models  # noqa: E402
 from imagenet.scaling import (  # noqa: E402
     RESNET50_FORWARD_FLOP_PER_IMAGE,
@@ -88,10 +90,10 @@ def measure(model, data, steps, warm_up):
 
 
 def measure_eval(network, data, steps, warm_up):
-    """The same for evaluation as resnet_main runs it (hooks.evaluation.evaluate: the
+    """The same for evaluation as resnet_main runs it (hooks.training.evaluation.evaluate: the
     network's forward pass with training=False and top-1/top-5/loss metric updates, one
     traced step per batch), over `steps` batches."""
-    from hooks import evaluation
+    from hooks.training import evaluation
     from imagenet.train import eval_metrics
     metrics = _EVAL_METRICS.setdefault(id(network), eval_metrics(1000))
     context = horovod_glue.Context()

@@ -8,7 +8,7 @@ our entry points run: resnet_main's ResNet-50 (`bench.resnet_throughput.ours`:
 DistributedTrainer, sparse softmax cross-entropy, SGD momentum, L2 weight decay) and
 chexnet's DenseNet-121 (`bench.chexnet_backbones.build`: 14-way sigmoid head, weighted BCE,
 SGD momentum), with today's defaults: fused batch norm and the one-kernel SGD update
-(`hooks.fused_optimizers`). The `*_before` cases are the same steps as they ran before:
+(`hooks.practices.fused_optimizers`). The `*_before` cases are the same steps as they ran before:
 Keras's SGD update (separate element-wise ops) and, for DenseNet, Keras's
 BatchNormalization. Per case: one warm-up step, `--steps` timed steps (images per
 CPU-second and per wall second), then `--steps` steps under the TF profiler, whose op events

@@ -127,7 +127,9 @@ def _fractions_ok(values) -> bool:
 
 def config_from_flags(command: str, flag_values=FLAGS) -> ChexnetConfig:
     return flags.fill(ChexnetConfig, flag_values, mode=command,
-                      split_fractions=tuple(float(x) for x in flag_values.split_fractions))
+                      split_fractions=tuple(float(x) for x in flag_values.split_fractions),
+                      flags_text=flags.flagfile_text(flag_values,
+                                                     f"python -m chexnet {command}"))
 
 
 def main(argv):

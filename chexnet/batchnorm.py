@@ -62,7 +62,7 @@ def recompute(network, dataset, batches: int, context) -> int:
     `batches` batches of `dataset` ((images, ...) batches of this rank), and over all
     ranks, of its training-mode batch mean/variance. A collective: every rank calls it.
     Returns the global number of batches used (0: nothing changed)."""
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
 
     layers = bn_layers(network)
     if not layers or batches < 1:

@@ -162,7 +162,7 @@ def validate(config: ChexnetConfig) -> None:
         return
     if (config.mode == "train" or not config.predictions_csv) and not config.reports_to:
         raise ConfigError("--model_dir or --report_dir is required")
-    from hooks import checkpoints  # imports Keras: only when it is needed
+    from hooks.state import checkpoints  # imports Keras: only when it is needed
 
     checkpoints.check_model_dir(config.model_dir, writable=config.mode == "train")
     checkpoints.check_model_dir(config.report_dir, writable=True, flag="--report_dir")
@@ -184,7 +184,7 @@ def _validate_predict(config: ChexnetConfig) -> None:
 
 
 def _validate_train(config: ChexnetConfig) -> None:
-    from hooks import steps
+    from hooks.training import steps
 
     if not config.image_dir:
         raise ConfigError("--image_dir is required for train")

@@ -12,8 +12,8 @@ import numpy as np
 
 from chexnet import bootstrap, input_pipeline, localize, metrics, reports, splits
 from chexnet.config import ChexnetConfig
-from hooks import checkpoints
 from hooks.errors import ConfigError, DataError
+from hooks.state import checkpoints
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ def find_checkpoint(path: str) -> checkpoints.Checkpoint:
 def gather(network, dataset, n: int, context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities and labels of the `n` images of a padded `eval_dataset`, from every
     rank, in original order: (probs, labels, original index)."""
-    from hooks import evaluation
+    from hooks.training import evaluation
 
     probs, labels, weights = evaluation.predict(network, dataset, context)
     slots = -(-n // context.size)
@@ -90,7 +90,7 @@ def run(config: ChexnetConfig, context, log=print) -> dict:
     """``chexnet evaluate``: AUROC of a fine-tuned checkpoint on one split (reports, a
     predictions CSV); or of ``--predictions_csv`` without a model."""
     from chexnet import model as model_lib
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
 
     chief_log = log if context.is_chief else (lambda *a, **k: None)
     if config.predictions_csv:
@@ -157,7 +157,7 @@ def localization_report(config, network, options, boxes, names, paths, probs, ti
                              f"{title}, {len(items)} images with boxes")
     chief_log(text)
     if out:
-        from hooks.horovod_glue import Context, write_atomically
+        from hooks.distributed.horovod_glue import Context, write_atomically
 
         write_atomically(os.path.join(out, "localization.md"),
                          reports._write_text(text), Context())
@@ -166,13 +166,16 @@ def localization_report(config, network, options, boxes, names, paths, probs, ti
     return rows
 
 
-def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log) -> None:
-    """Rank 0 writes the report files (when `out_dir`), logs the table, the warnings
-    (collapsed or saturated predictions) and a SUMMARY line."""
+def report(out_dir, scored: Scored, title: str, summary: dict, context, chief_log,
+           environment: dict | None = None) -> None:
+    """Rank 0 writes the report files (when `out_dir`; summary.json also holds the run's
+    `environment`), logs the table, the warnings (collapsed or saturated predictions) and
+    a SUMMARY line."""
     summary["warnings"] = list(scored.warnings)
     if out_dir:
+        written = summary if environment is None else dict(summary, environment=environment)
         reports.write_report(out_dir, scored.auroc, scored.labels, scored.probs, context,
-                             title=title, summary=summary, warnings=scored.warnings,
+                             title=title, summary=written, warnings=scored.warnings,
                              intervals=scored.intervals)
     chief_log(reports.markdown_table(scored.auroc, title, scored.warnings, scored.intervals))
     for warning in scored.warnings:

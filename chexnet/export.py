@@ -55,7 +55,7 @@ def export(ckpt, export_dir: str, log=print) -> str:
     import tensorflow as tf
 
     from chexnet import model as model_lib
-    from hooks import checkpoints
+    from hooks.state import checkpoints
 
     if os.path.islink(export_dir):
         raise ConfigError(f"--export_dir={export_dir} is a symbolic link")

@@ -260,6 +260,44 @@ def _cache(ds, options: InputOptions, name: str, entries, rank: int, size: int, 
     return ds.cache(image_cache.open_slot(options.cache, slot, key))
 
 
+def _train_stream(shard_paths: list[str], shard_labels: np.ndarray, options: InputOptions,
+                  key: int, rank: int, size: int, first_image: int, reshuffle: bool):
+    """((image, label), position seed) pairs of this rank's training stream, from its
+    `first_image`-th image on: each epoch's order keyed by (`key`, epoch), or epoch 0's
+    order again without `reshuffle`; from the cache when `options.cache` is set."""
+    import tensorflow as tf
+
+    from hooks.state import data_order
+
+    autotune = tf.data.AUTOTUNE
+
+    def load(path, label):
+        return decode_resize(path, options), label
+
+    def order(epoch):  # reshuffle=False: every epoch in epoch 0's order
+        return epoch if reshuffle else 0
+
+    n = len(shard_paths)
+    first_epoch, offset = data_order.start(first_image, n)
+    if options.cache is not None:  # one fixed order cached; each epoch reshuffles it
+        fixed = np.random.default_rng(key).permutation(n)
+        entries = (np.asarray(shard_paths)[fixed], shard_labels[fixed], np.ones(n))
+        decoded = tf.data.Dataset.from_tensor_slices(entries[:2]).map(
+            load, num_parallel_calls=autotune)
+        # the key holds the entries in their cached order (this seed's permutation)
+        cached = _cache(decoded, options, "train", entries, rank, size, seed=key)
+        ds = data_order.by_epoch(lambda e: data_order.block_shuffle(
+            cached, min(n, 2048), key, order(e)), first_epoch)
+        return data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
+    # the files to read in each epoch's order; skipped ones are never decoded
+    table = (tf.constant(shard_paths), tf.constant(shard_labels))
+    ds = data_order.by_epoch(lambda e: tf.data.Dataset.from_tensor_slices(
+        data_order.permutation(n, key, order(e))), first_epoch)
+    ds = data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
+    return ds.map(lambda i, pair_seed: (load(tf.gather(table[0], i), tf.gather(table[1], i)),
+                                        pair_seed), num_parallel_calls=autotune)
+
+
 def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOptions, *,
                   batch_size: int, rank: int = 0, size: int = 1, seed: int = 0,
                   first_step: int = 0, reshuffle: bool = True):
@@ -273,7 +311,7 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     before the random view (on disk: keyed by the shard's files, labels and `seed`, see
     `_cache`); the cached order is one fixed shuffle, reshuffled each epoch through
     blocks of 2048 images. Each epoch's order is keyed by (seed, rank, epoch) and
-    each image's view by its position in the stream (`hooks.data_order`), so any iterator
+    each image's view by its position in the stream (`hooks.state.data_order`), so any iterator
     of the pipeline yields the same batches.
     `first_step` (a resumed or elastic restart): the stream starts where `first_step`
     batches of this rank end, skipping the images before it in that epoch (undecoded
@@ -282,7 +320,6 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     """
     import tensorflow as tf
 
-    from hooks import data_order
 
     paths, labels = [os.fspath(p) for p in paths], np.asarray(labels, np.float32)
     _check_args(paths, labels, options, batch_size, rank, size)
@@ -295,35 +332,12 @@ def train_dataset(paths: Sequence[str], labels: np.ndarray, options: InputOption
     key = int(seed) * 100_003 + rank  # distinct, reproducible stream per rank
     autotune = tf.data.AUTOTUNE
 
-    def load(path, label):
-        return decode_resize(path, options), label
-
     def augment(pair, pair_seed):
         image, label = pair
         return train_view(image, options, pair_seed), label
 
-    def order(epoch):  # reshuffle=False: every epoch in epoch 0's order
-        return epoch if reshuffle else 0
-
-    n = len(shard_paths)
-    first_epoch, offset = data_order.start(first_step * batch_size, n)
-    if options.cache is not None:  # one fixed order cached; each epoch reshuffles it
-        fixed = np.random.default_rng(key).permutation(n)
-        entries = (np.asarray(shard_paths)[fixed], shard_labels[fixed], np.ones(n))
-        decoded = tf.data.Dataset.from_tensor_slices(entries[:2]).map(
-            load, num_parallel_calls=autotune)
-        # the key holds the entries in their cached order (this seed's permutation)
-        cached = _cache(decoded, options, "train", entries, rank, size, seed=key)
-        ds = data_order.by_epoch(lambda e: data_order.block_shuffle(
-            cached, min(n, 2048), key, order(e)), first_epoch)
-        ds = data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
-    else:  # the files to read in each epoch's order; skipped ones are never decoded
-        table = (tf.constant(shard_paths), tf.constant(shard_labels))
-        ds = data_order.by_epoch(lambda e: tf.data.Dataset.from_tensor_slices(
-            data_order.permutation(n, key, order(e))), first_epoch)
-        ds = data_order.with_position_seeds(ds, key, first_epoch * n).skip(offset)
-        ds = ds.map(lambda i, pair_seed: (load(tf.gather(table[0], i), tf.gather(table[1], i)),
-                                          pair_seed), num_parallel_calls=autotune)
+    ds = _train_stream(shard_paths, shard_labels, options, key, rank, size,
+                       first_step * batch_size, reshuffle)
     if options.on_corrupt == "skip":
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.map(augment, num_parallel_calls=autotune)

@@ -174,7 +174,7 @@ def localize(network, items, options, threshold: float, overlay_dir: str | None 
     import os
 
     from chexnet import predict
-    from hooks.horovod_glue import Context, write_atomically
+    from hooks.distributed.horovod_glue import Context, write_atomically
 
     rows = []
     for name, pixels, boxes, probs in items:

@@ -20,7 +20,7 @@ import keras
 from chexnet.backbones import BACKBONES_HELP, VGG16S, ModelError, parse_backbone  # noqa: F401
 from chexnet.config import IMAGENET_WEIGHTS
 from chexnet.labels import NUM_CLASSES
-from hooks import checkpoints
+from hooks.state import checkpoints
 from imagenet import models
 from imagenet.config import check_vgg16_input
 

@@ -218,7 +218,8 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
     localization and Grad-CAM overlays if asked."""
     from chexnet import evaluate, metrics
     from chexnet import model as model_lib
-    from hooks import checkpoints, horovod_glue
+    from hooks.distributed import horovod_glue
+    from hooks.state import checkpoints
 
     if not images:
         raise ConfigError("predict needs at least one IMAGE argument")
@@ -269,7 +270,7 @@ def run(config: ChexnetConfig, images: Sequence[str], log=print) -> np.ndarray:
 
 def write_overlays(network, names, heat_files, prepared, probs, heatmap_dir, log) -> None:
     """One Grad-CAM overlay per image, of its most probable class."""
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
 
     context = horovod_glue.Context()
     for name, heat_file, (inputs, view), row in zip(names, heat_files, prepared, probs):

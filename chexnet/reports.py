@@ -134,7 +134,7 @@ def write_report(
 ) -> list[str]:
     """auroc.md, auroc.csv, roc_curves.png (+ summary.json) in out_dir, by rank 0 only;
     with ``intervals`` (`chexnet.bootstrap.Intervals`) in all four."""
-    from hooks.horovod_glue import write_atomically
+    from hooks.distributed.horovod_glue import write_atomically
 
     if not context.is_chief:
         return []
@@ -223,7 +223,7 @@ def plot_roc_curves(
 
 def write_predictions_csv(path: str, names: Sequence[str], probs: np.ndarray, context) -> bool:
     """Per-image probabilities: ``Image Index`` + ``prob_<Class>`` (public CheXNet format)."""
-    from hooks.horovod_glue import write_atomically
+    from hooks.distributed.horovod_glue import write_atomically
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:

@@ -21,18 +21,12 @@ from chexnet import config as config_lib
 from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES, NUM_CLASSES
-from hooks import callbacks as cb
-from hooks import (
-    checkpoints,
-    evaluation,
-    fused_optimizers,
-    horovod_glue,
-    loop,
-    runner,
-    schedules,
-    steps,
-)
+from hooks.distributed import horovod_glue
 from hooks.errors import DataError
+from hooks.practices import fused_optimizers, schedules
+from hooks.state import checkpoints
+from hooks.training import callbacks as cb
+from hooks.training import evaluation, loop, runner, steps
 
 
 def resolve_init(config: ChexnetConfig):
@@ -106,7 +100,7 @@ def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoc
 def build_optimizer(config: ChexnetConfig, learning_rate):
     """--optimizer: Adam with Keras' defaults (beta 0.9 / 0.999, epsilon 1e-7: CheXNet's
     "standard parameters"), or SGD with classic (not Nesterov) momentum --momentum; each
-    with Keras's update in one kernel per variable (hooks.fused_optimizers)."""
+    with Keras's update in one kernel per variable (hooks.practices.fused_optimizers)."""
     if config.optimizer == "adam":
         return fused_optimizers.Adam(learning_rate=learning_rate)
     return fused_optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum)
@@ -157,7 +151,7 @@ def _inputs(config: ChexnetConfig, data: splits.Data, options):
 
 class ChexnetTask(runner.Task):
     """Fine-tuning on ChestX-ray14 (14 labels, weighted BCE, per-class AUROC), for
-    `hooks.runner.run`. Its data are checked, and its pipelines made, before any model."""
+    `hooks.training.runner.run`. Its data are checked, and its pipelines made, before any model."""
 
     def __init__(self, config: ChexnetConfig):
         self.config = config
@@ -332,7 +326,8 @@ class ChexnetTask(runner.Task):
         if context.is_chief:
             evaluate.add_intervals(scored, self.val_split.patient_ids[scored.index], config,
                                    log)
-        evaluate.report(config.reports_to, scored, title, summary, context, log)
+        evaluate.report(config.reports_to, scored, title, summary, context, log,
+                        outcome.environment)
         return summary
 
 

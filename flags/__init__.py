@@ -17,6 +17,7 @@ from flags.core import (  # noqa: F401
     define_schedule,
     define_shared,
     fill,
+    flagfile_text,
     get_distributed_config,
     get_performance_config,
     launcher_rank,

@@ -13,7 +13,8 @@ import typing
 
 from absl import flags
 
-from hooks import elastic_launch, settings
+from hooks import settings
+from hooks.distributed import elastic_launch
 
 FLAGS = flags.FLAGS
 
@@ -99,7 +100,7 @@ def _divisible_by_world(name, flag_values):
         if not flag_values[name].present:
             return True
         if elastic_launch.launched_elastic():
-            return True  # elastic: the world changes; any size works (hooks.elastic)
+            return True  # elastic: the world changes; any size works (hooks.distributed.elastic)
         size = launcher_world_size()
         if value is not None and value > 0 and value % size:
             raise flags.ValidationError(
@@ -314,6 +315,24 @@ def fill(cls, flag_values=FLAGS, **overrides):
               if f.name in flag_values}
     values.update(overrides)
     return cls(**values)
+
+
+def flagfile_text(flag_values, rerun: str, only_if_given=()) -> str:
+    """The parsed flags in absl `--flagfile` form, defaults included (a later version with
+    other defaults reruns the same run): one `--name=value` line per flag the program
+    defined, absl's own left out; the flags in `only_if_given` (e.g. accepted-and-ignored
+    TPU flags) only when given. `rerun` is the command the header suggests."""
+    lines = ["# The flags of this run, resolved (defaults included). Train it again with",
+             f"#   {rerun} --flagfile=THIS_FILE --model_dir=NEW_DIR",
+             "# (flags after --flagfile override its lines)."]
+    for module, module_flags in sorted(flag_values.flags_by_module_dict().items()):
+        if module.startswith(("absl", "tensorflow")):
+            continue
+        for flag in sorted(module_flags, key=lambda f: f.name):
+            if flag.name in only_if_given and not flag.present:
+                continue
+            lines.append(flag.serialize() or f"# --{flag.name} is unset (None)")
+    return "\n".join(lines) + "\n"
 
 
 def get_performance_config(flag_values=FLAGS) -> PerformanceConfig:

@@ -50,8 +50,9 @@ def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) 
 
     Exit status: 0 done; 1 a `UserError` (bad flags or files, a diverged run), one line, no
     traceback; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written, rerun to resume);
-    86 a stalled rank (hooks.watchdog). Anything else is a bug and keeps its traceback."""
-    from hooks import elastic_launch
+    86 a stalled rank (hooks.distributed.watchdog). Anything else is a bug and keeps its
+    traceback."""
+    from hooks.distributed import elastic_launch
     from hooks.errors import UserError
 
     try:
@@ -59,7 +60,9 @@ def run_entry(prog: str, perf, dist, config, validate: Callable, run: Callable) 
         elastic_launch.check_launch(getattr(config, "elastic", False), dist.cycle_time_ms)
     except UserError as err:
         sys.exit(f"{prog}: error: {err}")
-    from hooks import faults, horovod_glue, runtime, watchdog
+    from hooks import runtime
+    from hooks.distributed import horovod_glue, watchdog
+    from hooks.state import faults
 
     notice = runtime.configure(perf)
     try:

@@ -21,7 +21,7 @@ class FlagError(ValueError):
 
 
 def parse_args(argv: Sequence[str]):
-    from hooks.schedules import PRESETS
+    from hooks.practices.schedules import PRESETS
     parser = argparse.ArgumentParser(prog="python -m hooks.plot_schedule",
                                      description="Plot a learning-rate preset as a PNG.")
     parser.add_argument("--lr_schedule", required=True, help=f"one of {', '.join(PRESETS)}")
@@ -72,7 +72,7 @@ def plot(preset, steps_per_epoch: int, global_batch: int, output: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hooks.schedules import PhasedSchedule
+    from hooks.practices.schedules import PhasedSchedule
     epochs, lr, wd = curves(preset, steps_per_epoch)
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     ax.plot(epochs, lr, color="tab:blue", label="learning rate")
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
-        from hooks.schedules import preset
+        from hooks.practices.schedules import preset
         chosen = preset(args.lr_schedule, global_batch=args.global_batch,
                         steps_per_epoch=args.steps_per_epoch, epochs=args.epochs)
         path = plot(chosen, args.steps_per_epoch, args.global_batch, args.output)

@@ -2,7 +2,8 @@
 
 Both run configurations (`imagenet.config.RunConfig`, `chexnet.config.ChexnetConfig`)
 extend `Settings`; their flags are made from these fields (`flags.define_fields`), and
-`hooks.runner.run` reads them. Keras-free: the configs are checked before TensorFlow starts.
+`hooks.training.runner.run` reads them. Keras-free: the configs are checked before TensorFlow
+starts.
 """
 import dataclasses
 
@@ -23,7 +24,7 @@ class Settings:
     # precision
     precision: str = "float32"
     fp16_allreduce: bool = False
-    fused_bn: bool = True  # TensorFlow's fused batch-norm kernel (hooks.bn_weights loads both)
+    fused_bn: bool = True  # TF's fused batch-norm kernel (hooks.state.bn_weights loads both)
     # faults
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3
@@ -36,6 +37,9 @@ class Settings:
     keep_checkpoints: int = 5
     log_every_n_steps: int = 100
     json_progress: bool = False
+    # Not a flag: the run's flags in --flagfile form (flags.flagfile_text), which training
+    # writes to MODEL_DIR/flags.txt (hooks.state.run_record); empty for a config made in code.
+    flags_text: str = ""
 
 
 def check(settings: Settings) -> None:

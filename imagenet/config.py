@@ -7,17 +7,18 @@ import dataclasses
 import glob
 import os
 
-from hooks import recipes, settings
+from hooks import settings
 from hooks.errors import ConfigError
-from hooks.steps import run_steps
+from hooks.practices import recipes
+from hooks.training.steps import run_steps
 
 ARCHITECTURES = ("resnet", "densenet121", "vgg16", "vgg16_pooled")
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DEFAULT_EPOCHS = 90.0  # the TPU reference's run length when neither length flag is given
 # --lr_schedule values: "tpu" (today's reference: milestones follow the run length) and
 # "tpu_2018" (fixed epochs 5/30/60/80) are driven by --base_learning_rate / --warmup_epochs;
-# the other recipes of hooks.recipes (Keras-free, so a flag error comes before TensorFlow's
-# start-up) bring their own values (see hooks.schedules.preset).
+# the other recipes of hooks.practices.recipes (Keras-free, so a flag error comes before
+# TensorFlow's start-up) bring their own values (see hooks.practices.schedules.preset).
 PRESET_NAMES = tuple(name for name in recipes.NAMES if name != "tpu")
 LR_SCHEDULES = ("tpu", "tpu_2018") + PRESET_NAMES
 # The TPU reference reads labels 1..1000 as 0..999, except with 1001 classes, where
@@ -119,7 +120,7 @@ def validate(config: RunConfig) -> None:
                   "train_and_eval": ("train", "validation")}[config.mode]
         for split in splits:
             _check_tfrecords(config.data_dir, split)
-    from hooks import checkpoints  # imports Keras: only when it is needed
+    from hooks.state import checkpoints  # imports Keras: only when it is needed
 
     checkpoints.check_model_dir(config.model_dir, writable=config.mode != "eval")
     if config.mode == "eval":

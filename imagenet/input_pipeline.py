@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from hooks import data_order
 from hooks.errors import DataError
+from hooks.state import data_order
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = ("train", "validation")
@@ -268,7 +268,7 @@ def _training_stream(epoch_records, *, shuffle_buffer: int, key: int, first_posi
     `epoch_records(epoch)` gives the records of one epoch; each epoch's blocks of
     `shuffle_buffer` records are permuted, keyed by (key, epoch), and each record gets an
     augmentation seed from (key, its position), so a run resumed at a position reads and
-    augments what the uninterrupted run did (`hooks.data_order`); `key` is
+    augments what the uninterrupted run did (`hooks.state.data_order`); `key` is
     `stream_key(seed, rank)`. An epoch is `epoch_size` records (the shard's shuffled
     records, cycled if it holds fewer; None: all of them, and first_position must be 0),
     so positions never depend on how many records a shard really holds. The records
@@ -291,6 +291,40 @@ def _finalize(ds, *, per_rank_batch: int, drop_remainder: bool, deterministic: b
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _record_reader(my_files: list[str], shard_records: bool, rank: int, size: int,
+                   num_parallel_calls, deterministic: bool):
+    """`read(names)`: this rank's records, from the file-name dataset `names` (files
+    interleaved), or, when the rank shares files with others (`shard_records`), every
+    size-th record of all its files in fixed order."""
+    def read(names):
+        if shard_records:
+            # Fixed file order and sequential reads: record k must be the same on every rank.
+            return tf.data.TFRecordDataset(my_files,
+                                           buffer_size=_READ_BUFFER_BYTES).shard(size, rank)
+        return names.interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
+            cycle_length=min(len(my_files), 16), block_length=1,
+            num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    return read
+
+
+def _record_parser(is_training: bool, image_size: int, dtype,
+                   include_background_label: bool):
+    """`parse(record, seed_pair)`: (image as `dtype`, label) of one TFRecord."""
+    features = {"image/encoded": tf.io.FixedLenFeature((), tf.string),
+                "image/class/label": tf.io.FixedLenFeature((), tf.int64)}
+
+    def parse(record, seed_pair=None):
+        ex = tf.io.parse_single_example(record, features)
+        image = preprocess_jpeg(ex["image/encoded"], is_training=is_training,
+                                image_size=image_size, seed=seed_pair)
+        label = tf.cast(ex["image/class/label"], tf.int32)  # records hold 1..1000
+        if not include_background_label:
+            label -= 1
+        return tf.cast(image, dtype), label
+    return parse
 
 
 def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
@@ -320,28 +354,9 @@ def tfrecord_dataset(data_dir: str, *, is_training: bool, per_rank_batch: int,
     my_files, shard_records = shard_files(files, rank, size)
     deterministic = seed is not None or not is_training
 
-    def read(names):
-        if shard_records:
-            # Fixed file order and sequential reads: record k must be the same on every rank.
-            return tf.data.TFRecordDataset(my_files,
-                                           buffer_size=_READ_BUFFER_BYTES).shard(size, rank)
-        return names.interleave(
-            lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
-            cycle_length=min(len(my_files), 16), block_length=1,
-            num_parallel_calls=num_parallel_calls, deterministic=deterministic)
-
-    features = {"image/encoded": tf.io.FixedLenFeature((), tf.string),
-                "image/class/label": tf.io.FixedLenFeature((), tf.int64)}
-
-    def parse(record, seed_pair=None):
-        ex = tf.io.parse_single_example(record, features)
-        image = preprocess_jpeg(ex["image/encoded"], is_training=is_training,
-                                image_size=image_size, seed=seed_pair)
-        label = tf.cast(ex["image/class/label"], tf.int32)  # records hold 1..1000
-        if not include_background_label:
-            label -= 1
-        return tf.cast(image, dtype), label
-
+    read = _record_reader(my_files, shard_records, rank, size, num_parallel_calls,
+                          deterministic)
+    parse = _record_parser(is_training, image_size, dtype, include_background_label)
     if not is_training:
         records = read(None) if shard_records else tf.data.TFRecordDataset(
             my_files, buffer_size=_READ_BUFFER_BYTES, num_parallel_reads=min(len(my_files), 8))

@@ -168,7 +168,7 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
     into DenseNet/VGG backbones. `fused_bn` (default): every batch norm is a
     FusedBatchNormalization (DenseNet's are swapped after the weights are loaded); False
     keeps Keras's BatchNormalization, for comparison. VGG16 has none. Checkpoints load into
-    either (`hooks.bn_weights`)."""
+    either (`hooks.state.bn_weights`)."""
     inputs = keras.Input((image_size, image_size, channels), name="image")
     if architecture == "resnet":
         features = resnet_backbone(inputs, depth, weight_decay, fused_bn)

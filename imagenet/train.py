@@ -15,20 +15,13 @@ import time
 import keras
 import tensorflow as tf
 
-from hooks import (
-    evaluation,
-    fused_optimizers,
-    horovod_glue,
-    loop,
-    runner,
-    safe_files,
-    schedules,
-    snapshots,
-    weight_decay,
-)
+from hooks.distributed import horovod_glue
 from hooks.errors import UserError
-from hooks.lars import LARS
-from hooks.time_to_accuracy import TimeToAccuracy
+from hooks.practices import fused_optimizers, schedules, snapshots, weight_decay
+from hooks.practices.lars import LARS
+from hooks.practices.time_to_accuracy import TimeToAccuracy
+from hooks.state import safe_files
+from hooks.training import evaluation, loop, runner
 from imagenet import config as config_lib
 from imagenet import input_pipeline, models
 from imagenet.config import RunConfig
@@ -82,7 +75,7 @@ def build_optimizer(config: RunConfig, learning_rate, lars: bool = False):
                     weight_decay=config.weight_decay)
     # The reference: tf.train.MomentumOptimizer(use_nesterov=True); LARS keeps classic
     # momentum, as tf.contrib's LARSOptimizer.
-    # Keras's SGD with its update in one kernel per variable (hooks.fused_optimizers).
+    # Keras's SGD with its update in one kernel per variable (hooks.practices.fused_optimizers).
     return fused_optimizers.SGD(learning_rate=learning_rate, momentum=config.momentum,
                                 nesterov=config.nesterov)
 
@@ -308,7 +301,7 @@ class ImagenetTask(runner.Task):
             summary["exported"] = path
             summary["saved_model"] = export_saved_model(self.network, config.export_dir,
                                                         context)
-        _report(summary, config, context, log)
+        _report(summary, config, context, log, outcome.environment)
         return summary
 
 
@@ -351,7 +344,9 @@ def run(config: RunConfig, context: horovod_glue.Context, log=print) -> dict:
     return runner.run(ImagenetTask(config), context, log)
 
 
-def _report(summary: dict, config: RunConfig, context, chief_log) -> None:
+def _report(summary: dict, config: RunConfig, context, chief_log, environment: dict) -> None:
+    """Rank 0 prints the summary (a table and a SUMMARY line) and writes it, with the run's
+    environment (`hooks.state.run_record`), to MODEL_DIR/summary.json."""
     lines = [f"  {k:<26} {v:.4f}" if isinstance(v, float) else f"  {k:<26} {v}"
              for k, v in summary.items()]
     chief_log("resnet_main summary:\n" + "\n".join(lines))
@@ -359,6 +354,6 @@ def _report(summary: dict, config: RunConfig, context, chief_log) -> None:
     if config.model_dir:
         def write(path):
             with open(path, "w") as f:
-                json.dump(summary, f, indent=1, sort_keys=True)
+                json.dump(dict(summary, environment=environment), f, indent=1, sort_keys=True)
         horovod_glue.write_atomically(os.path.join(config.model_dir, "summary.json"), write,
                                       context)

@@ -39,6 +39,20 @@ hr_check_int() {
 # stays a *). For the *_FLAGS and MODULES variables.
 hr_split() { HR_WORDS=(); read -ra HR_WORDS <<<"$1" || true; }
 
+# hr_container: CONTAINER=/path/hpc-resnet.sif runs every rank in that Apptainer (or
+# Singularity) image (docs/container.md): the image's Python, TensorFlow, Horovod and
+# OpenMPI, this checkout's code bound in at the same path (PYTHONPATH). The launcher stays
+# on the host (srun --mpi=pmix or the site's mpirun: the hybrid model, so the site's MPI
+# must be ABI-compatible with the image's OpenMPI 4.1). CONTAINER_FLAGS adds runtime
+# options (e.g. "--bind /scratch" for the data and MODEL_DIR).
+hr_container() {
+  [ -f "$CONTAINER" ] || hr_die "CONTAINER=$CONTAINER: no such image file (apptainer build: docs/container.md)"
+  CONTAINER_RUNTIME=${CONTAINER_RUNTIME:-$(command -v apptainer || command -v singularity || true)}
+  [ -n "$CONTAINER_RUNTIME" ] || hr_die "CONTAINER is set but neither apptainer nor singularity is on PATH (add it to MODULES?)"
+  [ "$LAUNCHER" = horovodrun ] && hr_die "ELASTIC=1 does not run with CONTAINER: horovodrun would have to start the image on each node over ssh"
+  PYTHON=${CONTAINER_PYTHON:-/opt/hpc-resnet/.venv/bin/python}  # inside the image
+}
+
 hr_setup() {
   hr_check_int NP TASKS_PER_NODE CPUS_PER_TASK RESERVED_CORES INTRA_THREADS INTER_THREADS \
     HOROVOD_FUSION_THRESHOLD MIN_NP MAX_NP SLURM_JOB_NUM_NODES SLURM_NNODES \
@@ -65,14 +79,18 @@ hr_setup() {
     hr_split "$MODULES"
     module load "${HR_WORDS[@]}"
   fi
-  VENV=${VENV:-$PROJECT_DIR/.venv}
-  if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=$(command -v python3 || true); fi
+  if [ -n "${CONTAINER:-}" ]; then
+    hr_container
+  else
+    VENV=${VENV:-$PROJECT_DIR/.venv}
+    if [ -z "${PYTHON:-}" ]; then
+      if [ -x "$VENV/bin/python" ]; then PYTHON=$VENV/bin/python; else PYTHON=$(command -v python3 || true); fi
+    fi
+    if [ -z "$PYTHON" ] || [ ! -x "$PYTHON" ]; then
+      hr_die "no Python: set PYTHON or VENV (tried '$VENV/bin/python')"
+    fi
+    PATH=$(dirname "$PYTHON"):$PATH
   fi
-  if [ -z "$PYTHON" ] || [ ! -x "$PYTHON" ]; then
-    hr_die "no Python: set PYTHON or VENV (tried '$VENV/bin/python')"
-  fi
-  PATH=$(dirname "$PYTHON"):$PATH
   export PATH PYTHONPATH="$PROJECT_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
   # ---- ranks and CPUs -------------------------------------------------------------------
@@ -118,7 +136,7 @@ hr_setup() {
 hr_header() {
   hr_log "job ${SLURM_JOB_ID:-<no SLURM>} name ${SLURM_JOB_NAME:-$(basename "$0")} restart_count ${SLURM_RESTART_COUNT:-0} host $(hostname -s) date $(date -u +%FT%TZ)"
   hr_log "launcher $LAUNCHER nodes $NNODES ranks $NP tasks_per_node $TASKS_PER_NODE cpus_per_task $CPUS_PER_TASK intra $INTRA_THREADS inter $INTER_THREADS HOROVOD_FUSION_THRESHOLD $HOROVOD_FUSION_THRESHOLD"
-  hr_log "python $PYTHON project $PROJECT_DIR"
+  hr_log "python $PYTHON project $PROJECT_DIR${CONTAINER:+ container $CONTAINER}"
 }
 
 # hr_launch ARGS...: run ARGS (a python program and its flags) once per rank.
@@ -159,6 +177,10 @@ hr_launch() {
       ;;
     none) ;;
   esac
+  if [ -n "${CONTAINER:-}" ]; then
+    hr_split "${CONTAINER_FLAGS:-}"
+    cmd+=("$CONTAINER_RUNTIME" exec --bind "$PROJECT_DIR" "${HR_WORDS[@]}" "$CONTAINER")
+  fi
   cmd+=("$PYTHON" "$@")
   [ "$LAUNCHER" = horovodrun ] && cmd+=(--elastic)
   hr_log "command: ${cmd[*]}"

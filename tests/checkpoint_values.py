@@ -5,7 +5,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hooks import checkpoints
+from hooks.state import checkpoints
 
 # A resumed run and its uninterrupted reference, each a fresh process with the same seed,
 # threads, world and batches: measured bit-identical on this machine (kill -9, SIGTERM,

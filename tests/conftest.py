@@ -26,7 +26,7 @@ CHILD_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT),
              "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
-# What hooks.horovod_glue.init() writes into os.environ when an in-process test starts
+# What hooks.distributed.horovod_glue.init() writes into os.environ when an in-process test starts
 # Horovod: a child must not inherit it (its own flags and defaults decide).
 SET_BY_INIT = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_GLOO_TIMEOUT_SECONDS")
 _ENV_AT_START = {k: os.environ[k] for k in SET_BY_INIT if k in os.environ}

@@ -61,3 +61,44 @@ def test_good_values_still_launch_and_flags_are_not_globbed(tmp_path):
     assert "--train_batch_size=8" in argv
     assert f"--train_steps={2 * 100 // 8}" in argv
 
+
+
+def _fake_runtime(tmp_path):
+    """A fake `apptainer` that records its arguments, then runs what follows the image."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "apptainer"
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$(dirname "$0")/runtime_argv"\n'
+                    'while [ "$1" != "$IMAGE" ]; do shift; done; shift; exec "$@"\n')
+    fake.chmod(0o755)
+    return bin_dir
+
+
+def test_container_runs_the_program_in_the_image_with_the_checkout_bound(tmp_path):
+    image = tmp_path / "hpc-resnet.sif"
+    image.write_text("")
+    bin_dir = _fake_runtime(tmp_path)
+    rc, err, argv = _run(SCRIPTS["imagenet_resnet50"], tmp_path, CONTAINER=image, IMAGE=image,
+                         CONTAINER_PYTHON=tmp_path / "python", CONTAINER_FLAGS="--bind /scratch",
+                         PATH=f"{bin_dir}:/usr/bin:/bin")
+    assert rc == 0, err
+    runtime_argv = (bin_dir / "runtime_argv").read_text().splitlines()
+    assert runtime_argv[:6] == ["exec", "--bind", str(ROOT), "--bind", "/scratch", str(image)]
+    assert runtime_argv[6:8] == [str(tmp_path / "python"), str(ROOT / "resnet_main.py")]
+    assert argv[0] == str(ROOT / "resnet_main.py")  # the program ran, inside "the image"
+
+
+@pytest.mark.parametrize("make_image, path, needle", [
+    (False, None, "no such image file"),
+    (True, "/usr/bin:/bin", "neither apptainer nor singularity"),
+])
+def test_container_mistakes_are_one_line_before_launch(tmp_path, make_image, path, needle):
+    image = tmp_path / "hpc-resnet.sif"
+    if make_image:
+        image.write_text("")
+    env = dict(CONTAINER=image)
+    if path:
+        env["PATH"] = path
+    rc, err, argv = _run(SCRIPTS["chexnet_finetune"], tmp_path, **env)
+    lines = err.strip().splitlines()
+    assert rc != 0 and argv is None and len(lines) == 1 and needle in lines[0], err

@@ -1,7 +1,7 @@
 """Checkpoints written with Keras's BatchNormalization (the format of every DenseNet
 checkpoint before fused batch norm became the default) load into the fused default, and the
 other way round. The old-format checkpoints are written here by the code of that time: the
-model built with ``fused_bn=False`` and saved by `hooks.checkpoints.save`; the reference
+model built with ``fused_bn=False`` and saved by `hooks.state.checkpoints.save`; the reference
 values are that model's own outputs and weights."""
 
 import h5py
@@ -12,8 +12,8 @@ import pytest
 from chexnet import model as model_lib
 from chexnet import train
 from chexnet.config import ChexnetConfig
-from hooks import bn_weights, checkpoints
-from hooks.horovod_glue import Context
+from hooks.distributed.horovod_glue import Context
+from hooks.state import bn_weights, checkpoints
 from imagenet import models
 from tests.conftest import SHARED_DATA, shared_data
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from hooks import checkpoints
+from hooks.state import checkpoints
 
 
 def _net(units=3, seed=0):

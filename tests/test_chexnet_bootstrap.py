@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from chexnet import bootstrap, evaluate, metrics, reports
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES
-from hooks.horovod_glue import Context
+from hooks.distributed.horovod_glue import Context
 
 from .conftest import shared_data
 

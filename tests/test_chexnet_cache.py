@@ -19,8 +19,8 @@ import pytest
 from chexnet import evaluate, image_cache
 from chexnet import input_pipeline as ip
 from chexnet.config import ChexnetConfig, validate
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import ConfigError, DataError
-from hooks.horovod_glue import Context
 from tests.conftest import ROOT, SHARED_DATA, child_env, shared_data
 from tests.test_chexnet_input import _png
 
@@ -75,7 +75,7 @@ def _checkpoint(model_dir):
     import keras
 
     from chexnet import model as model_lib
-    from hooks import checkpoints
+    from hooks.state import checkpoints
 
     keras.utils.set_random_seed(0)
     network, _ = model_lib.build_chexnet_model("resnet18", 32)

@@ -14,8 +14,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from chexnet import model as model_lib
 from chexnet import predict
 from chexnet.config import ChexnetConfig
-from hooks import checkpoints
 from hooks.errors import DataError
+from hooks.state import checkpoints
 
 from .conftest import shared_data
 

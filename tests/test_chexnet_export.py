@@ -14,9 +14,9 @@ from PIL import Image
 from chexnet import export, predict
 from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig, validate
-from hooks import checkpoints
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import ConfigError
-from hooks.horovod_glue import Context
+from hooks.state import checkpoints
 
 from .conftest import python_cmd, run_cmd, shared_data
 

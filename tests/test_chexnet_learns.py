@@ -17,8 +17,8 @@ from chexnet import config as config_lib
 from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig
 from chexnet.model import InitSource
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import ConfigError
-from hooks.horovod_glue import Context
 from tests.conftest import SHARED_DATA, shared_data
 
 CX = SHARED_DATA / "chestxray14"
@@ -99,7 +99,7 @@ def test_imagenet_weights_without_internet_is_one_line_error(monkeypatch, tmp_pa
 
 @pytest.mark.slow  # VGG16 with its fc layers (34M parameters at 32 px) written and read back
 def test_vgg16_backbone_keeps_the_fc_layers(tmp_path):
-    from hooks import checkpoints
+    from hooks.state import checkpoints
     from imagenet import models
 
     keras.utils.set_random_seed(5)

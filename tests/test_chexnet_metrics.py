@@ -8,8 +8,8 @@ from sklearn.metrics import roc_auc_score
 
 from chexnet import metrics, reports
 from chexnet.labels import CLASS_NAMES
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import DataError
-from hooks.horovod_glue import Context
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -19,8 +19,8 @@ from chexnet import evaluate, reports, train
 from chexnet import model as model_lib
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CHEXNET_PUBLISHED_AUROC, CLASS_NAMES
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import ConfigError, DataError
-from hooks.horovod_glue import Context
 from tests.conftest import ROOT, SHARED_DATA, horovodrun_cmd, python_cmd, run_cmd, shared_data
 
 CX = SHARED_DATA / "chestxray14"
@@ -306,7 +306,7 @@ def test_predict_png_dicom_and_gradcam(finetuned, tmp_path):
 
 def _net_and_input(model_dir, png):
     from chexnet import predict
-    from hooks import checkpoints
+    from hooks.state import checkpoints
 
     ckpt = evaluate.find_checkpoint(str(model_dir))
     net, _ = model_lib.build_chexnet_model("resnet18", 32)

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import DataError
-from hooks.horovod_glue import Context
 from imagenet import build_tfrecords as bt
 from imagenet import input_pipeline as ip
 from imagenet import train as imagenet_train

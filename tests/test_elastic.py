@@ -1,4 +1,4 @@
-"""Elastic training (hooks/elastic.py, docs/elastic.md).
+"""Elastic training (hooks/distributed/elastic.py, docs/elastic.md).
 
 In-process (fast): a reset after a simulated worker failure or host change goes back to the
 last commit and ends with exactly the weights of an uninterrupted run; what the state holds;
@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hooks import callbacks as cb
-from hooks import checkpoints, elastic, elastic_launch, horovod_glue, loop
+from hooks.distributed import elastic, elastic_launch, horovod_glue
+from hooks.distributed.horovod_glue import Context, DistributedTrainer
 from hooks.errors import ConfigError
-from hooks.horovod_glue import Context, DistributedTrainer
+from hooks.state import checkpoints
+from hooks.training import callbacks as cb
+from hooks.training import loop
 from tests import checkpoint_values
 from tests.conftest import (
     BIN,

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hooks import checkpoints, faults, loop, watchdog
+from hooks.distributed import watchdog
+from hooks.distributed.horovod_glue import Context, DistributedTrainer
 from hooks.errors import ConfigError
-from hooks.horovod_glue import Context, DistributedTrainer
+from hooks.state import checkpoints, faults
+from hooks.training import loop
 
 
 def _trainer(lr=0.1):

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from hooks import faults, watchdog
+from hooks.distributed import watchdog
+from hooks.state import faults
 from tests import checkpoint_values
 from tests.conftest import (
     horovodrun_cmd,

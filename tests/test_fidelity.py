@@ -14,7 +14,7 @@ import flags
 from chexnet import splits
 from chexnet import train as chexnet_train
 from flags import tpu_compat
-from hooks import schedules
+from hooks.practices import schedules
 from imagenet import train
 from imagenet.config import RunConfig
 from tests.test_flags import _parse
@@ -264,7 +264,7 @@ def test_reference_flags_this_version_cannot_honour_are_one_line_errors(arg):
 def test_the_recipe_registry_imports_no_keras():
     """Flag checks run before TensorFlow starts: importing the recipe registry and both
     configs (chexnet's names its backbones without chexnet.model) loads no Keras or TF."""
-    code = ("import sys, hooks.recipes, imagenet.config, chexnet.config; "
+    code = ("import sys, hooks.practices.recipes, imagenet.config, chexnet.config; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('keras', 'tensorflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

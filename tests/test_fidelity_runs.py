@@ -12,9 +12,11 @@ import tensorflow_datasets as tfds
 from chexnet import model as chexnet_model
 from chexnet import train as chexnet_train
 from chexnet.config import ChexnetConfig
-from hooks import checkpoints, runtime, schedules
+from hooks import runtime
+from hooks.distributed.horovod_glue import Context, DistributedTrainer
 from hooks.errors import ConfigError, DataError
-from hooks.horovod_glue import Context, DistributedTrainer
+from hooks.practices import schedules
+from hooks.state import checkpoints
 from imagenet import config as config_lib
 from imagenet import input_pipeline as ip
 from imagenet import models

@@ -8,8 +8,8 @@ import pytest
 
 from chexnet import reports
 from chexnet.labels import CLASS_NAMES
-from hooks import checkpoints
-from hooks.horovod_glue import Context, write_atomically
+from hooks.distributed.horovod_glue import Context, write_atomically
+from hooks.state import checkpoints
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=["022", "077", "002"])

@@ -72,10 +72,10 @@ def test_every_flag_is_a_config_field_with_the_same_default(entry):
     if entry == "resnet_main":
         fv = absl_flags.FlagValues()
         resnet_main.define_flags(fv)
-        own, unflagged, compat = RunConfig, set(), set(resnet_main.COMPAT_FLAGS)
+        own, unflagged, compat = RunConfig, {"flags_text"}, set(resnet_main.COMPAT_FLAGS)
     else:
         fv = _chexnet_flags()
-        own, unflagged, compat = ChexnetConfig, {"mode"}, set()
+        own, unflagged, compat = ChexnetConfig, {"mode", "flags_text"}, set()
     fields = _fields(own, flags.PerformanceConfig, flags.DistributedConfig)
     names = [f.name for f in fields]
     assert len(names) == len(set(names)), "a field in two configs"

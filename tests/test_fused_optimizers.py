@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hooks import fused_optimizers
+from hooks.practices import fused_optimizers
 
 RNG = np.random.default_rng(0)
 W0 = RNG.normal(size=(5, 3)).astype("float32")

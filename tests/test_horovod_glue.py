@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from hooks import horovod_glue
+from hooks.distributed import horovod_glue
 from hooks.errors import UserError
 
 

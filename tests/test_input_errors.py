@@ -23,9 +23,9 @@ import resnet_main
 from chexnet import __main__ as chexnet_main
 from chexnet import evaluate, input_pipeline, predict, reports, splits
 from chexnet.labels import CLASS_NAMES
-from hooks import checkpoints
+from hooks.distributed.horovod_glue import Context
 from hooks.errors import ConfigError, DataError
-from hooks.horovod_glue import Context
+from hooks.state import checkpoints
 
 HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age\n"
 

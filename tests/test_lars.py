@@ -1,4 +1,4 @@
-"""hooks.lars.LARS against a numpy implementation of the same update on a small model."""
+"""hooks.practices.lars.LARS against a numpy implementation of the same update on a small model."""
 import pathlib
 import sys
 
@@ -10,8 +10,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from hooks import schedules as S  # noqa: E402
-from hooks.lars import LARS  # noqa: E402
+from hooks.practices import schedules as S  # noqa: E402
+from hooks.practices.lars import LARS  # noqa: E402
 
 EXCLUDED = {"net/dense/bias", "net/bn/gamma", "net/bn/beta", "net/head/bias"}
 

@@ -15,9 +15,11 @@ from chexnet import evaluate as chexnet_evaluate
 from chexnet import train as chexnet_train
 from chexnet.config import ChexnetConfig
 from chexnet.labels import CLASS_NAMES
-from hooks import callbacks as cb
-from hooks import checkpoints, evaluation, loop, schedules
-from hooks.horovod_glue import Context, DistributedTrainer
+from hooks.distributed.horovod_glue import Context, DistributedTrainer
+from hooks.practices import schedules
+from hooks.state import checkpoints
+from hooks.training import callbacks as cb
+from hooks.training import evaluation, loop
 from imagenet import models
 from imagenet import train as imagenet_train
 from imagenet.config import RunConfig

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hooks.horovod_glue import describe_placement
+from hooks.distributed.horovod_glue import describe_placement
 from slurm import cluster as cluster_lib
 from slurm.cluster import ClusterError
 from slurm.virtual_cluster import VirtualCluster

@@ -6,8 +6,9 @@ import time
 import keras
 import pytest
 
-from hooks import checkpoints, watchdog
-from hooks.horovod_glue import Context, write_atomically
+from hooks.distributed import watchdog
+from hooks.distributed.horovod_glue import Context, write_atomically
+from hooks.state import checkpoints
 
 SECRET = "outside the model_dir\n"
 OLD = 1_000_000_000

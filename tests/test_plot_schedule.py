@@ -2,7 +2,7 @@
 import pytest
 
 from hooks import plot_schedule as P
-from hooks import schedules as S
+from hooks.practices import schedules as S
 
 
 def test_writes_a_png_with_the_preset_curves(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The large-batch practices with values (hooks.weight_decay, hooks.snapshots,
-hooks.time_to_accuracy): the loss after a weight-decay boundary, snapshot contents,
+"""The large-batch practices with values (hooks.practices.weight_decay, hooks.practices.snapshots,
+hooks.practices.time_to_accuracy): the loss after a weight-decay boundary, snapshot contents,
 ensemble top-1 against numpy, time-to-accuracy; plus a 2-rank horovodrun run."""
 import json
 import os
@@ -9,9 +9,10 @@ import keras  # noqa: E402
 import numpy as np
 import pytest
 
-from hooks import horovod_glue, snapshots, time_to_accuracy, weight_decay
-from hooks import schedules as S
-from hooks.lars import LARS
+from hooks.distributed import horovod_glue
+from hooks.practices import schedules as S
+from hooks.practices import snapshots, time_to_accuracy, weight_decay
+from hooks.practices.lars import LARS
 from tests.conftest import horovodrun_cmd, run_cmd
 
 CTX = horovod_glue.Context()

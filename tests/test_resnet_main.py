@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from hooks import checkpoints
-from hooks.horovod_glue import Context
+from hooks.distributed.horovod_glue import Context
+from hooks.state import checkpoints
 from imagenet import build_tfrecords, models, sample_images
 from imagenet import input_pipeline as ip
 from imagenet import train as imagenet_train

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hooks import loop
-from hooks.horovod_glue import Context, DistributedTrainer
+from hooks.distributed.horovod_glue import Context, DistributedTrainer
+from hooks.training import loop
 from tests import checkpoint_values
 
 QUIET = dict(log=lambda *a, **k: None)
@@ -116,7 +116,7 @@ def test_imagenet_resumed_in_a_later_epoch_reads_and_ends_as_uninterrupted(
         tiny_tfrecords, tmp_path):
     """9 training records, 3 per step: epochs of 3 steps; the run stops at step 4 (in the
     second epoch, whose order differs from the first) and goes on to step 8."""
-    from hooks.horovod_glue import Context as Ctx
+    from hooks.distributed.horovod_glue import Context as Ctx
     from imagenet import train as imagenet_train
     from imagenet.config import RunConfig
 

@@ -1,4 +1,4 @@
-"""hooks.schedules against independent numpy formulas, at many steps and past the end."""
+"""hooks.practices.schedules against independent numpy formulas, at many steps and past the end."""
 import json
 import pathlib
 import sys
@@ -11,7 +11,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from hooks import schedules as S  # noqa: E402
+from hooks.practices import schedules as S  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-7
 

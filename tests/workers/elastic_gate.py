@@ -19,7 +19,7 @@ WAIT_S = 600  # generous: the test acts within seconds of seeing every rank wait
 
 
 def _wait_at_gate(gate_dir, rank):
-    from hooks import watchdog
+    from hooks.distributed import watchdog
 
     open(os.path.join(gate_dir, f"waiting-{rank}"), "w").close()
     go, deadline = os.path.join(gate_dir, "go"), time.monotonic() + WAIT_S
@@ -32,9 +32,9 @@ def _wait_at_gate(gate_dir, rank):
 
 def install(gate_dir, size, step):
     """Wrap ElasticRun.first_step_done (called after every step) with the gate. Done from
-    inside run_entry: hooks.elastic imports TensorFlow, which must come after the entry
+    inside run_entry: hooks.distributed.elastic imports TensorFlow, which must come after the entry
     point's own start-up."""
-    from hooks import elastic
+    from hooks.distributed import elastic
 
     after_step, opened = elastic.ElasticRun.first_step_done, []
 

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from hooks import horovod_glue
+from hooks.distributed import horovod_glue
 
 
 def main(out_dir, global_batch, steps=3, fp16_allreduce=False):

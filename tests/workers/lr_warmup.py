@@ -1,4 +1,5 @@
-"""Train a tiny model through hooks.loop.train with a warm-up + poly schedule and snapshots.
+"""Train a tiny model through hooks.training.loop.train with a warm-up + poly schedule and
+snapshots.
 
 Every rank writes OUT_DIR/lr-rank<r>.json: the global step and learning rate seen before
 each step, and the snapshot files this rank wrote (rank 0 only should write any).
@@ -15,14 +16,15 @@ GLOBAL_BATCH = 8
 
 
 def main(out_dir):
-    from hooks import horovod_glue
+    from hooks.distributed import horovod_glue
     ctx = horovod_glue.init()
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from hooks import loop, snapshots
-    from hooks import schedules as S
+    from hooks.practices import schedules as S
+    from hooks.practices import snapshots
+    from hooks.training import loop
 
     per_rank = GLOBAL_BATCH // ctx.size
     rng = np.random.default_rng(ctx.rank)

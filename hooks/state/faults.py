@@ -15,8 +15,8 @@ import signal
 import keras
 import numpy as np
 
-from hooks import checkpoints
-from hooks.steps import global_step
+from hooks.state import checkpoints
+from hooks.training.steps import global_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": a checkpoint was written, resubmit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

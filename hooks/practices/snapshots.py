@@ -4,7 +4,7 @@ each collapse phase and score the average of the snapshots' predictions.
 - `SnapshotSaver`: rank 0 writes the network weights at given global steps as
   `snapshot-<step>.weights.h5`, atomically.
 - `CollapsedEnsembleEvaluator`: top-1 of each snapshot and of the average of their
-  softmax outputs, exact over all ranks (`hooks.evaluation.predict`); a collective.
+  softmax outputs, exact over all ranks (`hooks.training.evaluation.predict`); a collective.
 """
 import os
 from collections.abc import Callable, Sequence
@@ -13,8 +13,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from hooks import bn_weights, evaluation, horovod_glue
-from hooks.steps import check_int, global_step
+from hooks.distributed import horovod_glue
+from hooks.state import bn_weights
+from hooks.training import evaluation
+from hooks.training.steps import check_int, global_step
 
 __all__ = ["CollapsedEnsembleEvaluator", "SnapshotSaver", "ensemble_top_1", "snapshot_path",
            "top_1"]
@@ -22,7 +24,8 @@ __all__ = ["CollapsedEnsembleEvaluator", "SnapshotSaver", "ensemble_top_1", "sna
 
 def _check_context(context):
     if not isinstance(context, horovod_glue.Context):
-        raise ValueError(f"context must be a hooks.horovod_glue.Context, got {context!r}")
+        raise ValueError("context must be a hooks.distributed.horovod_glue.Context, "
+                         f"got {context!r}")
     return context
 
 

@@ -2,7 +2,7 @@
 global batch and run length, with which phases.
 
 Keras-free on purpose: flag checks import `NAMES` before TensorFlow starts, so a bad
-`--lr_schedule` fails in a second. `hooks.schedules.preset` turns a recipe into schedule
+`--lr_schedule` fails in a second. `hooks.practices.schedules.preset` turns a recipe into schedule
 objects at any global batch and run length.
 
 Sources, by name:
@@ -28,7 +28,7 @@ class Recipe:
 
     `kind` "step_decay": warm-up then x1, x0.1, x0.01, x0.001 from epochs 30/60/80 (scaled
     with the run length), peak 0.1 per 256 images. `kind` "phased": `phases` are dicts of
-    `hooks.schedules.Phase` fields with lengths in epochs (`epochs`, `warmup_epochs`).
+    `hooks.practices.schedules.Phase` fields with lengths in epochs (`epochs`, `warmup_epochs`).
     """
 
     name: str

@@ -4,8 +4,8 @@ with our callbacks, resuming from the newest checkpoint in model_dir that loads.
 Faults (docs/robustness.md): a non-finite loss or weights stop every rank at the same step
 (or roll back to the last good state, `--on_nonfinite=rollback`); SIGTERM/SIGUSR1 stop every
 rank at an agreed step with a checkpoint (`faults.Preempted`); each step and evaluation
-batch beats the stall watchdog. Elastic runs (`elastic_commit_steps`, `hooks.elastic`) go on
-when workers leave or join."""
+batch beats the stall watchdog. Elastic runs (`elastic_commit_steps`,
+`hooks.distributed.elastic`) go on when workers leave or join."""
 import dataclasses
 import math
 import time
@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 
 import keras
 
-from hooks import callbacks as cb
-from hooks import checkpoints, faults, horovod_glue, settings, watchdog
+from hooks import settings
+from hooks.distributed import horovod_glue, watchdog
 from hooks.errors import ConfigError
-from hooks.evaluation import Evaluation
+from hooks.state import checkpoints, faults, run_record
+from hooks.training import callbacks as cb
+from hooks.training.evaluation import Evaluation
 
 ON_NONFINITE = settings.ON_NONFINITE
 
@@ -158,15 +160,17 @@ class Saving:
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-    """Rank 0's progress lines: every `every_n_steps` steps, as JSON with `json_lines`."""
+    """Rank 0's progress lines: every `every_n_steps` steps, as JSON with `json_lines`;
+    with `metrics`, each progress line and evaluation is also a record there."""
     log: Callable = print
     every_n_steps: int = 100
     json_lines: bool = False
+    metrics: run_record.MetricsLog | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Elastic:
-    """An elastic run (`hooks.elastic`): commit every `commit_steps` steps and at each
+    """An elastic run (`hooks.distributed.elastic`): commit every `commit_steps` steps and at each
     checkpoint; `state_variables` (e.g. a schedule factor) travel with the weights."""
     commit_steps: int
     state_variables: Sequence = ()
@@ -230,7 +234,7 @@ class _Parts:
         self.meter = cb.ThroughputMeter(plan.global_batch)
         self.evaluation = (cb.PeriodicEvaluation(validation.evaluate,
                                                  validation.every_steps or plan.total_steps,
-                                                 plan.total_steps)
+                                                 plan.total_steps, self._record_evaluation)
                            if validation is not None else None)
         self.guard, self.heartbeat = faults.FiniteGuard(), _Heartbeat()
         self.preemption = faults.Preemption(trainer.stop_request)
@@ -238,10 +242,16 @@ class _Parts:
                        cb.LearningRateLogger(), self.guard, self.preemption]
         self.chief_log = horovod_glue.chief_logger(progress.log, lambda: trainer.context)
 
+    def _record_evaluation(self, step: int, result: Evaluation) -> None:
+        if self.progress.metrics is not None:
+            self.progress.metrics.write({"kind": "eval", "step": step,
+                                         "count": result.count, "metrics": result.metrics},
+                                        self.trainer.context)
+
     def callbacks_for(self, ctx: horovod_glue.Context) -> list:
         callbacks = self.steady + [cb.ProgressLogger(
             self.plan.global_batch, ctx, self.progress.every_n_steps, self.plan.total_steps,
-            json_lines=self.progress.json_lines)]
+            json_lines=self.progress.json_lines, metrics=self.progress.metrics)]
         if self.evaluation is not None:
             callbacks.append(self.evaluation)
         callbacks += self.extra
@@ -265,9 +275,9 @@ class _Parts:
 
 
 def _train_elastic(parts: _Parts, data: Input, elastic: Elastic, practices: dict):
-    """`hooks.elastic`'s run of the loop: (history, rollbacks, last evaluation, final
+    """`hooks.distributed.elastic`'s run of the loop: (history, rollbacks, last evaluation, final
     world); the world changes go into `practices`."""
-    from hooks import elastic as elastic_lib
+    from hooks.distributed import elastic as elastic_lib
 
     trainer, global_batch = parts.trainer, parts.plan.global_batch
     stateful = {f"callback_{i}": c for i, c in enumerate(parts.steady + [parts.evaluation]

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import keras
 from keras import ops
 
-from hooks import schedules as _schedules
-from hooks.steps import check_number, global_step
+from hooks.practices import schedules as _schedules
+from hooks.training.steps import check_number, global_step
 
 __all__ = ["ScheduledL2", "WeightDecayScheduler", "attach_scheduled_l2"]
 

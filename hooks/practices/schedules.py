@@ -9,7 +9,7 @@ so a vector of steps gives the vector of learning rates (handy for plots and tes
 Building blocks: `scale_learning_rate`, `to_steps`, `LinearWarmup`, `PolynomialDecay`,
 `StepDecay`, `PiecewiseConstant`, and `PhasedSchedule` of `Phase`s (warm-up + poly
 decay per phase, weight decay per phase, snapshot phases for collapsed ensembles).
-`preset(name, ...)` builds the published recipes of `hooks.recipes` at any global batch.
+`preset(name, ...)` builds the published recipes of `hooks.practices.recipes` at any global batch.
 `TPUStepSchedule` / `tpu_milestones` and `TPULarsSchedule` / `lars_defaults` are
 tensorflow/tpu's resnet_main.py and lars_util.py schedules, formula for formula.
 """
@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 import keras
 from keras import ops
 
-from hooks import recipes
-from hooks.steps import check_int as _check_int
-from hooks.steps import check_number as _check_number
-from hooks.steps import round_half_up, run_steps, to_steps
+from hooks.practices import recipes
+from hooks.training.steps import check_int as _check_int
+from hooks.training.steps import check_number as _check_number
+from hooks.training.steps import round_half_up, run_steps, to_steps
 
 __all__ = [
     "PRESETS", "SERIALIZATION_PACKAGE", "LinearWarmup", "Phase", "PhasedSchedule",
@@ -460,7 +460,7 @@ class PhasedSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """`base(step) * factor`, where `factor` is a variable that a callback changes during
-    training (`hooks.callbacks.ReduceOnPlateau`); never below `min(min_lr, base(step))`,
+    training (`hooks.training.callbacks.ReduceOnPlateau`); never below `min(min_lr, base(step))`,
     so the warm-up still starts low. Not serializable (the factor lives in checkpoints'
     state.json, not in the optimizer config)."""
 

@@ -14,8 +14,10 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from hooks import checkpoints, evaluation, horovod_glue, watchdog
-from hooks.steps import global_step
+from hooks.distributed import horovod_glue, watchdog
+from hooks.state import checkpoints
+from hooks.training import evaluation
+from hooks.training.steps import global_step
 
 
 def current_learning_rate(optimizer) -> float:
@@ -51,18 +53,19 @@ class StopAtStep(keras.callbacks.Callback):
 class ProgressLogger(keras.callbacks.Callback):
     """Rank 0 prints step, loss, lr and images/s (per rank and total) every N steps.
 
-    With `json_lines`, each line is also a JSON object (prefix "PROGRESS ") for tools.
+    With `json_lines`, each line is also a JSON object (prefix "PROGRESS ") for tools;
+    with `metrics` (a `run_record.MetricsLog`), each line is also a record there.
     """
 
     def __init__(self, global_batch: int, context: horovod_glue.Context, every_n_steps: int,
-                 total_steps: int, stream=None, json_lines: bool = False):
+                 total_steps: int, stream=None, json_lines: bool = False, metrics=None):
         super().__init__()
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be > 0, got {every_n_steps}")
         self.global_batch, self.context = global_batch, context
         self.every, self.total = every_n_steps, total_steps
         self.stream = stream or sys.stdout
-        self.json_lines = json_lines
+        self.json_lines, self.metrics = json_lines, metrics
         self._t0 = self._s0 = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -81,13 +84,16 @@ class ProgressLogger(keras.callbacks.Callback):
         record = {"step": step, "total_steps": self.total, "loss": float((logs or {}).get(
             "loss", float("nan"))), "lr": current_learning_rate(self.model.optimizer),
             "images_per_sec": rate, "images_per_sec_per_rank": rate / self.context.size}
-        extra = " ".join(f"{k} {float(v):.4f}" for k, v in (logs or {}).items()
-                         if k not in ("loss", "stop_request") and np.ndim(v) == 0)
+        others = {k: float(v) for k, v in (logs or {}).items()
+                  if k not in ("loss", "stop_request") and np.ndim(v) == 0}
+        extra = " ".join(f"{k} {v:.4f}" for k, v in others.items())
         print(f"step {step:>7}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.3e}"
               f" {extra} | {record['images_per_sec_per_rank']:.1f} img/s/rank"
               f" {rate:.1f} img/s total", file=self.stream, flush=True)
         if self.json_lines:
             print("PROGRESS " + json.dumps(record), file=self.stream, flush=True)
+        if self.metrics is not None:
+            self.metrics.write({"kind": "train", **record, "metrics": others}, self.context)
 
 
 class ThroughputMeter(keras.callbacks.Callback):
@@ -129,17 +135,18 @@ class PeriodicEvaluation(keras.callbacks.Callback):
     TensorBoard and metric-watching callbacks see them)."""
 
     def __init__(self, evaluate: Callable[[], evaluation.Evaluation], every_n_steps: int,
-                 total_steps: int):
+                 total_steps: int, on_result: Callable | None = None):
         super().__init__()
         self.evaluate, self.every, self.total = evaluate, every_n_steps, total_steps
+        self.on_result = on_result  # e.g. a metrics.jsonl record
         self._last_period = None
         self.last: evaluation.Evaluation | None = None
 
     def on_train_begin(self, logs=None):
         self._last_period = global_step(self.model) // self.every
 
-    # What an elastic reset restores and broadcasts (hooks.elastic): every rank must agree
-    # on whether the final weights still need an evaluation.
+    # What an elastic reset restores and broadcasts (hooks.distributed.elastic): every rank
+    # must agree on whether the final weights still need an evaluation.
     def state_dict(self) -> dict:
         return {"last": self.last}
 
@@ -154,6 +161,8 @@ class PeriodicEvaluation(keras.callbacks.Callback):
             return  # stopping early mid-loop (preemption): checkpoint now, evaluate later
         self._last_period = step // self.every
         self.last = self.evaluate()
+        if self.on_result is not None:
+            self.on_result(step, self.last)
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in self.last.metrics.items()})
 
@@ -172,7 +181,7 @@ class ReduceOnPlateau(keras.callbacks.Callback):
         self.best = math.inf
         self.wait = 0
 
-    # Every rank must take the same decisions after an elastic reset (hooks.elastic).
+    # Every rank must take the same decisions after an elastic reset (hooks.distributed.elastic).
     def state_dict(self) -> dict:
         return {"best": self.best, "wait": self.wait}
 
@@ -213,7 +222,7 @@ class CheckpointSaver(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # Every rank: the others wait in a barrier while rank 0 writes, so a long write
-        # on a slow file system is not mistaken for a stall (see hooks.watchdog).
+        # on a slow file system is not mistaken for a stall (see hooks.distributed.watchdog).
         if self.context.is_chief:
             watchdog.chief_writing(True)
             try:

@@ -5,7 +5,7 @@ import time
 
 import keras
 
-from hooks.steps import check_number, global_step
+from hooks.training.steps import check_number, global_step
 
 __all__ = ["TimeToAccuracy"]
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hooks import horovod_glue, watchdog
+from hooks.distributed import horovod_glue, watchdog
 
 # Compiled step functions per network, so periodic evaluation traces once, not every time.
 _STEPS = weakref.WeakKeyDictionary()

@@ -17,10 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hooks import elastic_launch
+from hooks.distributed import elastic_launch
 from hooks.errors import ConfigError, UserError
-from hooks.safe_files import follow_umask
-from hooks.steps import check_number
+from hooks.state.safe_files import follow_umask
+from hooks.training.steps import check_number
 
 T = TypeVar("T")
 
@@ -75,10 +75,10 @@ def init(fusion_threshold_mb: float | None = None,
 
     Gloo's own collective timeout (30 s by default) would kill a job whose rank 0 takes
     longer to write a checkpoint: it is set to a week unless the user set it, and stalls
-    are bounded by `hooks.watchdog` (--stall_timeout_s) instead. The cycle time is
+    are bounded by `hooks.distributed.watchdog` (--stall_timeout_s) instead. The cycle time is
     `cycle_time_ms`, else HOROVOD_CYCLE_TIME, else DEFAULT_CYCLE_TIME_MS; in an elastic job
     on a Horovod without our re-init patch, Horovod's own 1 ms
-    (`hooks.elastic_launch.check_launch` refuses a fixed one there)."""
+    (`hooks.distributed.elastic_launch.check_launch` refuses a fixed one there)."""
     os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(7 * 24 * 3600))
     if fusion_threshold_mb is not None:
         mb = check_number("fusion_threshold_mb", fusion_threshold_mb, minimum=0)
@@ -93,7 +93,7 @@ def init(fusion_threshold_mb: float | None = None,
     context = _current_context()
     # Where the ranks landed (a collective): the one place a job log shows hosts. Not in an
     # elastic job (HOROVOD_ELASTIC, set by horovodrun): a joining worker's init would wait
-    # for ranks that are mid-training; hooks.elastic prints it after each sync instead.
+    # for ranks that are mid-training; hooks.distributed.elastic prints it after each sync instead.
     if not elastic_launch.launched_elastic():
         line = describe_placement(placement(context))
         if context.is_chief:
@@ -309,7 +309,7 @@ class DistributedTrainer(keras.Model):
         self.exact_metrics = exact_metrics
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.train_metrics = list(metrics)
-        self.stop_request = RequestFlag()  # raised by hooks.faults.Preemption
+        self.stop_request = RequestFlag()  # raised by hooks.state.faults.Preemption
         self.gradient_weight = 1.0
 
     @property

@@ -27,9 +27,9 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
-from hooks import bn_weights
 from hooks.errors import UserError
-from hooks.safe_files import follow_umask, is_real_dir, write_text
+from hooks.state import bn_weights
+from hooks.state.safe_files import follow_umask, is_real_dir, write_text
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 WEIGHTS, OPTIMIZER, STATE = "model.weights.h5", "optimizer.npz", "state.json"

@@ -4,7 +4,7 @@ Under `horovodrun --gloo --min-np N --max-np M --host-discovery-script S ... --e
 Horovod re-forms the job when a worker dies or the discovery script lists other hosts.
 `horovod.tensorflow.keras.elastic` is written for Keras 2 (and misbehaves on scale-up), so
 this module drives `horovod.common.elastic.run_fn` around the project's own loop
-(`hooks.loop.train` calls `ElasticRun.run`):
+(`hooks.training.loop.train` calls `ElasticRun.run`):
 
 - `TrainingState` is what a reset goes back to: every network and optimizer variable (the
   global step is the optimizer's `iterations`; epoch, data position and learning-rate
@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hooks import horovod_glue, watchdog
+from hooks.distributed import horovod_glue, watchdog
 
 
 @dataclasses.dataclass

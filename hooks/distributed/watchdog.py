@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from hooks.safe_files import is_real_dir, read_text, write_text
+from hooks.state.safe_files import is_real_dir, read_text, write_text
 
 STALL_EXIT_CODE = 86
 CHIEF_ALIVE = "chief-alive"

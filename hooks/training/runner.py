@@ -5,18 +5,23 @@ A task (`imagenet.train.ImagenetTask`, `chexnet.train.ChexnetTask`) says what is
 its input, its network and optimizer, its evaluation, what a checkpoint records and what
 the run reports. `run(task, context)` does the rest in this order, for both: the global
 batch check, the cheap input check on every rank, precision and seed, the distributed
-trainer, resume from `model_dir` (elastic or not), the start-up line, `hooks.loop.train`
-with the task's plan, and the task's summary.
+trainer, resume from `model_dir` (elastic or not), the start-up line, the run's records
+(`hooks.state.run_record`: flags.txt, metrics.jsonl, the environment in state.json and
+summary.json), `hooks.training.loop.train` with the task's plan, and the task's summary.
 """
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
 
-from hooks import horovod_glue, loop, runtime
+from hooks import runtime
+from hooks.distributed import horovod_glue
 from hooks.settings import Settings
+from hooks.state import run_record
+from hooks.training import loop
 
 
 @dataclasses.dataclass
@@ -88,6 +93,7 @@ class Outcome:
     context: horovod_glue.Context  # the world at the end (elastic: may differ)
     start_step: int
     started: float  # time.perf_counter() when training (or evaluation) began
+    environment: dict = dataclasses.field(default_factory=dict)  # for summary.json
 
 
 def run(task: Task, context: horovod_glue.Context, log=print) -> dict:
@@ -107,6 +113,9 @@ def run(task: Task, context: horovod_glue.Context, log=print) -> dict:
         keras.utils.set_random_seed(settings.seed)
     if (warning := runtime.precision_warning(settings.precision)) is not None:
         early_log(f"WARNING: {warning}")
+    # Elastic: no collective before the loop (a joining worker would wait alone).
+    environment = run_record.environment(
+        context, None if settings.elastic else horovod_glue.hostnames(context))
     model = task.build(context, early_log)
     trainer = horovod_glue.DistributedTrainer(model.network, context, metrics=model.metrics,
                                               fp16_allreduce=settings.fp16_allreduce)
@@ -122,7 +131,8 @@ def run(task: Task, context: horovod_glue.Context, log=print) -> dict:
     for line in task.start_lines(trainer, context, start, resumed):
         chief_log(line)
     try:
-        return _train_and_finish(task, model, trainer, context, start, chief_log)
+        return _train_and_finish(task, model, trainer, context, start, chief_log,
+                                 environment)
     except tf.errors.OpError as err:
         problem = task.read_error(err, context)
         if problem is None:
@@ -130,17 +140,29 @@ def run(task: Task, context: horovod_glue.Context, log=print) -> dict:
         raise problem from err
 
 
-def _train_and_finish(task: Task, model: Model, trainer, context, start: int, log) -> dict:
+def _train_and_finish(task: Task, model: Model, trainer, context, start: int, log,
+                      environment: dict) -> dict:
     settings, plan, result = task.config, task.plan(), None
+    saving, metrics = task.saving(), None
+    if plan is not None and saving is not None:
+        # What reproduces this run: its flags now, its environment in every checkpoint.
+        if settings.flags_text:
+            run_record.write_flags(saving.model_dir, settings.flags_text, context)
+        task_state = saving.state
+        saving = dataclasses.replace(
+            saving, state=lambda: {**task_state(), "environment": environment})
+        metrics = run_record.MetricsLog(os.path.join(saving.model_dir,
+                                                     run_record.METRICS_FILE))
     started = time.perf_counter()
     if plan is not None:
         result = loop.train(
             trainer, task.train_input(context, start), plan, context=context,
-            validation=task.validation(trainer, log), saving=task.saving(),
-            progress=loop.Progress(log, settings.log_every_n_steps, settings.json_progress),
+            validation=task.validation(trainer, log), saving=saving,
+            progress=loop.Progress(log, settings.log_every_n_steps, settings.json_progress,
+                                   metrics),
             faults_policy=loop.FaultPolicy(settings.on_nonfinite, settings.max_rollbacks),
             elastic=(loop.Elastic(settings.elastic_commit_steps, model.state_variables)
                      if settings.elastic else None),
             extra_callbacks=model.callbacks)
         context = result.context
-    return task.finish(trainer, Outcome(result, context, start, started), log)
+    return task.finish(trainer, Outcome(result, context, start, started, environment), log)

@@ -22,7 +22,8 @@ import numbers
 import keras
 from keras import ops
 
-from hooks import schedules as _schedules  # registers the schedules that from_config may name
+# registers the schedules that from_config may name
+from hooks.practices import schedules as _schedules
 
 _PACKAGE = _schedules.SERIALIZATION_PACKAGE
 
