@@ -7,15 +7,16 @@ STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo lint cluster-deps test test-fast test-slurm test-multinode clean
 
+# The Python packages, re-installed when the dependency list changes (a stamp). Then the
+# Horovod check, every time (a few seconds): scripts/build_horovod.sh installs or rebuilds
+# when TensorFlow, the patches or the MPI (MPI_HOME, `module load`) changed. No root needed.
 setup: $(STAMP)
+	@PYTHON=$(PY) bash scripts/build_horovod.sh
 
-# Re-run the install when the dependency list, the Horovod build script or a patch changes
-# (the folder: a patch added or removed).
-$(STAMP): setup.cfg setup.py scripts/build_horovod.sh scripts/horovod-patches $(wildcard scripts/horovod-patches/*.patch)
+$(STAMP): setup.cfg setup.py
 	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel
 	$(PY) -m pip install -q -e ".[test]"
-	PYTHON=$(PY) bash scripts/build_horovod.sh
 	@touch $(STAMP)
 
 demo: setup
@@ -25,22 +26,28 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 # System packages the SLURM and multinode tests need (root, apt-get; announced with their
-# list; a second run only checks). Nothing else installs system packages.
+# list; a second run only checks), among them Debian's OpenMPI. Nothing else installs system
+# packages.
 cluster-deps:
 	bash scripts/install_slurm.sh
 
 # Everything: lint, unit tests, in-process runs, launchers (horovodrun, mpirun), SLURM.
-test: lint cluster-deps
+# cluster-deps first, so that the set-up that follows finds Debian's OpenMPI and builds
+# Horovod with MPI (the mpirun and SLURM tests need it).
+test: cluster-deps
+	$(MAKE) lint
 	$(PY) -m pytest
 
 # The in-process tier for a developer's feedback loop (under a minute): no subprocesses.
 test-fast: setup
 	$(PY) -m pytest -m "not slow" -q
 
-test-slurm: setup cluster-deps
+test-slurm: cluster-deps
+	$(MAKE) setup
 	$(PY) -m pytest -m slurm
 
-test-multinode: setup cluster-deps
+test-multinode: cluster-deps
+	$(MAKE) setup
 	$(PY) -m pytest -m multinode
 
 clean:
