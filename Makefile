@@ -35,7 +35,7 @@ cluster-deps:
 # cluster-deps first, so that the set-up that follows finds Debian's OpenMPI and builds
 # Horovod with MPI (the mpirun and SLURM tests need it).
 test: cluster-deps
-	$(MAKE) lint
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
 # The in-process tier for a developer's feedback loop (under a minute): no subprocesses.
@@ -43,11 +43,11 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" -q
 
 test-slurm: cluster-deps
-	$(MAKE) setup
+	$(MAKE) --no-print-directory setup
 	$(PY) -m pytest -m slurm
 
 test-multinode: cluster-deps
-	$(MAKE) setup
+	$(MAKE) --no-print-directory setup
 	$(PY) -m pytest -m multinode
 
 clean:
