@@ -24,6 +24,7 @@ class Settings:
     precision: str = "float32"
     fp16_allreduce: bool = False
     fused_bn: bool = True  # TensorFlow's fused batch-norm kernel (hooks.bn_weights loads both)
+    sync_bn: bool = False  # batch statistics over all ranks (hooks.sync_batchnorm)
     # faults
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3
