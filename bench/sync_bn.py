@@ -1,14 +1,16 @@
 """What synchronized batch norm (--sync_bn) costs: 2 ranks with and without it.
 
     .venv/bin/python -m bench.sync_bn [--rounds 2] [--steps 2] [--image_size 64]
-        [--global_batch 8] [--architectures resnet,densenet121]
+        [--global_batch 8] [--architectures resnet,densenet121] [--cycle_time_ms 10]
 
 2 ranks x 1 thread under horovodrun --gloo (bench.hvd_jobs: resnet_main's train step on
 synthetic images), ResNet-50 (53 BN layers) and DenseNet-121 (121), small images and a small
 per-rank batch, where --sync_bn is meant to be used and where its per-layer allreduces
-weigh most against the compute. Rounds interleave the cases; reports images per CPU-second
-(the host caps this VM's wall clock) and per wall second, median [min-max], and the CPU
-model and flags. Writes runs/bench/sync_bn.json.
+weigh most against the compute. Each BN allreduce waits for Horovod's next cycle, forward
+and backward, one layer after another: --cycle_time_ms (HOROVOD_CYCLE_TIME for every job;
+default resnet_main's 10 ms) shows that floor. Rounds interleave the cases; reports images
+per CPU-second (the host caps this VM's wall clock) and per wall second, median [min-max],
+and the CPU model and flags. Writes runs/bench/sync_bn.json (or --out).
 """
 import argparse
 import os
@@ -31,17 +33,20 @@ def main():
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--global_batch", type=int, default=8)
     parser.add_argument("--architectures", default="resnet,densenet121")
+    parser.add_argument("--cycle_time_ms", type=float, default=10.0,
+                        help="HOROVOD_CYCLE_TIME of every job (resnet_main's default: 10)")
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
-    for name in ("rounds", "steps", "image_size", "global_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    for name in ("rounds", "steps", "image_size", "global_batch", "cycle_time_ms"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     architectures = args.architectures.split(",")
     if not set(architectures) <= {"resnet", "densenet121"}:
         parser.error(f"--architectures: choose from resnet,densenet121, got {args.architectures}")
     jobs = {f"{arch}{', --sync_bn' if sync else ''}": Job(
         ranks=2, launcher="gloo", intra=1, image_size=args.image_size,
-        global_batch=args.global_batch, steps=args.steps, architecture=arch, sync_bn=sync)
+        global_batch=args.global_batch, steps=args.steps, architecture=arch, sync_bn=sync,
+        env={"HOROVOD_CYCLE_TIME": str(args.cycle_time_ms)})
         for arch in architectures for sync in (False, True)}
     results = {name: [] for name in jobs}
     for r in range(args.rounds):
@@ -52,8 +57,9 @@ def main():
                   f"{res['images_per_sec']:6.3f} img/s wall", flush=True)
     cpu = lscpu()
     print(f"\n{cpu.get('model', '?')}; flags: {cpu.get('flags', '?')}")
-    print(f"2 ranks x 1 thread (gloo), {args.rounds} rounds x {args.steps} steps, global "
-          f"batch {args.global_batch}, {args.image_size} px; median [min-max]")
+    print(f"2 ranks x 1 thread (gloo), cycle {args.cycle_time_ms:g} ms, {args.rounds} rounds "
+          f"x {args.steps} steps, global batch {args.global_batch}, {args.image_size} px; "
+          "median [min-max]")
     print(f"{'case':<24} {'img/CPU-s':>20} {'img/s wall':>20} {'vs without':>10}")
     table = {}
     for name, rs in results.items():
