@@ -1,10 +1,11 @@
 """Launch one measured training job (no launcher, horovodrun --gloo, or mpirun) and read it back.
 
-A job runs resnet_main's train step (DistributedTrainer, synthetic images) on every rank:
-warm-up steps, a barrier, then `steps` timed steps. Each rank measures its own wall and
-CPU seconds over the timed steps only (start-up and tracing excluded; Horovod's background
-thread and Gloo/MPI threads are in the rank's process, so their CPU time counts). Rank 0
-prints one `RESULT {json}` line, which `run_job` returns as a dict.
+A job runs resnet_main's train step (DistributedTrainer, synthetic images; ResNet-50 unless
+the job names densenet121) on every rank: warm-up steps, a barrier, then `steps` timed
+steps. Each rank measures its own wall and CPU seconds over the timed steps only (start-up
+and tracing excluded; Horovod's background thread and Gloo/MPI threads are in the rank's
+process, so their CPU time counts). Rank 0 prints one `RESULT {json}` line, which
+`run_job` returns as a dict.
 
     python -m bench.hvd_jobs --job '{"ranks": 1, "intra": 1, ...}'   (what run_job starts)
 """
@@ -36,6 +37,8 @@ class Job:
     precision: str = "float32"
     overlap: bool = False  # per-tensor allreduce as each gradient is ready (see worker)
     timeline: str = ""  # Horovod timeline of the timed steps only, written by rank 0
+    architecture: str = "resnet"  # resnet (ResNet-50) or densenet121
+    sync_bn: bool = False  # resnet_main's --sync_bn
 
 
 def command(job: Job) -> list:
@@ -110,7 +113,8 @@ def worker(job: Job) -> dict | None:
     context = horovod_glue.init() if job.launcher != "none" else horovod_glue.Context()
     if job.overlap:
         horovod_glue.allreduce_gradients = _per_tensor_allreduce
-    net = models.build_classifier("resnet", 1000, job.image_size, depth=50, weight_decay=1e-4)
+    net = models.build_classifier(job.architecture, 1000, job.image_size, depth=50,
+                                  weight_decay=1e-4, sync_bn=job.sync_bn)
     trainer = horovod_glue.DistributedTrainer(
         net, context, metrics=[keras.metrics.SparseCategoricalAccuracy(name="top_1")])
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),

@@ -13,7 +13,8 @@ that layer sees, averaged over all ranks: PreciseBN (Wu & Johnson 2021, "Rethink
 'Batch' in BatchNorm", section 3; fvcore's `update_bn_stats`). chexnet runs it before
 every evaluation and checkpoint (``--bn_stats_images``), so evaluated, checkpointed and
 predicted weights agree. Nothing else changes: gradients, optimizer state and the
-training-mode forward pass are untouched.
+training-mode forward pass are untouched. With --sync_bn the layers before each one
+normalise with the statistics of all ranks' batches, as in training.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import weakref
 
 import numpy as np
 
-_PROBES = weakref.WeakKeyDictionary()  # network -> compiled statistics function
+_PROBES = weakref.WeakKeyDictionary()  # network -> (world size, compiled statistics function)
 
 
 def bn_layers(network) -> list:
@@ -36,8 +37,13 @@ def bn_layers(network) -> list:
 def _probe(network, layers):
     """tf.function: images -> [(mean, variance)] per layer, of each layer's input in
     training mode, reduced over every axis but the channel axis, in float32."""
-    if network in _PROBES:
-        return _PROBES[network]
+    from hooks.distributed import sync_batchnorm
+
+    # --sync_bn layers decide when traced whether they synchronize: trace again for a new
+    # world size (elastic).
+    world = sync_batchnorm.world_size()
+    if network in _PROBES and _PROBES[network][0] == world:
+        return _PROBES[network][1]
     import keras
     import tensorflow as tf
 
@@ -53,7 +59,7 @@ def _probe(network, layers):
             stats.append(tf.nn.moments(x, axes=list(range(len(x.shape) - 1))))
         return stats
 
-    _PROBES[network] = probe
+    _PROBES[network] = (world, probe)
     return probe
 
 

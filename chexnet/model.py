@@ -135,6 +135,7 @@ def build_chexnet_model(
     weights_file: str | None = None,
     weight_decay: float = 0.0,
     fused_bn: bool = True,
+    sync_bn: bool = False,
 ) -> tuple[keras.Model, InitSource]:
     """Backbone features (pooled; vgg16: fc2's) + Dense(14, sigmoid, float32).
 
@@ -145,6 +146,7 @@ def build_chexnet_model(
     downloads them once to ~/.keras/models; a one-line ModelError where it cannot; vgg16's
     need 224 px). Neither: random initialisation. ``fused_bn`` (default): batch norms
     are `FusedBatchNormalization`; checkpoints written with Keras's layers still load.
+    ``sync_bn``: batch statistics over all Horovod ranks (`hooks.distributed.sync_batchnorm`).
     """
     arch, depth = parse_backbone(backbone)
     name = f"chexnet_{backbone.lower()}"
@@ -164,7 +166,7 @@ def build_chexnet_model(
         check_pretrained_compatible(pretrained, backbone)
         classifier = models.build_classifier(
             arch, int(pretrained.state["num_label_classes"]), image_size, depth or 50, weight_decay,
-            fused_bn=fused_bn)
+            fused_bn=fused_bn, sync_bn=sync_bn)
         try:
             checkpoints.restore(pretrained, classifier)
         except checkpoints.CheckpointError as err:
@@ -180,8 +182,8 @@ def build_chexnet_model(
         )
     try:
         base = models.build_backbone(
-            arch, image_size, depth or 50, weight_decay, weights_file or None, fused_bn=fused_bn
-        )
+            arch, image_size, depth or 50, weight_decay, weights_file or None, fused_bn=fused_bn,
+            sync_bn=sync_bn)
     except Exception as err:  # Keras's download raises a bare Exception
         if not imagenet and not isinstance(err, (ValueError, OSError)):
             raise

@@ -81,7 +81,7 @@ def build_network(config: ChexnetConfig, pretrained):
     return model_lib.build_chexnet_model(
         config.backbone, config.image_size, pretrained=pretrained,
         weights_file=config.weights_file, weight_decay=config.weight_decay,
-        fused_bn=config.fused_bn)
+        fused_bn=config.fused_bn, sync_bn=config.sync_bn)
 
 
 def learning_rate_schedule(config: ChexnetConfig, peak_lr: float, steps_per_epoch: float,

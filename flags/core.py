@@ -168,6 +168,8 @@ PRECISION_HELP = {
     "fused_bn": "Batch norm by TensorFlow's fused kernel (FusedBatchNormalization; bf16 "
                 "activations stay bf16); --fused_bn=false uses Keras's BatchNormalization "
                 "(for comparison). Checkpoints written with either load into both.",
+    "sync_bn": "Synchronized batch norm: training-mode batch statistics over all ranks "
+               "(one allreduce per BN layer; for small per-rank batches).",
 }
 DISTRIBUTED_HELP = {
     "fusion_threshold_mb": "Horovod tensor-fusion buffer in MiB (sets "

@@ -25,6 +25,7 @@ class Settings:
     precision: str = "float32"
     fp16_allreduce: bool = False
     fused_bn: bool = True  # TF's fused batch-norm kernel (hooks.state.bn_weights loads both)
+    sync_bn: bool = False  # batch statistics over all ranks (hooks.distributed.sync_batchnorm)
     # faults
     on_nonfinite: str = "stop"
     max_rollbacks: int = 3

@@ -19,6 +19,7 @@ import functools
 import keras
 from keras import layers
 
+from hooks.distributed.sync_batchnorm import SyncBatchNormalization
 from hooks.errors import ConfigError
 from imagenet.config import ARCHITECTURES, check_vgg16_input
 
@@ -86,16 +87,29 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return y
 
 
-def _bn(x, name, relu=True, zero_init=False, fused=True):
-    kind = FusedBatchNormalization if fused else layers.BatchNormalization
+@keras.saving.register_keras_serializable(package="hpc_resnet")
+class SyncFusedBatchNormalization(SyncBatchNormalization, FusedBatchNormalization):
+    """SyncBatchNormalization (batch statistics over all ranks in training) that is
+    FusedBatchNormalization in inference mode and at world size 1."""
+
+
+def bn_class(fused: bool = True, sync: bool = False) -> type:
+    """The batch-norm layer class for --fused_bn and --sync_bn (all four share variables)."""
+    if sync:
+        return SyncFusedBatchNormalization if fused else SyncBatchNormalization
+    return FusedBatchNormalization if fused else layers.BatchNormalization
+
+
+def _bn(x, name, relu=True, zero_init=False, fused=True, sync=False):
+    kind = bn_class(fused, sync)
     x = kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
              gamma_initializer="zeros" if zero_init else "ones", name=name)(x)
     return layers.ReLU(name=name + "_relu")(x) if relu else x
 
 
-def _block(x, filters, strides, kind, project, weight_decay, name, fused=True):
+def _block(x, filters, strides, kind, project, weight_decay, name, fused=True, sync=False):
     out_filters = filters * 4 if kind == "bottleneck" else filters
-    bn = functools.partial(_bn, fused=fused)
+    bn = functools.partial(_bn, fused=fused, sync=sync)
     shortcut = x
     if project:
         shortcut = _conv(x, out_filters, 1, strides, weight_decay, name + "_proj")
@@ -112,27 +126,30 @@ def _block(x, filters, strides, kind, project, weight_decay, name, fused=True):
     return layers.ReLU(name=name + "_out")(layers.Add(name=name + "_add")([x, shortcut]))
 
 
-def resnet_backbone(inputs, depth: int, weight_decay: float, fused_bn: bool = True):
+def resnet_backbone(inputs, depth: int, weight_decay: float, fused_bn: bool = True,
+                    sync_bn: bool = False):
     if depth not in RESNET_LAYERS:
         raise ValueError(f"resnet depth {depth} is not one of {sorted(RESNET_LAYERS)}")
     kind, blocks = RESNET_LAYERS[depth]
-    x = _bn(_conv(inputs, 64, 7, 2, weight_decay, "conv1"), "bn1", fused=fused_bn)
+    x = _bn(_conv(inputs, 64, 7, 2, weight_decay, "conv1"), "bn1", fused=fused_bn,
+            sync=sync_bn)
     x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     for group, (filters, count) in enumerate(zip((64, 128, 256, 512), blocks)):
         for i in range(count):
             strides = 2 if (i == 0 and group > 0) else 1
             x = _block(x, filters, strides, kind, project=(i == 0), weight_decay=weight_decay,
-                       name=f"g{group + 1}b{i + 1}", fused=fused_bn)
+                       name=f"g{group + 1}b{i + 1}", fused=fused_bn, sync=sync_bn)
     return layers.GlobalAveragePooling2D(name="avg_pool")(x)
 
 
-def fuse_batch_norms(model: keras.Model) -> keras.Model:
+def fuse_batch_norms(model: keras.Model, kind: type = FusedBatchNormalization) -> keras.Model:
     """A copy of a functional `model` with every Keras BatchNormalization replaced by a
-    FusedBatchNormalization of the same configuration, and the same weights (same layer
-    names and variable paths, so weights files and checkpoints load into either)."""
+    `kind` (FusedBatchNormalization, or another `bn_class`) of the same configuration, and
+    the same weights (same layer names and variable paths, so weights files and
+    checkpoints load into either)."""
     def clone(layer):
         if type(layer) is layers.BatchNormalization:
-            return FusedBatchNormalization.from_config(layer.get_config())
+            return kind.from_config(layer.get_config())
         return layer.__class__.from_config(layer.get_config())
 
     fused = keras.models.clone_model(model, clone_function=clone)
@@ -162,16 +179,19 @@ def vgg16_fc_head(inputs, image_size: int, weights_file: str | None) -> keras.Mo
 
 def build_backbone(architecture: str, image_size: int, depth: int = 50,
                    weight_decay: float = 0.0, weights_file: str | None = None,
-                   channels: int = 3, fused_bn: bool = True) -> keras.Model:
+                   channels: int = 3, fused_bn: bool = True,
+                   sync_bn: bool = False) -> keras.Model:
     """Input image -> feature vector (pooled; VGG16: its fc2 output). `weights_file` loads
     Keras application weights (e.g. a downloaded `*_notop.h5`; for vgg16 a file with top)
     into DenseNet/VGG backbones. `fused_bn` (default): every batch norm is a
     FusedBatchNormalization (DenseNet's are swapped after the weights are loaded); False
-    keeps Keras's BatchNormalization, for comparison. VGG16 has none. Checkpoints load into
-    either (`hooks.state.bn_weights`)."""
+    keeps Keras's BatchNormalization, for comparison. `sync_bn`: either kind synchronizes
+    its batch statistics over the Horovod ranks (`hooks.distributed.sync_batchnorm`).
+    VGG16 has none.
+    Checkpoints load into every kind (`hooks.state.bn_weights`)."""
     inputs = keras.Input((image_size, image_size, channels), name="image")
     if architecture == "resnet":
-        features = resnet_backbone(inputs, depth, weight_decay, fused_bn)
+        features = resnet_backbone(inputs, depth, weight_decay, fused_bn, sync_bn)
         if weights_file:
             raise ValueError("--weights_file applies to densenet121/vgg16; a ResNet starts "
                              "from a resnet_main checkpoint")
@@ -187,8 +207,8 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of "
                          f"{', '.join(ARCHITECTURES)}")
-    if fused_bn:
-        base = fuse_batch_norms(base)
+    if fused_bn or sync_bn:
+        base = fuse_batch_norms(base, bn_class(fused_bn, sync_bn))
     if weight_decay:
         for layer in base.layers:
             if isinstance(layer, (layers.Conv2D, layers.Dense)):
@@ -199,10 +219,10 @@ def build_backbone(architecture: str, image_size: int, depth: int = 50,
 
 def build_classifier(architecture: str, num_classes: int, image_size: int, depth: int = 50,
                      weight_decay: float = 0.0, weights_file: str | None = None,
-                     fused_bn: bool = True) -> keras.Model:
+                     fused_bn: bool = True, sync_bn: bool = False) -> keras.Model:
     """Backbone + dense logits (float32 under mixed precision)."""
     backbone = build_backbone(architecture, image_size, depth, weight_decay, weights_file,
-                              fused_bn=fused_bn)
+                              fused_bn=fused_bn, sync_bn=sync_bn)
     logits = layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(
         stddev=0.01), kernel_regularizer=_l2(weight_decay), bias_regularizer=_l2(weight_decay),
         dtype="float32", name="logits")(backbone.output)

@@ -222,7 +222,8 @@ class ImagenetTask(runner.Task):
         self.network = models.build_classifier(config.architecture, config.num_label_classes,
                                                config.image_size, config.resnet_depth,
                                                0.0 if lars else config.weight_decay,
-                                               config.weights_file, fused_bn=config.fused_bn)
+                                               config.weights_file, fused_bn=config.fused_bn,
+                                               sync_bn=config.sync_bn)
         self.optimizer = build_optimizer(config, learning_rate, lars)
         extra = practice_callbacks(config, self.preset, self.network, self.optimizer,
                                    context, lambda: eval_dataset(config, context))

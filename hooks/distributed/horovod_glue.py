@@ -293,10 +293,13 @@ class DistributedTrainer(keras.Model):
     The wrapped `network` is what gets saved and exported. Metrics passed in are updated
     on each rank and reported exactly over all ranks (see `global_metric_results`).
 
-    `gradient_weight`: each rank's gradient is multiplied by it before the average. With
-    per-rank batches n_r of a global batch B (`rank_batch`), n_r * size / B makes the
-    averaged gradient exactly the mean over the B examples; 1.0 (equal batches) changes
-    nothing. Read when the train step is traced: reset `train_function` after a change.
+    `gradient_weight`: each rank's loss (and so its gradient) is multiplied by it before
+    the average. With per-rank batches n_r of a global batch B (`rank_batch`), n_r * size / B
+    makes the averaged gradient exactly the mean over the B examples; 1.0 (equal batches)
+    changes nothing. The loss, not the gradient, is weighted so that a gradient crossing
+    ranks inside the backward pass (synchronized batch norm's allreduce) carries each
+    rank's weight too. Read when the train step is traced: reset `train_function` after a
+    change.
     """
 
     def __init__(self, network: keras.Model, context: Context,
@@ -332,11 +335,10 @@ class DistributedTrainer(keras.Model):
             y_pred = self.network(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                      training=True)
-            scaled_loss = self.optimizer.scale_loss(loss)
+            weighted = loss * self.gradient_weight if self.gradient_weight != 1.0 else loss
+            scaled_loss = self.optimizer.scale_loss(weighted)
         variables = self.trainable_variables
         grads = tape.gradient(scaled_loss, variables)
-        if self.gradient_weight != 1.0:
-            grads = [None if g is None else g * self.gradient_weight for g in grads]
         grads = allreduce_gradients(grads, self.context, self.fp16_allreduce)
         self.optimizer.apply_gradients(zip(grads, variables))
         self.loss_tracker.update_state(loss, sample_weight=tf.shape(y_pred)[0])

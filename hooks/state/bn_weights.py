@@ -6,10 +6,12 @@ DenseNet used Keras's ``BatchNormalization`` therefore hold ``batch_normalizatio
 entries, which a model built with ``FusedBatchNormalization`` (the default since fused batch
 norm is) looks for as ``fused_batch_normalization_N``: Keras refuses them ("expected 4
 variables, but received 0"). Both layers have the same variables in the same order, so the
-N-th batch norm of the file is the N-th batch norm of the model. `load_weights` detects a
-file written with the other class and maps every entry onto the model's layers by that
-position, checking each variable's shape; anything that does not line up is a one-line
-`WeightsMismatch` naming the file, before any variable changes.
+N-th batch norm of the file is the N-th batch norm of the model. The synchronized layers
+(`SyncBatchNormalization`, `SyncFusedBatchNormalization`: --sync_bn) have the same variables
+too. `load_weights` detects a file written with another of these classes and maps every
+entry onto the model's layers by that position, checking each variable's shape; anything
+that does not line up is a one-line `WeightsMismatch` naming the file, before any variable
+changes.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from collections.abc import Callable
 
 from hooks.errors import UserError
 
-# The two classes whose entries are interchangeable (same variables, same order).
-_SWAP = {"BatchNormalization": "FusedBatchNormalization",
-         "FusedBatchNormalization": "BatchNormalization"}
+# The classes whose entries are interchangeable (same variables, same order).
+_BN_CLASSES = ("BatchNormalization", "FusedBatchNormalization", "SyncBatchNormalization",
+               "SyncFusedBatchNormalization")
 
 
 class WeightsMismatch(UserError):
@@ -33,15 +35,15 @@ def _snake(class_name: str) -> str:
     return naming.to_snake_case(class_name)
 
 
-def _entries(layers, swap: bool, prefix: str = "layers") -> list:
+def _entries(layers, bn_as: str | None = None, prefix: str = "layers") -> list:
     """[(h5 path of the layer's entry, layer)] as Keras's saving walks `layers` (numbering
-    per class in order; nested models recursed), with the batch-norm classes swapped when
-    `swap` (the names a file written with the other class uses)."""
+    per class in order; nested models recursed), every batch norm named as class `bn_as`
+    when given (the names a file written with that class uses)."""
     used: dict[str, int] = {}
     found = []
     for layer in layers:
         name = type(layer).__name__
-        key = _snake(_SWAP.get(name, name) if swap else name)
+        key = _snake(bn_as if bn_as and name in _BN_CLASSES else name)
         if key in used:
             used[key] += 1
             key = f"{key}_{used[key]}"
@@ -49,7 +51,7 @@ def _entries(layers, swap: bool, prefix: str = "layers") -> list:
             used[key] = 0
         found.append((f"{prefix}/{key}", layer))
         if hasattr(layer, "layers"):  # a nested model: its layers are saved inside it
-            found += _entries(layer.layers, swap, f"{prefix}/{key}/layers")
+            found += _entries(layer.layers, bn_as, f"{prefix}/{key}/layers")
     return found
 
 
@@ -96,15 +98,15 @@ def _convert(network, path: str, h5file, entries) -> int:
         staged.append((layer, {str(i): a for i, a in enumerate(arrays)}))
     for layer, store in staged:
         layer.load_own_variables(store)
-    return sum(type(layer).__name__ in _SWAP for layer, _ in staged)
+    return sum(type(layer).__name__ in _BN_CLASSES for layer, _ in staged)
 
 
 def load_weights(network, path: str, log: Callable[[str], None] = print) -> bool:
-    """`network.load_weights(path)`, also for a `.weights.h5` file written with the other
+    """`network.load_weights(path)`, also for a `.weights.h5` file written with another
     batch-norm class (mapped by position and shape; one log line says so). Returns whether
     it converted. Other files and other mismatches go to Keras unchanged."""
-    own = _entries(network.layers, swap=False)
-    bn_paths = [p for p, layer in own if type(layer).__name__ in _SWAP]
+    own = _entries(network.layers)
+    bn_paths = [p for p, layer in own if type(layer).__name__ in _BN_CLASSES]
     if not bn_paths or not str(path).endswith(".weights.h5"):
         network.load_weights(path)
         return False
@@ -116,16 +118,19 @@ def load_weights(network, path: str, log: Callable[[str], None] = print) -> bool
         network.load_weights(path)  # Keras's error for a missing or damaged file
         return False
     with h5file:
-        other = _entries(network.layers, swap=True)
-        other_bn = [p for p, layer in other if type(layer).__name__ in _SWAP]
-        converted = None
-        # Written with the other class: none of our entries, some of theirs.
-        if not any(p in h5file for p in bn_paths) and any(p in h5file for p in other_bn):
-            converted = _convert(network, path, h5file, other)
+        converted = written_by = None
+        # Written with another class: none of our entries, some of theirs.
+        if not any(p in h5file for p in bn_paths):
+            for written_by in _BN_CLASSES:
+                other = _entries(network.layers, bn_as=written_by)
+                if any(p in h5file for p, layer in other
+                       if type(layer).__name__ in _BN_CLASSES):
+                    converted = _convert(network, path, h5file, other)
+                    break
     if converted is None:  # our own class's entries, or another model: Keras's loader
         network.load_weights(path)
         return False
-    new = type(next(layer for _, layer in own if type(layer).__name__ in _SWAP)).__name__
-    log(f"{path}: converted {converted} batch-norm entries written by {_SWAP[new]} layers "
+    new = type(next(layer for _, layer in own if type(layer).__name__ in _BN_CLASSES)).__name__
+    log(f"{path}: converted {converted} batch-norm entries written by {written_by} layers "
         f"to this model's {new} layers (matched by position and shape)")
     return True

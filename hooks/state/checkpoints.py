@@ -237,8 +237,8 @@ def restore(checkpoint: Checkpoint, network: keras.Model,
             optimizer: keras.optimizers.Optimizer | None = None,
             log: Callable[[str], None] = print) -> None:
     """Load weights (and optimizer slots + step when given) from `checkpoint`. Weights
-    written with the other batch-norm layer class (Keras's vs our fused one) are converted
-    (`bn_weights`; `log` gets one line saying so).
+    written with another batch-norm layer class (Keras's, our fused or synchronized ones)
+    are converted (`bn_weights`; `log` gets one line saying so).
 
     CheckpointError when it was written by another model (a user mistake); any other
     failure (damaged files, a missing part, non-finite values) is also a CheckpointError,
