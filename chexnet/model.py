@@ -150,38 +150,62 @@ def build_chexnet_model(
     """
     arch, depth = parse_backbone(backbone)
     name = f"chexnet_{backbone.lower()}"
+    _check_init(arch, image_size, pretrained, weights_file)
+    if pretrained is not None:
+        return _from_checkpoint(pretrained, backbone, arch, depth, image_size, weight_decay,
+                                name, fused_bn=fused_bn, sync_bn=sync_bn)
+    base = _backbone_from_weights(backbone, arch, depth, image_size, weight_decay,
+                                  weights_file, fused_bn=fused_bn, sync_bn=sync_bn)
+    model = _attach_head(base.input, base.output, name)
+    if weights_file == IMAGENET_WEIGHTS:
+        return model, InitSource("imagenet", IMAGENET_WEIGHTS)
+    if weights_file:
+        return model, InitSource("weights_file", weights_file)
+    return model, InitSource("none")
+
+
+def _check_init(arch: str, image_size: int, pretrained, weights_file: str | None) -> None:
+    """ModelError for starting weights that cannot be used (before anything is built)."""
     if pretrained is not None and weights_file:
         raise ModelError("give either a pre-training checkpoint or --weights_file, not both")
-    imagenet = weights_file == IMAGENET_WEIGHTS
     if weights_file:
         if arch == "resnet":
             raise ModelError(
                 "--weights_file applies to densenet121/vgg16/vgg16_pooled; a ResNet starts "
                 "from a resnet_main checkpoint (--pretrained_model_dir)"
             )
-        if not imagenet and not os.path.isfile(weights_file):
+        if weights_file != IMAGENET_WEIGHTS and not os.path.isfile(weights_file):
             raise ModelError(f"--weights_file={weights_file} does not exist")
     check_vgg16_input(arch, image_size, weights_file, flag="--backbone")
-    if pretrained is not None:
-        check_pretrained_compatible(pretrained, backbone)
-        classifier = models.build_classifier(
-            arch, int(pretrained.state["num_label_classes"]), image_size, depth or 50, weight_decay,
-            fused_bn=fused_bn, sync_bn=sync_bn)
-        try:
-            checkpoints.restore(pretrained, classifier)
-        except checkpoints.CheckpointError as err:
-            raise ModelError(str(err)) from None
-        features = classifier.get_layer("logits").input
-        model = _attach_head(classifier.input, features, name)
-        lr = pretrained.state.get("learning_rate")
-        return model, InitSource(
-            "checkpoint",
-            pretrained.path,
-            float(lr) if lr is not None else None,
-            dict(pretrained.state.get("metrics") or {}),
-        )
+
+
+def _from_checkpoint(pretrained, backbone: str, arch: str, depth, image_size: int,
+                     weight_decay: float, name: str, *, fused_bn: bool, sync_bn: bool):
+    """(model, InitSource): resnet_main's classifier restored from `pretrained`, its
+    features (the input of its `logits` layer) under a new head."""
+    check_pretrained_compatible(pretrained, backbone)
+    classifier = models.build_classifier(
+        arch, int(pretrained.state["num_label_classes"]), image_size, depth or 50, weight_decay,
+        fused_bn=fused_bn, sync_bn=sync_bn)
     try:
-        base = models.build_backbone(
+        checkpoints.restore(pretrained, classifier)
+    except checkpoints.CheckpointError as err:
+        raise ModelError(str(err)) from None
+    model = _attach_head(classifier.input, classifier.get_layer("logits").input, name)
+    lr = pretrained.state.get("learning_rate")
+    return model, InitSource("checkpoint", pretrained.path,
+                             float(lr) if lr is not None else None,
+                             dict(pretrained.state.get("metrics") or {}))
+
+
+def _backbone_from_weights(backbone: str, arch: str, depth, image_size: int,
+                           weight_decay: float, weights_file: str | None, *, fused_bn: bool,
+                           sync_bn: bool) -> keras.Model:
+    """The backbone with Keras application weights (a file, or "imagenet": Keras's
+    download), or random ones; a failed load or download is one ModelError line."""
+    imagenet = weights_file == IMAGENET_WEIGHTS
+    try:
+        return models.build_backbone(
             arch, image_size, depth or 50, weight_decay, weights_file or None, fused_bn=fused_bn,
             sync_bn=sync_bn)
     except Exception as err:  # Keras's download raises a bare Exception
@@ -199,12 +223,6 @@ def build_chexnet_model(
             + (f" from --weights_file={weights_file}" if weights_file else "")
             + f": {first}"
         ) from None
-    model = _attach_head(base.input, base.output, name)
-    if imagenet:
-        return model, InitSource("imagenet", IMAGENET_WEIGHTS)
-    if weights_file:
-        return model, InitSource("weights_file", weights_file)
-    return model, InitSource("none")
 
 
 def head_layer(model: keras.Model) -> keras.layers.Layer:
