@@ -91,60 +91,88 @@ class Rung:
     snapshot_steps: tuple = ()
 
 
-def build_ladder(args, n_train) -> list[Rung]:
+def _steps(args, n_train, batch):
+    """(steps per epoch, total steps) of args.epochs at `batch`."""
     from hooks.practices import schedules as S
-    rungs = []
-    E = args.epochs
+    spe = n_train / batch
+    return spe, S.round_half_up(args.epochs * spe)
 
-    def steps(batch):
-        spe = n_train / batch
-        return spe, S.round_half_up(E * spe)
 
-    def default_lr(batch, warmup):
-        """The TPU step schedule (x0.1 at 30/60/80 of 90 epochs), optional warm-up."""
-        spe, total = steps(batch)
-        peak = S.scale_learning_rate(args.base_lr, batch)
-        bounds = [S.round_half_up(E * f * spe) for f in (30 / 90, 60 / 90, 80 / 90)]
-        decay = S.StepDecay(peak, bounds, [1.0, 0.1, 0.01, 0.001])
-        w = S.to_steps(epochs=args.warmup_epochs, steps_per_epoch=spe) if warmup else 0
-        return S.LinearWarmup(decay, w, peak / 16), total
+def _default_lr(args, n_train, batch, warmup):
+    """The TPU step schedule (x0.1 at 30/60/80 of 90 epochs), optional warm-up."""
+    from hooks.practices import schedules as S
+    spe, total = _steps(args, n_train, batch)
+    peak = S.scale_learning_rate(args.base_lr, batch)
+    bounds = [S.round_half_up(args.epochs * f * spe) for f in (30 / 90, 60 / 90, 80 / 90)]
+    decay = S.StepDecay(peak, bounds, [1.0, 0.1, 0.01, 0.001])
+    w = S.to_steps(epochs=args.warmup_epochs, steps_per_epoch=spe) if warmup else 0
+    return S.LinearWarmup(decay, w, peak / 16), total
 
-    def phased(batch, specs):
-        """Phases with lengths in epochs (fractional), lr as fractions of the peak."""
-        spe, total = steps(batch)
-        peak = S.scale_learning_rate(args.base_lr, batch)
-        scaled = []
-        for spec in specs:
-            spec = dict(spec, epochs=spec["epochs"] * spe,
-                        warmup_epochs=spec.get("warmup_epochs", 0.0) * spe)
-            for key in ("peak_lr", "warmup_start_lr"):
-                if key in spec:
-                    spec[key] *= peak
-            scaled.append(spec)
-        schedule = S.PhasedSchedule(S.phases_from_epochs(scaled, 1), total_steps=total)
-        return schedule, total
 
+def _phased(args, n_train, batch, specs):
+    """Phases with lengths in epochs (fractional), lr as fractions of the peak."""
+    from hooks.practices import schedules as S
+    spe, total = _steps(args, n_train, batch)
+    peak = S.scale_learning_rate(args.base_lr, batch)
+    scaled = []
+    for spec in specs:
+        spec = dict(spec, epochs=spec["epochs"] * spe,
+                    warmup_epochs=spec.get("warmup_epochs", 0.0) * spe)
+        for key in ("peak_lr", "warmup_start_lr"):
+            if key in spec:
+                spec[key] *= peak
+        scaled.append(spec)
+    schedule = S.PhasedSchedule(S.phases_from_epochs(scaled, 1), total_steps=total)
+    return schedule, total
+
+
+def _const(v):
+    return lambda step: v
+
+
+def _step_rungs(args, n_train) -> list[Rung]:
+    """The reference, linear scaling and warm-up rungs (constant weight decay)."""
+    small, large, wd0 = args.small_batch, args.large_batch, args.weight_decay
+    lr, total = _default_lr(args, n_train, small, warmup=False)
+    rungs = [Rung(f"batch {small}, step decay (reference)", small, lr, _const(wd0), total)]
+    lr, total = _default_lr(args, n_train, large, warmup=False)
+    rungs.append(Rung(f"batch {large}, linear scaling", large, lr, _const(wd0), total))
+    lr, total = _default_lr(args, n_train, large, warmup=True)
+    rungs.append(Rung("+ warm-up", large, lr, _const(wd0), total))
+    return rungs
+
+
+def _collapsed_ensemble(E, W, wd_large, wd_final) -> list[dict]:
+    """The SURFsara 4096 solver's shape (25/15/15/12/5 of 72 epochs, peaks
+    1.6/1.02/0.764/0.572/0.143), scaled to E epochs and our peak."""
+    f = E / 72
+    return [dict(name="init", epochs=25 * f, peak_lr=1.0, power=1.0, warmup_epochs=W,
+                 warmup_start_lr=1 / 16, weight_decay=wd_large),
+            dict(name="cycle1", epochs=15 * f, peak_lr=1.02 / 1.6, power=2.0,
+                 weight_decay=wd_large, snapshot=True),
+            dict(name="cycle2", epochs=15 * f, peak_lr=0.764 / 1.6, power=2.0,
+                 warmup_epochs=3 * f, weight_decay=wd_large, snapshot=True),
+            dict(name="cycle3", epochs=12 * f, peak_lr=0.572 / 1.6, power=2.0,
+                 warmup_epochs=3 * f, weight_decay=wd_large, snapshot=True),
+            dict(name="collapse", epochs=5 * f, peak_lr=0.143 / 1.6, power=2.0,
+                 weight_decay=wd_final, snapshot=True)]
+
+
+def _phased_rungs(args, n_train) -> list[Rung]:
+    """The polynomial-decay rungs at the large batch: plain, weight-decay scaling, single
+    collapse, collapsed ensemble."""
+    E, W, C = args.epochs, args.warmup_epochs, args.collapse_epochs
     wd0, wd_large, wd_final = args.weight_decay, args.weight_decay / 2, args.weight_decay * 2
-    const = lambda v: (lambda step: v)
-    small, large = args.small_batch, args.large_batch
-
-    lr, total = default_lr(small, warmup=False)
-    rungs.append(Rung(f"batch {small}, step decay (reference)", small, lr, const(wd0), total))
-    lr, total = default_lr(large, warmup=False)
-    rungs.append(Rung(f"batch {large}, linear scaling", large, lr, const(wd0), total))
-    lr, total = default_lr(large, warmup=True)
-    rungs.append(Rung("+ warm-up", large, lr, const(wd0), total))
-
-    W, C = args.warmup_epochs, args.collapse_epochs
+    large = args.large_batch
     main = dict(name="main", epochs=E, peak_lr=1.0, power=1.0, warmup_epochs=W,
                 warmup_start_lr=1 / 16)
-    lr, total = phased(large, [main])
-    rungs.append(Rung("+ polynomial decay (power 1)", large, lr, const(wd0), total))
+    lr, total = _phased(args, n_train, large, [main])
+    rungs = [Rung("+ polynomial decay (power 1)", large, lr, _const(wd0), total)]
     # Same lr curve, cut in two so the weight decay can change for the last C epochs.
     cut = (E - C - W) / (E - W)
     two = [dict(main, epochs=E - C, stop_fraction=cut, weight_decay=wd_large),
            dict(name="final", epochs=C, peak_lr=1 - cut, power=1.0, weight_decay=wd_final)]
-    lr, total = phased(large, two)
+    lr, total = _phased(args, n_train, large, two)
     rungs.append(Rung("+ weight-decay scaling (wd/2, then x4)", large, lr,
                       lr.weight_decay_at, total))
     # Single collapse: the linear decay stops at 9% of the peak (0.143/1.6 of the 4096
@@ -152,26 +180,19 @@ def build_ladder(args, n_train) -> list[Rung]:
     one = [dict(main, epochs=E - C, stop_fraction=0.91, weight_decay=wd_large),
            dict(name="collapse", epochs=C, peak_lr=0.09, power=2.0, weight_decay=wd_final,
                 snapshot=True)]
-    lr, total = phased(large, one)
+    lr, total = _phased(args, n_train, large, one)
     rungs.append(Rung("+ single collapse (power 2, wd x4)", large, lr, lr.weight_decay_at,
                       total, tuple(lr.snapshot_steps())))
-    # Collapsed ensembles: the SURFsara 4096 solver's shape (25/15/15/12/5 of 72 epochs,
-    # peaks 1.6/1.02/0.764/0.572/0.143), scaled to E epochs and our peak.
-    f = E / 72
-    cyc = [dict(name="init", epochs=25 * f, peak_lr=1.0, power=1.0, warmup_epochs=W,
-                warmup_start_lr=1 / 16, weight_decay=wd_large),
-           dict(name="cycle1", epochs=15 * f, peak_lr=1.02 / 1.6, power=2.0,
-                weight_decay=wd_large, snapshot=True),
-           dict(name="cycle2", epochs=15 * f, peak_lr=0.764 / 1.6, power=2.0,
-                warmup_epochs=3 * f, weight_decay=wd_large, snapshot=True),
-           dict(name="cycle3", epochs=12 * f, peak_lr=0.572 / 1.6, power=2.0,
-                warmup_epochs=3 * f, weight_decay=wd_large, snapshot=True),
-           dict(name="collapse", epochs=5 * f, peak_lr=0.143 / 1.6, power=2.0,
-                weight_decay=wd_final, snapshot=True)]
-    lr, total = phased(large, cyc)
+    # Collapsed ensembles: 4 snapshots.
+    lr, total = _phased(args, n_train, large, _collapsed_ensemble(E, W, wd_large, wd_final))
     rungs.append(Rung("+ collapsed ensemble (4 snapshots)", large, lr, lr.weight_decay_at,
                       total, tuple(lr.snapshot_steps())))
     return rungs
+
+
+def build_ladder(args, n_train) -> list[Rung]:
+    """The study's rungs, each adding one practice to the one before."""
+    return _step_rungs(args, n_train) + _phased_rungs(args, n_train)
 
 
 # ---------------------------------------------------------------- one run
