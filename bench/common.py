@@ -61,6 +61,21 @@ def write_json(name: str, payload: dict, path: str = None) -> str:
     return path
 
 
+def print_round(r: int, name: str, width: int, wall: float, per_cpu: float) -> None:
+    """The line of one interleaved round of one case: images/s wall, then per CPU-second."""
+    print(f"round {r + 1} {name:<{width}} {wall:6.2f} img/s {per_cpu:6.2f} img/CPU-s",
+          flush=True)
+
+
+def finish(name: str, payload: dict, path: str = None, bench: dict = None) -> str:
+    """write_json(), then 'wrote PATH' and, given `bench`, a 'BENCH {json}' line."""
+    path = write_json(name, payload, path)
+    print(f"wrote {path}")
+    if bench is not None:
+        print("BENCH " + json.dumps(bench))
+    return path
+
+
 def fraction_of_limit(images_per_cpu_s: float, flop_per_image: float,
                       limit_gflop_per_cpu_s: float) -> float:
     """The share of the measured FLOP limit that a throughput uses: images per CPU-second x

@@ -32,6 +32,7 @@ from hooks import entry  # noqa: E402
 if __name__ == "__main__":
     entry.quiet_startup()  # before TensorFlow is imported
 
+from bench.cases import add_case_options, case_names  # noqa: E402
 from bench.common import Clock, fmt, lscpu, summary, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,9 +178,7 @@ def print_table(results: dict, args, cpu: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES,
-                        help=f"comma-separated, or 'all': {', '.join(CASES)}")
-    parser.add_argument("--rounds", type=int, default=1)
+    add_case_options(parser, CASES, DEFAULT_CASES, rounds=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per process")
     parser.add_argument("--steps", type=int, default=6, help="training steps per repeat")
     parser.add_argument("--batch", type=int, default=32)
@@ -190,10 +189,7 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    names = list(CASES) if args.cases == "all" else args.cases.split(",")
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    names = case_names(parser, args.cases, CASES)
     for name in ("rounds", "repeats", "steps", "batch", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

@@ -80,6 +80,21 @@ def run_job(job: Job, timeout: float = 900) -> dict:
     return result
 
 
+
+def run_rounds(jobs: dict, rounds: int, width: int, describe, add=None) -> dict:
+    """Runs every job once a round, the jobs in turn (interleaved, so that load from other
+    work hits them alike); `add(job, result)` may add to a result before it is kept. Prints
+    'round R NAME' and describe(result) a run; returns name: [results]."""
+    results = {name: [] for name in jobs}
+    for r in range(rounds):
+        for name, job in jobs.items():
+            res = run_job(job)
+            if add:
+                add(job, res)
+            results[name].append(res)
+            print(f"round {r + 1} {name:<{width}} {describe(res)}", flush=True)
+    return results
+
 # ---------------------------------------------------------------- inside each rank
 def _per_tensor_allreduce(grads, context, fp16_compression=False):
     """One allreduce op per gradient: each starts when its gradient exists, so Horovod can

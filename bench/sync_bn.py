@@ -23,7 +23,7 @@ if __name__ == "__main__":
     entry.quiet_startup()  # before TensorFlow is imported
 
 from bench.common import fmt, lscpu, summary, write_json  # noqa: E402
-from bench.hvd_jobs import Job, run_job  # noqa: E402
+from bench.hvd_jobs import Job, run_rounds  # noqa: E402
 
 
 def main():
@@ -48,13 +48,9 @@ def main():
         global_batch=args.global_batch, steps=args.steps, architecture=arch, sync_bn=sync,
         env={"HOROVOD_CYCLE_TIME": str(args.cycle_time_ms)})
         for arch in architectures for sync in (False, True)}
-    results = {name: [] for name in jobs}
-    for r in range(args.rounds):
-        for name, job in jobs.items():
-            res = run_job(job)
-            results[name].append(res)
-            print(f"round {r + 1} {name:<24} {res['images_per_cpu_sec']:6.3f} img/CPU-s "
-                  f"{res['images_per_sec']:6.3f} img/s wall", flush=True)
+    results = run_rounds(jobs, args.rounds, 24,
+                         lambda res: f"{res['images_per_cpu_sec']:6.3f} img/CPU-s "
+                                     f"{res['images_per_sec']:6.3f} img/s wall")
     cpu = lscpu()
     print(f"\n{cpu.get('model', '?')}; flags: {cpu.get('flags', '?')}")
     print(f"2 ranks x 1 thread (gloo), cycle {args.cycle_time_ms:g} ms, {args.rounds} rounds "
