@@ -18,7 +18,6 @@ runs/bench/resnet_throughput.json and a `BENCH {json}` line.
   .venv/bin/python -m bench.resnet_throughput [--steps 4] [--rounds 5] [--cases a,b]
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ if __name__ == "__main__":
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench.common import Clock, fmt, fraction_of_limit, summary, write_json  # noqa: E402
+from bench.common import Clock, finish, fmt, fraction_of_limit, print_round, summary  # noqa: E402
 from hooks import runtime
 from hooks.distributed import horovod_glue
 from hooks.practices import fused_optimizers  # noqa: E402
@@ -108,7 +107,7 @@ def measure_eval(network, data, steps, warm_up):
 _EVAL_METRICS = {}
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per round")
     parser.add_argument("--eval_steps", type=int, default=0,
@@ -131,13 +130,14 @@ def main():
             print(f"no bf16 instructions in this CPU: leaving out {', '.join(slow)} "
                   "(ask for them with --cases)", flush=True)
         args.cases = ",".join(n for n in CASES if n not in slow)
-    names = args.cases.split(",")
-    unknown = [n for n in names if n not in CASES]
+    unknown = [n for n in args.cases.split(",") if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-    eval_steps = args.eval_steps or 3 * args.steps
-    from bench import gemm_peak
-    peak_result, peak = gemm_peak.measure_limit(log=lambda line: print(line, flush=True))
+    return args
+
+
+def build_cases(names, batch) -> dict:
+    """name: (model or network, data, policy) of each case."""
     built = {}
     for name in names:
         kind, precision, variant = CASES[name]
@@ -147,13 +147,18 @@ def main():
             train_case = f"ours_{precision}"
             network = (built[train_case][0].network if train_case in built
                        else ours(policy).network)
-            built[name] = (network, _data(args.batch, 224, dtype), policy)
+            built[name] = (network, _data(batch, 224, dtype), policy)
         else:
             model = plain_keras(policy) if variant == "keras" else ours(
                 policy, fused_bn=variant != "kerasbn")
-            built[name] = (model, _data(args.batch, 224, dtype), policy)
-    wall = {name: [] for name in names}
-    cpu = {name: [] for name in names}
+            built[name] = (model, _data(batch, 224, dtype), policy)
+    return built
+
+
+def run_rounds(built, args, eval_steps):
+    """Interleaved rounds: ({name: [img/s wall]}, {name: [img/CPU-s]})."""
+    wall = {name: [] for name in built}
+    cpu = {name: [] for name in built}
     for r in range(args.rounds):
         for name, (model, data, policy) in built.items():
             keras.mixed_precision.set_global_policy(policy)
@@ -163,9 +168,12 @@ def main():
                 sec, cpu_sec = measure(model, data, args.steps, warm_up=r == 0)
             wall[name].append(args.batch / sec)
             cpu[name].append(args.batch / cpu_sec)
-            print(f"round {r + 1} {name:<17} {wall[name][-1]:6.2f} img/s "
-                  f"{cpu[name][-1]:6.2f} img/CPU-s", flush=True)
+            print_round(r, name, 17, wall[name][-1], cpu[name][-1])
+    return wall, cpu
 
+
+def summarise(names, wall, cpu, peak, args, eval_steps) -> dict:
+    """Prints the table; returns its rows by case."""
     result = {}
     ref = "keras_fp32" if "keras_fp32" in names else None
     print(f"\n{args.rounds} interleaved rounds x {args.steps} training steps / {eval_steps} "
@@ -186,15 +194,23 @@ def main():
                         "fraction_of_limit": of_limit, "x_keras_fp32": vs_ref}
         print(f"{name:<17} {fmt(s_cpu):>20} {f'{vs_ref:.2f}x' if vs_ref else '-':>12} "
               f"{fmt(s_wall):>20} {s_cpu['median'] * flop / 1e9:11.1f} {of_limit:8.0%}")
-    path = write_json("resnet_throughput", {"args": vars(args), "eval_steps": eval_steps,
-                                            "limit_gflop_per_cpu_s": peak,
-                                            "limit_cases": peak_result, "cases": result},
-                      args.out)
-    print(f"wrote {path}")
-    print("BENCH " + json.dumps({k: {"per_cpu_second": v["img_per_cpu_s"]["median"],
-                                     "wall_median": v["img_per_s"]["median"],
-                                     "fraction_of_limit": v["fraction_of_limit"]}
-                                 for k, v in result.items()}))
+    return result
+
+
+def main():
+    args = parse_args()
+    names = args.cases.split(",")
+    eval_steps = args.eval_steps or 3 * args.steps
+    from bench import gemm_peak
+    peak_result, peak = gemm_peak.measure_limit(log=lambda line: print(line, flush=True))
+    wall, cpu = run_rounds(build_cases(names, args.batch), args, eval_steps)
+    result = summarise(names, wall, cpu, peak, args, eval_steps)
+    finish("resnet_throughput", {"args": vars(args), "eval_steps": eval_steps,
+                                 "limit_gflop_per_cpu_s": peak, "limit_cases": peak_result,
+                                 "cases": result}, args.out,
+           bench={k: {"per_cpu_second": v["img_per_cpu_s"]["median"],
+                      "wall_median": v["img_per_s"]["median"],
+                      "fraction_of_limit": v["fraction_of_limit"]} for k, v in result.items()})
 
 
 if __name__ == "__main__":
