@@ -27,11 +27,12 @@ if __name__ == "__main__":
 
 from bench.common import (  # noqa: E402
     Clock,
+    finish,
     fmt,
     forward_macs,
     fraction_of_limit,
+    print_round,
     summary,
-    write_json,
 )
 
 BACKBONES = ("densenet121", "resnet50", "vgg16", "vgg16_pooled")
@@ -69,7 +70,7 @@ def build(backbone: str, policy: str, fused_bn: bool, batch: int, image_size: in
     return trainer, data, forward_macs(network)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="densenet121",
                         help=f"comma-separated: {', '.join(BACKBONES)}")
@@ -83,18 +84,19 @@ def main():
     for name in ("steps", "rounds", "batch", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    backbones = args.backbones.split(",")
     precisions = args.precisions.split(",")
     if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
         parser.error("--precisions: fp32, bf16 or fp32,bf16")
-    if any(b not in BACKBONES for b in backbones):
+    if any(b not in BACKBONES for b in args.backbones.split(",")):
         parser.error(f"--backbones: choose from {', '.join(BACKBONES)}")
-    import keras
+    return args
 
-    from bench import gemm_peak
-    _, peak = gemm_peak.measure_limit(log=lambda line: print(line, flush=True))
+
+def build_cases(args) -> dict:
+    """name: (precision, policy, (trainer, data, multiply-adds per image)) of each case."""
+    precisions = args.precisions.split(",")
     cases = {}
-    for backbone in backbones:
+    for backbone in args.backbones.split(","):
         # ResNet is built with the fused batch norm; VGG16 has none: one variant each.
         variants = ((False, True) if backbone == "densenet121" else
                     ((True,) if backbone == "resnet50" else (False,)))
@@ -108,6 +110,13 @@ def main():
                 cases[name] = (precision, policy,
                                build(backbone, policy, fused, args.batch, args.image_size))
                 print(f"built {name}", flush=True)
+    return cases
+
+
+def run_rounds(cases, args):
+    """Interleaved rounds: ({name: [img/CPU-s]}, {name: [img/s wall]})."""
+    import keras
+
     per_cpu = {name: [] for name in cases}
     wall = {name: [] for name in cases}
     for r in range(args.rounds):
@@ -119,9 +128,19 @@ def main():
                 trainer.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
             per_cpu[name].append(args.steps * args.batch / c.cpu)
             wall[name].append(args.steps * args.batch / c.wall)
-            print(f"round {r + 1} {name:<28} {wall[name][-1]:6.2f} img/s "
-                  f"{per_cpu[name][-1]:6.2f} img/CPU-s", flush=True)
+            print_round(r, name, 28, wall[name][-1], per_cpu[name][-1])
+    return per_cpu, wall
 
+
+def _ratio(per_cpu, name, other, applies) -> float:
+    """Median img/CPU-s of `name` over that of `other`, None where it does not apply."""
+    if not (applies and other in per_cpu):
+        return None
+    return summary(per_cpu[name])["median"] / summary(per_cpu[other])["median"]
+
+
+def summarise(cases, per_cpu, wall, peak, args) -> dict:
+    """Prints the table; returns its rows by case."""
     result = {}
     print(f"\n{args.rounds} interleaved rounds x {args.steps} steps, batch {args.batch}, "
           f"{args.image_size} px, 1 process, {os.cpu_count()} CPUs; median [min-max]")
@@ -130,12 +149,9 @@ def main():
     for name, (precision, _, (_, _, macs)) in cases.items():
         s_cpu, s_wall = summary(per_cpu[name]), summary(wall[name])
         flop = 3 * 2 * macs
-        fp32 = name.replace("_bf16", "_fp32")
-        keras_bn = name.replace("fusedbn", "kerasbn")
-        vs_fp32 = (s_cpu["median"] / summary(per_cpu[fp32])["median"]
-                   if precision == "bf16" and fp32 in cases else None)
-        vs_keras_bn = (s_cpu["median"] / summary(per_cpu[keras_bn])["median"]
-                       if "fusedbn" in name and keras_bn in cases else None)
+        vs_fp32 = _ratio(per_cpu, name, name.replace("_bf16", "_fp32"), precision == "bf16")
+        vs_keras_bn = _ratio(per_cpu, name, name.replace("fusedbn", "kerasbn"),
+                             "fusedbn" in name)
         of_limit = fraction_of_limit(s_cpu["median"], flop, peak[precision])
         result[name] = {"img_per_cpu_s": s_cpu, "img_per_s": s_wall,
                         "train_flop_per_image": flop, "bf16_over_fp32": vs_fp32,
@@ -144,9 +160,18 @@ def main():
               f"{f'{vs_fp32:.2f}x' if vs_fp32 else '-':>9} "
               f"{f'{vs_keras_bn:.2f}x' if vs_keras_bn else '-':>14} "
               f"{s_cpu['median'] * flop / 1e9:11.1f} {of_limit:8.0%}")
-    path = write_json("chexnet_backbones", {"args": vars(args), "limit_gflop_per_cpu_s": peak,
-                                            "cases": result}, args.out)
-    print(f"wrote {path}")
+    return result
+
+
+def main():
+    args = parse_args()
+    from bench import gemm_peak
+    _, peak = gemm_peak.measure_limit(log=lambda line: print(line, flush=True))
+    cases = build_cases(args)
+    per_cpu, wall = run_rounds(cases, args)
+    result = summarise(cases, per_cpu, wall, peak, args)
+    finish("chexnet_backbones", {"args": vars(args), "limit_gflop_per_cpu_s": peak,
+                                 "cases": result}, args.out)
 
 
 if __name__ == "__main__":
