@@ -25,8 +25,8 @@ from hooks import entry  # noqa: E402
 if __name__ == "__main__":
     entry.quiet_startup()  # before TensorFlow is imported
 
-from bench.common import fmt, summary, write_json  # noqa: E402
-from bench.hvd_jobs import Job, run_job  # noqa: E402
+from bench.common import finish, fmt, summary  # noqa: E402
+from bench.hvd_jobs import Job, run_rounds  # noqa: E402
 
 COLLECTIVES = ("GLOO_ALLREDUCE", "MPI_ALLREDUCE")
 FUSIONS_MIB = (0, 64, 128)
@@ -89,7 +89,7 @@ def timeline_stats(path: str, steps: int) -> dict:
     }
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per job")
@@ -100,16 +100,20 @@ def main():
                         help="HOROVOD_CYCLE_TIME for every job (default: Horovod's)")
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
-    launchers = args.launchers.split(",")
-    if not set(launchers) <= {"gloo", "mpi"}:
+    if not set(args.launchers.split(",")) <= {"gloo", "mpi"}:
         parser.error(f"--launchers: choose from gloo,mpi, got {args.launchers}")
     for name in ("rounds", "steps", "image_size", "global_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    return args
+
+
+def make_jobs(args, tmp) -> dict:
+    """name: Job of each case; the 2-rank jobs write their Horovod timeline under `tmp`."""
     common = dict(image_size=args.image_size, global_batch=args.global_batch, steps=args.steps,
                   intra=1)
     cycle = {} if args.cycle_time_ms is None else {"HOROVOD_CYCLE_TIME": str(args.cycle_time_ms)}
-    tmp = tempfile.mkdtemp(prefix="timeline-")
+    launchers = args.launchers.split(",")
     jobs = {"1 rank, no launcher": Job(**common)}
     for launcher in launchers:
         jobs[f"1 rank, {launcher}"] = Job(**common, launcher=launcher, env=dict(cycle))
@@ -120,19 +124,23 @@ def main():
                 f"2 ranks, {launcher}, fusion off"
             jobs[name] = Job(**common, ranks=2, launcher=launcher, env=env,
                              timeline=os.path.join(tmp, f"{launcher}-{mib}.json"))
+    return jobs
 
-    results = {n: [] for n in jobs}
-    for r in range(args.rounds):
-        for name, job in jobs.items():
-            res = run_job(job)
-            if job.timeline:
-                res["timeline"] = timeline_stats(job.timeline, job.steps)
-            results[name].append(res)
-            extra = (" {allreduce_calls:.1f} allreduce/step, collective {collective_s:.3f} s/step"
-                     .format(**res["timeline"]) if job.timeline else "")
-            print(f"round {r + 1} {name:<28} {res['images_per_cpu_sec']:6.2f} img/CPU-s "
-                  f"{res['images_per_sec']:6.2f} img/s wall{extra}", flush=True)
 
+def _add_timeline(job, res) -> None:
+    if job.timeline:
+        res["timeline"] = timeline_stats(job.timeline, job.steps)
+
+
+def _describe(res) -> str:
+    extra = (" {allreduce_calls:.1f} allreduce/step, collective {collective_s:.3f} s/step"
+             .format(**res["timeline"]) if "timeline" in res else "")
+    return (f"{res['images_per_cpu_sec']:6.2f} img/CPU-s "
+            f"{res['images_per_sec']:6.2f} img/s wall{extra}")
+
+
+def summarise(results, args) -> dict:
+    """Prints the table; returns its rows by case."""
     table = {}
     print(f"\n{args.rounds} rounds x {args.steps} steps, global batch {args.global_batch}, "
           f"{args.image_size} px, 1 thread per rank; median [min-max]")
@@ -150,9 +158,15 @@ def main():
         table[name] = row
         print(f"{name:<28} {fmt(row['images_per_cpu_sec']):>18} {fmt(row['images_per_sec']):>18} "
               f"{tl}")
-    path = write_json("tensor_fusion", {"args": vars(args), "rounds": results, "summary": table},
-                      args.out)
-    print(f"wrote {path}")
+    return table
+
+
+def main():
+    args = parse_args()
+    jobs = make_jobs(args, tempfile.mkdtemp(prefix="timeline-"))
+    results = run_rounds(jobs, args.rounds, 28, _describe, add=_add_timeline)
+    table = summarise(results, args)
+    finish("tensor_fusion", {"args": vars(args), "rounds": results, "summary": table}, args.out)
 
 
 if __name__ == "__main__":
