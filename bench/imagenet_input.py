@@ -31,7 +31,7 @@ from hooks import entry  # noqa: E402
 if __name__ == "__main__":
     entry.quiet_startup()  # before TensorFlow is imported
 
-from bench.common import Clock, fmt, summary, write_json  # noqa: E402
+from bench.common import Clock, finish, fmt, summary  # noqa: E402
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                           "shared", "data", "imagenet")
@@ -101,7 +101,8 @@ def measure_case(data_dir, parallel, batch, image_size, batches_per_epoch, stead
     return first, steady
 
 
-def main():
+def parse_args():
+    """(parser, args): the parser reports the errors found later, once the records exist."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample_dir", default=SAMPLE_DIR,
                         help="folder with images/<synset>/*.JPEG and synsets.txt")
@@ -118,47 +119,61 @@ def main():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     try:
-        cases = parse_parallel_calls(args.parallel_calls)
+        parse_parallel_calls(args.parallel_calls)
     except ValueError as err:
         parser.error(str(err))
     images_dir = os.path.join(args.sample_dir, "images")
     synsets = os.path.join(args.sample_dir, "synsets.txt")
     if not (os.path.isdir(images_dir) and os.path.isfile(synsets)):
         parser.error(f"no ImageNet sample (images/, synsets.txt) in {args.sample_dir}")
+    return parser, args
 
+
+def build_records(args, tmp, parser) -> tuple[str, int, int]:
+    """Links the sample and writes its TFRecords under `tmp`: (records dir, records,
+    batches per pass)."""
     from imagenet import build_tfrecords
-    with tempfile.TemporaryDirectory(prefix="imagenet_input_") as tmp:
-        jpegs, records_dir = os.path.join(tmp, "jpeg"), os.path.join(tmp, "tfrecords")
-        link_sample(images_dir, jpegs, args.copies)
-        with Clock() as build:
-            stats = build_tfrecords.build(jpegs, records_dir, "train", synsets,
-                                          args.num_shards, log=lambda _: None)
-        records = stats.num_records
-        batches = records // args.batch
-        if batches < 1:
-            parser.error(f"{records} records make no batch of {args.batch}")
-        print(f"{records} records in {args.num_shards} shards "
-              f"({sum(os.path.getsize(f) for f in stats.output_files) / 1e6:.1f} MB, built in "
-              f"{build.wall:.1f} s); {batches} batches of {args.batch} per pass, "
-              f"{args.image_size} px, {os.cpu_count()} CPUs", flush=True)
-        per_cpu = {c: {"first": [], "steady": []} for c in cases}
-        wall = {c: {"first": [], "steady": []} for c in cases}
-        for r in range(args.rounds):
-            for case in cases:
-                first, steady = measure_case(records_dir, case, args.batch, args.image_size,
-                                             batches, args.steady_epochs)
-                n_first, n_steady = batches * args.batch, batches * args.batch * args.steady_epochs
-                for phase, clock, n in (("first", first, n_first), ("steady", steady, n_steady)):
-                    per_cpu[case][phase].append(n / clock.cpu)
-                    wall[case][phase].append(n / clock.wall)
-                print(f"round {r + 1} parallel_calls={case!s:<8} first pass "
-                      f"{per_cpu[case]['first'][-1]:6.1f} img/CPU-s {wall[case]['first'][-1]:6.1f} "
-                      f"img/s | steady {per_cpu[case]['steady'][-1]:6.1f} img/CPU-s "
-                      f"{wall[case]['steady'][-1]:6.1f} img/s", flush=True)
+    jpegs, records_dir = os.path.join(tmp, "jpeg"), os.path.join(tmp, "tfrecords")
+    link_sample(os.path.join(args.sample_dir, "images"), jpegs, args.copies)
+    with Clock() as build:
+        stats = build_tfrecords.build(jpegs, records_dir, "train",
+                                      os.path.join(args.sample_dir, "synsets.txt"),
+                                      args.num_shards, log=lambda _: None)
+    records = stats.num_records
+    batches = records // args.batch
+    if batches < 1:
+        parser.error(f"{records} records make no batch of {args.batch}")
+    print(f"{records} records in {args.num_shards} shards "
+          f"({sum(os.path.getsize(f) for f in stats.output_files) / 1e6:.1f} MB, built in "
+          f"{build.wall:.1f} s); {batches} batches of {args.batch} per pass, "
+          f"{args.image_size} px, {os.cpu_count()} CPUs", flush=True)
+    return records_dir, records, batches
 
+
+def run_rounds(records_dir, cases, batches, args):
+    """Interleaved rounds: ({case: {phase: [img/CPU-s]}}, {case: {phase: [img/s wall]}})."""
+    per_cpu = {c: {"first": [], "steady": []} for c in cases}
+    wall = {c: {"first": [], "steady": []} for c in cases}
+    for r in range(args.rounds):
+        for case in cases:
+            first, steady = measure_case(records_dir, case, args.batch, args.image_size,
+                                         batches, args.steady_epochs)
+            n_first, n_steady = batches * args.batch, batches * args.batch * args.steady_epochs
+            for phase, clock, n in (("first", first, n_first), ("steady", steady, n_steady)):
+                per_cpu[case][phase].append(n / clock.cpu)
+                wall[case][phase].append(n / clock.wall)
+            print(f"round {r + 1} parallel_calls={case!s:<8} first pass "
+                  f"{per_cpu[case]['first'][-1]:6.1f} img/CPU-s {wall[case]['first'][-1]:6.1f} "
+                  f"img/s | steady {per_cpu[case]['steady'][-1]:6.1f} img/CPU-s "
+                  f"{wall[case]['steady'][-1]:6.1f} img/s", flush=True)
+    return per_cpu, wall
+
+
+def summarise(cases, per_cpu, wall, rounds) -> dict:
+    """Prints the table; returns its rows by case and phase."""
     model = MODEL_IMAGES_PER_CPU_S
     result = {}
-    print(f"\nmedian [min-max] of {args.rounds} interleaved rounds; model = ResNet-50 training "
+    print(f"\nmedian [min-max] of {rounds} interleaved rounds; model = ResNet-50 training "
           f"at {model} img/CPU-s (this CPU's fp32 limit)")
     print(f"{'parallel_calls':<15} {'phase':<7} {'img/CPU-s':>22} {'img/s wall':>22} "
           f"{'x model':>8} {'CPU share of input':>19}")
@@ -171,11 +186,20 @@ def main():
                                         "x_model": s_cpu["median"] / model, **share}
             print(f"{case!s:<15} {phase:<7} {fmt(s_cpu, 1):>22} {fmt(s_wall, 1):>22} "
                   f"{s_cpu['median'] / model:7.0f}x {share['input_fraction']:18.1%}")
-    path = write_json("imagenet_input", {"args": vars(args), "records": records,
-                                         "batches_per_pass": batches,
-                                         "model_img_per_cpu_s": model, "cases": result},
-                      args.out)
-    print(f"wrote {path}")
+    return result
+
+
+def main():
+    parser, args = parse_args()
+    cases = parse_parallel_calls(args.parallel_calls)
+    with tempfile.TemporaryDirectory(prefix="imagenet_input_") as tmp:
+        records_dir, records, batches = build_records(args, tmp, parser)
+        per_cpu, wall = run_rounds(records_dir, cases, batches, args)
+    result = summarise(cases, per_cpu, wall, args.rounds)
+    finish("imagenet_input", {"args": vars(args), "records": records,
+                              "batches_per_pass": batches,
+                              "model_img_per_cpu_s": MODEL_IMAGES_PER_CPU_S, "cases": result},
+           args.out)
 
 
 if __name__ == "__main__":
