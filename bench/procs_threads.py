@@ -23,8 +23,9 @@ from hooks import entry  # noqa: E402
 if __name__ == "__main__":
     entry.quiet_startup()  # before TensorFlow is imported
 
-from bench.common import fmt, summary, write_json  # noqa: E402
-from bench.hvd_jobs import Job, run_job  # noqa: E402
+from bench.cases import add_case_options, case_names  # noqa: E402
+from bench.common import finish, fmt, summary  # noqa: E402
+from bench.hvd_jobs import Job, run_rounds  # noqa: E402
 
 # Horovod's own cycle time (1 ms) is set explicitly where a case means "Horovod's default":
 # hooks.distributed.horovod_glue.init() now defaults to 10 ms when the environment sets nothing.
@@ -50,45 +51,38 @@ CASES = {
 DEFAULT_CASES = "1x1,1x2,2x1,2x1_ours"
 
 
-def main():
+def parse_args() -> tuple:
+    """(args, the case names asked for)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=DEFAULT_CASES,
-                        help=f"comma-separated, or 'all': {', '.join(CASES)}")
-    parser.add_argument("--rounds", type=int, default=2)
+    add_case_options(parser, CASES, DEFAULT_CASES, rounds=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per job")
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--global_batch", type=int, default=32)
     parser.add_argument("--out", default=None, help="JSON path (default runs/bench/)")
     args = parser.parse_args()
-    names = list(CASES) if args.cases == "all" else args.cases.split(",")
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    names = case_names(parser, args.cases, CASES)
     for name in ("rounds", "steps", "image_size", "global_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    return args, names
 
-    from bench import gemm_peak
-    from imagenet.scaling import resnet50_counts
-    peak = gemm_peak.best_per_cpu_second(gemm_peak.measure(rounds=1, log=None), "fp32")
-    gflop = 6 * resnet50_counts(image_size=args.image_size)["forward_macs"] / 1e9
-    print(f"fp32 limit measured now: {peak:.1f} GFLOP/CPU-s; ResNet-50 at {args.image_size} px: "
-          f"{gflop:.2f} GFLOP per training image", flush=True)
 
+def make_jobs(names, args) -> dict:
     jobs = {}
     for n in names:
         case = dict(CASES[n])
         batch = args.global_batch // 2 if case.pop("half_batch", False) else args.global_batch
         jobs[n] = Job(**case, image_size=args.image_size, global_batch=batch, steps=args.steps)
-    results = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name, job in jobs.items():
-            res = run_job(job)
-            results[name].append(res)
-            print(f"round {r + 1} {name:<14} {res['images_per_cpu_sec']:6.2f} img/CPU-s "
-                  f"{res['images_per_sec']:6.2f} img/s wall, CPU use {res['cpu_utilisation']:.0%}"
-                  f" (job {res['job_seconds']:.0f} s)", flush=True)
+    return jobs
 
+
+def _describe(res) -> str:
+    return (f"{res['images_per_cpu_sec']:6.2f} img/CPU-s {res['images_per_sec']:6.2f} img/s "
+            f"wall, CPU use {res['cpu_utilisation']:.0%} (job {res['job_seconds']:.0f} s)")
+
+
+def summarise(results, peak, gflop, args) -> dict:
+    """Prints the table; returns its rows by case."""
     table = {}
     for name, rs in results.items():
         table[name] = {k: summary([x[k] for x in rs])
@@ -101,26 +95,45 @@ def main():
     for name, t in table.items():
         print(f"{name:<14} {fmt(t['images_per_cpu_sec']):>19} {t['fraction_of_peak']:>7.0%} "
               f"{fmt(t['images_per_sec']):>19} {fmt(t['cpu_utilisation']):>17}")
+    return table
+
+
+def two_rank_ratios(table) -> dict:
+    """Each 2x1 case against 1x1 (where both ran): per CPU-second, and wall against twice
+    1x1 (the 85% target); printed a line each."""
     ratios = {}
-    if "1x1" in table:
-        base = table["1x1"]
-        for name, t in table.items():
-            if name.startswith("2x1"):
-                ratios[name] = {
-                    "per_cpu_second": t["images_per_cpu_sec"]["median"]
-                    / base["images_per_cpu_sec"]["median"],
-                    "wall_vs_twice_1x1": t["images_per_sec"]["median"]
-                    / (2 * base["images_per_sec"]["median"])}
-                print(f"{name}: per CPU-second {ratios[name]['per_cpu_second']:.0%} of 1x1; "
-                      f"wall {ratios[name]['wall_vs_twice_1x1']:.0%} of twice 1x1 "
-                      f"(target 85%)")
-    path = write_json("procs_threads", {"args": vars(args), "peak_gflop_per_cpu_s": peak,
-                                        "gflop_per_image": gflop,
-                                        "cases": {n: dataclasses.asdict(j)
-                                                  for n, j in jobs.items()},
-                                        "rounds": results, "summary": table, "ratios": ratios},
-                      args.out)
-    print(f"wrote {path}")
+    if "1x1" not in table:
+        return ratios
+    base = table["1x1"]
+    for name, t in table.items():
+        if name.startswith("2x1"):
+            ratios[name] = {
+                "per_cpu_second": t["images_per_cpu_sec"]["median"]
+                / base["images_per_cpu_sec"]["median"],
+                "wall_vs_twice_1x1": t["images_per_sec"]["median"]
+                / (2 * base["images_per_sec"]["median"])}
+            print(f"{name}: per CPU-second {ratios[name]['per_cpu_second']:.0%} of 1x1; "
+                  f"wall {ratios[name]['wall_vs_twice_1x1']:.0%} of twice 1x1 "
+                  f"(target 85%)")
+    return ratios
+
+
+def main():
+    args, names = parse_args()
+    from bench import gemm_peak
+    from imagenet.scaling import resnet50_counts
+    peak = gemm_peak.best_per_cpu_second(gemm_peak.measure(rounds=1, log=None), "fp32")
+    gflop = 6 * resnet50_counts(image_size=args.image_size)["forward_macs"] / 1e9
+    print(f"fp32 limit measured now: {peak:.1f} GFLOP/CPU-s; ResNet-50 at {args.image_size} px: "
+          f"{gflop:.2f} GFLOP per training image", flush=True)
+    jobs = make_jobs(names, args)
+    results = run_rounds(jobs, args.rounds, 14, _describe)
+    table = summarise(results, peak, gflop, args)
+    ratios = two_rank_ratios(table)
+    finish("procs_threads", {"args": vars(args), "peak_gflop_per_cpu_s": peak,
+                             "gflop_per_image": gflop,
+                             "cases": {n: dataclasses.asdict(j) for n, j in jobs.items()},
+                             "rounds": results, "summary": table, "ratios": ratios}, args.out)
 
 
 if __name__ == "__main__":
